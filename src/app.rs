@@ -1,0 +1,553 @@
+//! The executor: one loop that turns the outside world into supervisor events and carries out
+//! the supervisor's effects.
+//!
+//! ```text
+//!  output pumps (per attempt, per stream) ─┐
+//!  waiter thread (per attempt)            ─┼─ Input ──> loop: Supervisor::step ──> Effect
+//!  signal thread                          ─┘   (mpsc)          │
+//!                                                              ├─ Spawn:   find checkpoint, build argv/env, spawn, start pumps
+//!                                                              ├─ Signal:  killpg(attempt's group)
+//!                                                              ├─ Journal: append + fsync
+//!                                                              ├─ Say:     one line on stderr
+//!                                                              └─ Finish:  summary, exit code
+//! ```
+//!
+//! The loop runs on the main thread on purpose: the job is forked from here, and the kernel's
+//! parent-death signal is tied to the forking thread. This file does I/O and nothing clever; a
+//! decision that appears here belongs in `crate::supervisor`.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::checkpoints;
+use crate::config::Plan;
+use crate::journal::{self, Journal, Record};
+use crate::ladder::{self, Placeholders};
+use crate::process::{self, Guard, JobSpec};
+use crate::rules::{RuleSet, Stream};
+use crate::sources::output::{self, OutputEvent, Passthrough};
+use crate::supervisor::{
+    AttemptSummary, Effect, Event, JobExit, Outcome, Policy, Sig, Supervisor, TierInfo,
+};
+
+/// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
+pub const GUARD_GRACE: Duration = Duration::from_secs(1);
+
+/// Errors that end a run before or outside the supervisor's control.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the run directory {path}: {source}; pick another with --run-dir")]
+    RunDir { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot write the journal {path}: {source}; the run was stopped because it could not be recorded"
+    )]
+    Journal { path: PathBuf, source: io::Error },
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+}
+
+/// What reaches the loop from the threads.
+#[derive(Debug)]
+enum Input {
+    Output {
+        attempt: u32,
+        stream: Stream,
+        event: OutputEvent,
+    },
+    Exited {
+        attempt: u32,
+        status: JobExit,
+    },
+    Signal(Sig),
+}
+
+/// The end of a run, for `main`.
+#[derive(Debug)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub run_dir: PathBuf,
+}
+
+/// Supervises `plan` until the job finishes or gpuwarden gives up.
+///
+/// `explicit_run_dir` tells whether the user named the run directory (then it is reused) or it
+/// is the timestamped default (then a fresh one is always made).
+pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Report, RunError> {
+    process::block_signals().map_err(RunError::Signals)?;
+    let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
+        RunError::RunDir {
+            path: plan.run_dir.clone(),
+            source,
+        }
+    })?;
+    let journal = Journal::open(&run_dir).map_err(|source| RunError::Journal {
+        path: run_dir.join("journal.jsonl"),
+        source,
+    })?;
+    let (tx, rx) = mpsc::channel();
+    process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
+
+    let mut exec = Executor {
+        plan,
+        rules,
+        run_dir: run_dir.clone(),
+        journal,
+        guard: None,
+        groups: HashMap::new(),
+        tx,
+    };
+    exec.journal(&Record::RunStarted {
+        command: plan
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        ladder: plan.ladder.iter().map(|t| t.name.clone()).collect(),
+        checkpoints: plan.checkpoints.clone(),
+        max_restarts: plan.max_restarts,
+        grace_seconds: plan.grace.as_secs_f64(),
+        rules: exec.rules.rules().len(),
+        gpuwarden_pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION"),
+    })?;
+    match Guard::spawn() {
+        Ok(g) => exec.guard = Some(g),
+        Err(e) => exec.warn(format!(
+            "could not start the guard process ({e}): if gpuwarden is killed with SIGKILL, the job's grandchildren may survive it"
+        ))?,
+    }
+    say(&format!(
+        "supervising `{}`; run directory {}",
+        exec.command_line(),
+        run_dir.display()
+    ));
+
+    let policy = Policy {
+        max_restarts: plan.max_restarts,
+        grace: plan.grace,
+        backoff_initial: plan.backoff_initial,
+        backoff_max: plan.backoff_max,
+    };
+    let tiers = plan
+        .ladder
+        .iter()
+        .map(|t| TierInfo {
+            name: t.name.clone(),
+            uses_gpu: t.uses_gpu,
+        })
+        .collect();
+    let mut sup = Supervisor::new(policy, tiers);
+    let outcome = exec.drive(&mut sup, &rx)?;
+    if let Some(guard) = exec.guard.take() {
+        guard.close();
+    }
+    print_summary(&sup, plan, &outcome, exec.journal.path());
+    Ok(Report { outcome, run_dir })
+}
+
+struct Executor<'a> {
+    plan: &'a Plan,
+    rules: Arc<RuleSet>,
+    run_dir: PathBuf,
+    journal: Journal,
+    guard: Option<Guard>,
+    /// Process group of each attempt that was started.
+    groups: HashMap<u32, u32>,
+    tx: Sender<Input>,
+}
+
+impl Executor<'_> {
+    /// The event loop. Returns when the supervisor finishes the run.
+    fn drive(&mut self, sup: &mut Supervisor, rx: &Receiver<Input>) -> Result<Outcome, RunError> {
+        let mut pending = vec![Event::Start];
+        loop {
+            while let Some(event) = pending.pop() {
+                for effect in sup.step(event, Instant::now()) {
+                    if let Some(outcome) = self.apply(effect, &mut pending)? {
+                        return Ok(outcome);
+                    }
+                }
+            }
+            let timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(Instant::now())
+            });
+            match rx.recv_timeout(timeout) {
+                Ok(input) => {
+                    if let Some(event) = self.event_of(input)? {
+                        pending.push(event);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => pending.push(Event::Tick),
+                // The loop holds a sender itself, so the channel cannot disconnect.
+                Err(RecvTimeoutError::Disconnected) => pending.push(Event::Tick),
+            }
+        }
+    }
+
+    fn event_of(&mut self, input: Input) -> Result<Option<Event>, RunError> {
+        Ok(match input {
+            Input::Output {
+                attempt,
+                stream,
+                event,
+            } => match event {
+                OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
+                OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
+                OutputEvent::LogFailed(e) => {
+                    self.warn(format!(
+                        "attempt {attempt}: writing the {stream} log failed ({e}); the output is still passed through"
+                    ))?;
+                    None
+                }
+            },
+            Input::Exited { attempt, status } => Some(Event::Exited { attempt, status }),
+            Input::Signal(sig) => Some(Event::Signal(sig)),
+        })
+    }
+
+    /// Carries out one effect. Events it causes at once (the answer to `Spawn`) go to `pending`.
+    fn apply(
+        &mut self,
+        effect: Effect,
+        pending: &mut Vec<Event>,
+    ) -> Result<Option<Outcome>, RunError> {
+        match effect {
+            Effect::Spawn { attempt, tier } => pending.push(self.spawn(attempt, tier)?),
+            Effect::Signal { attempt, sig } => {
+                if let Some(&pgid) = self.groups.get(&attempt)
+                    && let Err(e) = process::signal_group(pgid, sig)
+                {
+                    self.warn(format!(
+                        "could not send {} to the job (process group {pgid}): {e}",
+                        sig.name()
+                    ))?;
+                }
+            }
+            Effect::Journal(record) => self.journal(&record)?,
+            Effect::Say(message) => say(&message),
+            Effect::Finish(outcome) => return Ok(Some(outcome)),
+        }
+        Ok(None)
+    }
+
+    fn spawn(&mut self, attempt: u32, tier_index: usize) -> Result<Event, RunError> {
+        let plan = self.plan;
+        let Some(tier) = plan.ladder.get(tier_index) else {
+            return Ok(Event::SpawnFailed {
+                attempt,
+                error: format!("no tier #{tier_index} on the ladder"),
+            });
+        };
+        let checkpoint = self.find_checkpoint(attempt)?;
+        let placeholders = Placeholders {
+            device: &tier.device,
+            checkpoint: checkpoint.as_deref(),
+            tier: &tier.name,
+            attempt,
+            run_dir: &self.run_dir,
+        };
+        let launch = ladder::launch(
+            &plan.command,
+            tier,
+            &placeholders,
+            std::env::var_os("PYTHONUNBUFFERED").is_some(),
+        );
+        let stdout_log = self.run_dir.join(format!("attempt-{attempt}.stdout.log"));
+        let stderr_log = self.run_dir.join(format!("attempt-{attempt}.stderr.log"));
+        let logs = File::create(&stdout_log).and_then(|o| Ok((o, File::create(&stderr_log)?)));
+        let (out_log, err_log) = match logs {
+            Ok(pair) => pair,
+            Err(source) => {
+                return Err(RunError::Journal {
+                    path: stdout_log,
+                    source,
+                });
+            }
+        };
+        let spec = JobSpec {
+            argv: &launch.argv,
+            set_env: &launch.set_env,
+            unset_env: &launch.unset_env,
+        };
+        let mut child = match process::spawn_job(&spec) {
+            Ok(child) => child,
+            Err(e) => {
+                let program = launch.argv.first().cloned().unwrap_or_default();
+                return Ok(Event::SpawnFailed {
+                    attempt,
+                    error: format!("{}: {e}", program.to_string_lossy()),
+                });
+            }
+        };
+        let pid = child.id();
+        // The job leads its own group, so the group id is its pid.
+        self.groups.insert(attempt, pid);
+        if let Some(guard) = &mut self.guard
+            && let Err(e) = guard.watch(pid)
+        {
+            self.guard = None;
+            self.warn(format!(
+                "the guard process is gone ({e}): if gpuwarden is killed, the job may survive it"
+            ))?;
+        }
+        let pumps = [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+                Stream::Stdout,
+                Passthrough::Stdout,
+                out_log,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+                Stream::Stderr,
+                Passthrough::Stderr,
+                err_log,
+            ),
+        ];
+        for (pipe, stream, passthrough, log) in pumps {
+            let started = pipe.map(|pipe| {
+                output::spawn(
+                    pipe,
+                    stream,
+                    passthrough,
+                    log,
+                    Arc::clone(&self.rules),
+                    self.tx.clone(),
+                    move |event| Input::Output {
+                        attempt,
+                        stream,
+                        event,
+                    },
+                )
+            });
+            if !matches!(started, Some(Ok(_))) {
+                // Without a reader the supervisor would wait for this stream forever.
+                let _ = self.tx.send(Input::Output {
+                    attempt,
+                    stream,
+                    event: OutputEvent::Closed,
+                });
+            }
+        }
+        let tx = self.tx.clone();
+        let waiter = thread::Builder::new()
+            .name(format!("wait-{attempt}"))
+            .spawn(move || {
+                let status = match child.wait() {
+                    Ok(s) => match (s.code(), s.signal()) {
+                        (Some(code), _) => JobExit::Code(code),
+                        (None, Some(sig)) => JobExit::Signal(sig),
+                        (None, None) => JobExit::Code(-1),
+                    },
+                    Err(_) => JobExit::Code(-1),
+                };
+                let _ = tx.send(Input::Exited { attempt, status });
+            });
+        if let Err(e) = waiter {
+            // Without a waiter the exit would never be seen: stop this attempt now.
+            let _ = process::signal_group(pid, Sig::Kill);
+            return Ok(Event::SpawnFailed {
+                attempt,
+                error: format!("cannot start a thread to wait for the job: {e}"),
+            });
+        }
+        say(&format!(
+            "attempt {attempt} on tier `{}` (device {}){}",
+            tier.name,
+            tier.device,
+            match &checkpoint {
+                Some(c) => format!(", resuming from {}", c.display()),
+                None => String::new(),
+            }
+        ));
+        self.journal(&Record::AttemptStarted {
+            attempt,
+            tier: tier.name.clone(),
+            device: tier.device.clone(),
+            checkpoint: checkpoint.clone(),
+            argv: launch.argv.clone(),
+            pid,
+            stdout_log,
+            stderr_log,
+        })?;
+        Ok(Event::Spawned {
+            attempt,
+            checkpoint,
+        })
+    }
+
+    /// The newest complete checkpoint, journaling the incomplete ones it skipped.
+    fn find_checkpoint(&mut self, attempt: u32) -> Result<Option<PathBuf>, RunError> {
+        let Some(spec) = &self.plan.checkpoints else {
+            return Ok(None);
+        };
+        let spec = spec.replace("{run_dir}", &self.run_dir.to_string_lossy());
+        match checkpoints::discover(&spec) {
+            Ok(found) => {
+                for skipped in found.skipped {
+                    say(&format!(
+                        "skipping checkpoint {}: {}",
+                        skipped.path.display(),
+                        skipped.reason
+                    ));
+                    self.journal(&Record::CheckpointSkipped {
+                        attempt,
+                        path: skipped.path,
+                        reason: skipped.reason,
+                    })?;
+                }
+                Ok(found.newest.map(|c| c.path))
+            }
+            Err(e) => {
+                self.warn(format!(
+                    "cannot look for checkpoints in `{spec}`: {e}; starting without one"
+                ))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn journal(&mut self, record: &Record) -> Result<(), RunError> {
+        self.journal
+            .write(record, SystemTime::now())
+            .map_err(|source| RunError::Journal {
+                path: self.journal.path().to_path_buf(),
+                source,
+            })
+    }
+
+    fn warn(&mut self, message: String) -> Result<(), RunError> {
+        say(&format!("warning: {message}"));
+        self.journal(&Record::Warning { message })
+    }
+
+    fn command_line(&self) -> String {
+        self.plan
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout.
+pub fn say(message: &str) {
+    eprintln!("gpuwarden: {message}");
+}
+
+/// Checks that the command can be started before anything else happens, so a typo is a usage
+/// error (exit 2) rather than a failed attempt. Uses the first tier's PATH when it sets one.
+pub fn check_command(plan: &Plan) -> Result<(), String> {
+    let Some(program) = plan.command.first() else {
+        return Err("no command given: put the command to supervise after `--`".into());
+    };
+    let path_var: Option<OsString> = plan
+        .ladder
+        .first()
+        .and_then(|t| t.set_env.get("PATH").map(OsString::from))
+        .or_else(|| std::env::var_os("PATH"));
+    let program_path = Path::new(program);
+    if program.to_string_lossy().contains('/') {
+        return if is_executable(program_path) {
+            Ok(())
+        } else {
+            Err(format!(
+                "cannot run `{}`: no such executable file",
+                program_path.display()
+            ))
+        };
+    }
+    let found = path_var
+        .as_ref()
+        .map(|p| std::env::split_paths(p).any(|dir| is_executable(&dir.join(program_path))))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot run `{}`: command not found in PATH; check the spelling or give its full path",
+            program_path.display()
+        ))
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// The table printed when the run ends.
+fn print_summary(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Path) {
+    let attempts = sup.attempts();
+    let total: Duration = attempts.iter().map(attempt_time).sum();
+    let restarts = attempts.len().saturating_sub(1);
+    say(&format!(
+        "{outcome} after {} attempt{} ({} restart{}) in {:.1} s; journal: {}",
+        attempts.len(),
+        if attempts.len() == 1 { "" } else { "s" },
+        restarts,
+        if restarts == 1 { "" } else { "s" },
+        total.as_secs_f64(),
+        journal.display()
+    ));
+    let rows: Vec<[String; 5]> = attempts
+        .iter()
+        .map(|a| {
+            [
+                a.attempt.to_string(),
+                plan.ladder
+                    .get(a.tier)
+                    .map_or_else(|| format!("#{}", a.tier), |t| t.name.clone()),
+                a.checkpoint
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |c| c.display().to_string()),
+                a.ending.to_string(),
+                format!("{:.1} s", attempt_time(a).as_secs_f64()),
+            ]
+        })
+        .collect();
+    let header = [
+        "attempt".to_string(),
+        "tier".into(),
+        "resumed from".into(),
+        "ended by".into(),
+        "time".into(),
+    ];
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        eprintln!("  {}", line.join("  ").trim_end());
+    }
+}
+
+fn attempt_time(a: &AttemptSummary) -> Duration {
+    a.ended
+        .unwrap_or_else(Instant::now)
+        .saturating_duration_since(a.started)
+}

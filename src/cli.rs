@@ -1,0 +1,135 @@
+//! The command line, as clap definitions. Turning these raw flags into a validated plan is
+//! `gpuwarden::config`'s job; this file only says what can be typed.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+const RUN_EXAMPLE: &str = "\
+EXAMPLE:
+  gpuwarden run --checkpoints ckpt/ -- python train.py --device {device} --resume {checkpoint}
+
+  Starts `python train.py --device cuda` on the `gpu` tier. If the job prints a GPU fault (say
+  `Memory access fault by GPU node-1 ... Reason: Page not present or supervisor privilege.`),
+  gpuwarden stops it and starts it again on the `cpu` tier, with every GPU hidden:
+  `python train.py --device cpu --resume ckpt/ckpt-step00015.pt` (the newest complete checkpoint).
+
+PLACEHOLDERS (replaced inside each argument, never through a shell):
+  {device}      the tier's device (cuda, cpu, ...)
+  {checkpoint}  the checkpoint to resume from; without one, `--resume {checkpoint}` is dropped
+  {tier}        the tier's name         {attempt}  the attempt number (1, 2, ...)
+  {run_dir}     the run directory
+
+The job also gets GPUWARDEN_DEVICE, GPUWARDEN_CHECKPOINT (unset when none), GPUWARDEN_TIER,
+GPUWARDEN_ATTEMPT, GPUWARDEN_RUN_DIR, and PYTHONUNBUFFERED=1 unless already set.
+";
+
+/// Supervise GPU training jobs: catch GPU faults, stop the job, resume it from the last complete
+/// checkpoint down a fallback ladder (GPU -> ... -> CPU).
+#[derive(Debug, Parser)]
+#[command(name = "gpuwarden", version, after_help = gpuwarden::exit::TABLE)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a training command under supervision.
+    #[command(after_help = format!("{RUN_EXAMPLE}\n{}", gpuwarden::exit::TABLE))]
+    Run(RunArgs),
+    /// Watch gpuwarden rescue a built-in training job from a GPU fault (no GPU or Python needed).
+    #[command(after_help = gpuwarden::exit::TABLE)]
+    Demo(DemoArgs),
+    /// Inspect and verify the fault rules.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+    /// (internal) The guard that kills the job if gpuwarden is killed.
+    #[command(name = "__guard", hide = true)]
+    Guard,
+    /// (internal) The demo's training job.
+    #[command(name = "__demo-job", hide = true)]
+    DemoJob(DemoJobArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where the job writes checkpoints: a directory or a glob (`ckpt/*.pt`).
+    #[arg(long, value_name = "PATH")]
+    pub checkpoints: Option<String>,
+    /// The fallback ladder: tier names, first to last (built-in: gpu, cpu; more in the config).
+    #[arg(long, value_name = "TIERS", value_delimiter = ',')]
+    pub ladder: Option<Vec<String>>,
+    /// Configuration file [default: ./gpuwarden.toml when present]. Flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Run directory for the journal and logs [default: ./gpuwarden-runs/<UTC timestamp>].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+    /// Most restarts before giving up [default: 5].
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
+    /// Seconds between SIGTERM and SIGKILL when stopping the job [default: 10].
+    #[arg(long, value_name = "SECONDS")]
+    pub grace: Option<f64>,
+    /// A directory of extra rule files (*.toml), added to the built-in rules. Repeatable.
+    #[arg(long = "rules", value_name = "DIR")]
+    pub rules: Vec<PathBuf>,
+    /// Start on the GPU even where a known-bad GPU/driver combination says otherwise.
+    #[arg(long)]
+    pub force_gpu_unsafe: bool,
+    /// The command to supervise, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// The step at which the demo job's GPU attempt dies with a memory access fault.
+    #[arg(long, default_value_t = 17, value_name = "STEP")]
+    pub fault_at_step: u32,
+    /// Training steps of the demo job.
+    #[arg(long, default_value_t = 40, value_name = "N")]
+    pub steps: u32,
+    /// Milliseconds each training step takes, so the run can be watched.
+    #[arg(long, default_value_t = 120, value_name = "MS")]
+    pub step_ms: u64,
+    /// Run directory [default: ./gpuwarden-runs/<UTC timestamp>].
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Verify rule files: every example must match its rule, no counterexample may, ids unique.
+    Check {
+        /// A directory of rule files [default: the built-in rules].
+        dir: Option<PathBuf>,
+    },
+    /// List the rules: id, class, action, streams, where defined.
+    List {
+        /// Also load the rule files of these directories.
+        #[arg(long = "rules", value_name = "DIR")]
+        rules: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct DemoJobArgs {
+    #[arg(long)]
+    pub device: String,
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long)]
+    pub checkpoint_dir: PathBuf,
+    #[arg(long, default_value_t = 40)]
+    pub steps: u32,
+    #[arg(long, default_value_t = 5)]
+    pub checkpoint_every: u32,
+    #[arg(long)]
+    pub fault_at_step: Option<u32>,
+    #[arg(long, default_value_t = 120)]
+    pub step_ms: u64,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}

@@ -1,0 +1,1042 @@
+//! `gpuwarden.toml` plus command-line flags, turned into one validated [`Plan`].
+//!
+//! Two stages, as ripgrep does with its arguments: serde reads the file into `Raw*` structs that
+//! mirror it exactly (unknown keys are errors, and values keep their byte spans), then [`plan`]
+//! merges them with the flags ([`Overrides`], which win), fills in defaults, checks everything,
+//! and resolves each tier of the ladder into a [`Tier`], sourcing its `env_script` once. Every
+//! error says what is wrong, where (file:line:column, or which flag), and what to do.
+//!
+//! Relative paths (`run_dir`, `rules`, `env_script`, `--config`, `--run-dir`, `--rules`) are
+//! relative to the current directory, in the file just as on the command line, so that moving a
+//! flag into the file never changes its meaning. `checkpoints` is kept exactly as written: it may
+//! be a glob, and joining it to a directory whose name holds `[` or `*` would change the pattern.
+//!
+//! This module does not parse the command line (cli.rs does), load fault rules (rules/ does; it
+//! only collects their directories) or decide anything at run time.
+//!
+//! ```toml
+//! checkpoints = "ckpt/"           # a directory or a glob
+//! ladder = ["gpu-sdk", "gpu", "cpu"]
+//! run_dir = "runs/eeg"            # relative to the current directory
+//! max_restarts = 5
+//! grace = 10                      # seconds, fractions allowed
+//! backoff = { initial = 1.0, max = 60.0 }
+//! rules = ["my-rules/"]           # searched before --rules directories
+//! force_gpu_unsafe = false
+//!
+//! [[tier]]
+//! name = "gpu-sdk"
+//! device = "cuda"
+//! env_script = "/opt/rocm_sdk_612/bin/activate_sdk.sh"
+//! env = { HSA_OVERRIDE_GFX_VERSION = "10.3.0" }   # wins over what env_script exports
+//! unset = ["PYTORCH_ROCM_ARCH"]                    # applied last
+//! args = ["--amp", "off"]
+//! uses_gpu = true                 # default: device != "cpu"
+//! ```
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::ladder::{self, BUILTIN_TIERS, LadderError, Tier};
+
+/// The file looked for in the current directory when `--config` is not given.
+pub const CONFIG_FILE_NAME: &str = "gpuwarden.toml";
+/// The ladder when neither the file nor `--ladder` gives one.
+pub const DEFAULT_LADDER: [&str; 2] = ["gpu", "cpu"];
+pub const DEFAULT_MAX_RESTARTS: u32 = 5;
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// What the command line gives; `None` (or empty, or false) means "not given".
+#[derive(Debug, Default)]
+pub struct Overrides {
+    pub checkpoints: Option<String>,
+    pub ladder: Option<Vec<String>>,
+    pub run_dir: Option<PathBuf>,
+    pub max_restarts: Option<u32>,
+    pub grace: Option<Duration>,
+    pub rule_dirs: Vec<PathBuf>,
+    pub force_gpu_unsafe: bool,
+    pub config: Option<PathBuf>,
+}
+
+/// Everything a run needs to start, checked.
+#[derive(Debug)]
+pub struct Plan {
+    /// The command template, placeholders not yet expanded. Never empty.
+    pub command: Vec<OsString>,
+    /// Checkpoint directory or glob, as written.
+    pub checkpoints: Option<String>,
+    /// The tiers to try, in order, each with its `env_script` already captured. Never empty and
+    /// never holds a tier twice.
+    pub ladder: Vec<Tier>,
+    pub run_dir: PathBuf,
+    pub max_restarts: u32,
+    /// How long a stopped job gets between SIGTERM and SIGKILL.
+    pub grace: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Extra rule directories: the file's first, then `--rules`.
+    pub rule_dirs: Vec<PathBuf>,
+    pub force_gpu_unsafe: bool,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// Where a setting came from, for error messages.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Origin {
+    /// A position in the config file; line and column count from 1.
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    /// The config file, where the parser could not name a position.
+    WholeFile { path: PathBuf },
+    /// A command-line flag, e.g. "--ladder".
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line, column } => {
+                write!(f, "{}:{line}:{column}", path.display())
+            }
+            Origin::WholeFile { path } => write!(f, "{}", path.display()),
+            Origin::Flag(flag) => write!(f, "the {flag} flag"),
+        }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "no command to supervise; give the command to supervise after `--`, e.g. `gpuwarden run -- python train.py --device {{device}}`"
+    )]
+    EmptyCommand,
+
+    #[error(
+        "config file {} does not exist; fix the --config path, or leave --config out to use ./{CONFIG_FILE_NAME} when there is one",
+        path.display()
+    )]
+    ConfigMissing { path: PathBuf },
+
+    #[error("cannot read config file {} ({source}); make it a readable file or fix the path", path.display())]
+    ConfigUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    #[error("{at}: {message}; fix the config file at that place")]
+    Toml { at: Origin, message: String },
+
+    #[error("{at}: the ladder is empty; list at least one tier, e.g. ladder = [\"gpu\", \"cpu\"]")]
+    EmptyLadder { at: Origin },
+
+    #[error(
+        "{at}: unknown tier `{name}` in the ladder; known tiers are {known}. Fix the name, or define it with a [[tier]] table in {CONFIG_FILE_NAME}"
+    )]
+    UnknownTier {
+        name: String,
+        at: Origin,
+        known: String,
+    },
+
+    #[error(
+        "{at}: tier `{name}` appears twice in the ladder; each tier is tried once, so list it once"
+    )]
+    TierRepeatedInLadder { name: String, at: Origin },
+
+    #[error(
+        "{at}: tier `{name}` is defined twice (first at {first}); rename or remove one of the [[tier]] tables"
+    )]
+    DuplicateTier {
+        name: String,
+        at: Origin,
+        first: Origin,
+    },
+
+    #[error(
+        "{at}: tier name `{name}` cannot be used; use only letters, digits, `-`, `_` and `.` (names appear in comma-separated --ladder lists and in file names)"
+    )]
+    BadTierName { name: String, at: Origin },
+
+    #[error(
+        "{at}: tier `{tier}` has an empty device; set e.g. device = \"cuda\", \"cuda:1\" or \"cpu\""
+    )]
+    EmptyDevice { tier: String, at: Origin },
+
+    #[error(
+        "{at}: tier `{tier}` names the environment variable `{name}`, which cannot exist; a name must be non-empty and hold no `=` or NUL"
+    )]
+    BadEnvName {
+        tier: String,
+        name: String,
+        at: Origin,
+    },
+
+    #[error(
+        "{at}: tier `{tier}` sets `{name}` to a value holding a NUL character, which no environment can carry; remove it"
+    )]
+    BadEnvValue {
+        tier: String,
+        name: String,
+        at: Origin,
+    },
+
+    #[error(
+        "{at}: {what} = {value} is not a usable number of seconds; give a finite number, 0 or more"
+    )]
+    BadSeconds {
+        what: &'static str,
+        value: f64,
+        at: Origin,
+    },
+
+    #[error(
+        "{at}: backoff initial ({initial} s) is larger than backoff max ({max} s); make max at least as large as initial"
+    )]
+    BackoffOrder { initial: f64, max: f64, at: Origin },
+
+    // The ladder error is part of the message rather than a `#[source]`, so printing the chain
+    // with `{:#}` does not say it twice.
+    #[error("{at}: tier `{tier}`: {error}")]
+    EnvScript {
+        tier: String,
+        at: Origin,
+        error: LadderError,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    checkpoints: Option<String>,
+    ladder: Option<Spanned<Vec<Spanned<String>>>>,
+    run_dir: Option<PathBuf>,
+    max_restarts: Option<u32>,
+    grace: Option<Spanned<f64>>,
+    backoff: Option<Spanned<RawBackoff>>,
+    #[serde(default)]
+    rules: Vec<PathBuf>,
+    force_gpu_unsafe: Option<bool>,
+    #[serde(default)]
+    tier: Vec<Spanned<RawTier>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    initial: Option<Spanned<f64>>,
+    max: Option<Spanned<f64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTier {
+    name: Spanned<String>,
+    device: Spanned<String>,
+    env_script: Option<Spanned<PathBuf>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    unset: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    args: Vec<String>,
+    uses_gpu: Option<bool>,
+}
+
+/// The config file's text, kept to turn byte spans into lines.
+struct Source {
+    path: PathBuf,
+    text: String,
+}
+
+impl Source {
+    fn at(&self, span: Range<usize>) -> Origin {
+        let bytes = self.text.as_bytes();
+        let start = span.start.min(bytes.len());
+        let before = &bytes[..start];
+        let line_start = before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1);
+        Origin::File {
+            path: self.path.clone(),
+            line: before.iter().filter(|&&b| b == b'\n').count() + 1,
+            column: String::from_utf8_lossy(&before[line_start..])
+                .chars()
+                .count()
+                + 1,
+        }
+    }
+}
+
+/// A tier as defined (built in or in the file), before its env_script is sourced.
+struct TierDef {
+    tier: Tier,
+    env_script: Option<(PathBuf, Origin)>,
+    defined_at: Option<Origin>,
+}
+
+/// Reads the config file (if any), merges the flags, applies defaults, validates, and sources the
+/// `env_script` of every tier in the ladder, once each.
+///
+/// `cwd` resolves relative paths and is where `gpuwarden.toml` is looked for; `now_utc_stamp`
+/// (e.g. `20261126T010203Z`) names the default run directory `gpuwarden-runs/<stamp>`.
+pub fn plan(
+    command: Vec<OsString>,
+    overrides: Overrides,
+    cwd: &Path,
+    now_utc_stamp: &str,
+) -> Result<Plan, ConfigError> {
+    if command.first().is_none_or(|program| program.is_empty()) {
+        return Err(ConfigError::EmptyCommand);
+    }
+
+    let (raw, source) = read_config(overrides.config.as_deref(), cwd)?;
+
+    let mut catalog = builtin_catalog();
+    for raw_tier in raw.tier {
+        let def = tier_def(raw_tier, source.as_ref(), cwd)?;
+        let name = def.tier.name.clone();
+        if let Some(first) = catalog.get(&name).and_then(|d| d.defined_at.clone()) {
+            return Err(ConfigError::DuplicateTier {
+                name,
+                at: def.defined_at.unwrap_or(Origin::Flag("--config")),
+                first,
+            });
+        }
+        // A file tier may replace a built-in one: a `gpu` with a different device, say.
+        catalog.insert(name, def);
+    }
+
+    let ladder_names: Vec<(String, Origin)> = match (overrides.ladder, raw.ladder, &source) {
+        // Tier names cannot hold commas, so splitting here is safe whether or not the CLI
+        // already split `--ladder gpu,cpu`.
+        (Some(names), _, _) => names
+            .iter()
+            .flat_map(|n| n.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| (n.to_owned(), Origin::Flag("--ladder")))
+            .collect(),
+        (None, Some(list), Some(src)) => {
+            if list.get_ref().is_empty() {
+                return Err(ConfigError::EmptyLadder {
+                    at: src.at(list.span()),
+                });
+            }
+            list.into_inner()
+                .into_iter()
+                .map(|n| {
+                    let at = src.at(n.span());
+                    (n.into_inner(), at)
+                })
+                .collect()
+        }
+        _ => DEFAULT_LADDER
+            .iter()
+            .map(|n| ((*n).to_owned(), Origin::Flag("--ladder")))
+            .collect(),
+    };
+    if ladder_names.is_empty() {
+        return Err(ConfigError::EmptyLadder {
+            at: Origin::Flag("--ladder"),
+        });
+    }
+    let mut chosen: Vec<(&TierDef, &Origin)> = Vec::with_capacity(ladder_names.len());
+    for (i, (name, at)) in ladder_names.iter().enumerate() {
+        if ladder_names[..i].iter().any(|(earlier, _)| earlier == name) {
+            return Err(ConfigError::TierRepeatedInLadder {
+                name: name.clone(),
+                at: at.clone(),
+            });
+        }
+        let Some(def) = catalog.get(name) else {
+            return Err(ConfigError::UnknownTier {
+                name: name.clone(),
+                at: at.clone(),
+                known: catalog
+                    .keys()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        chosen.push((def, at));
+    }
+
+    let grace = match (overrides.grace, raw.grace) {
+        (Some(grace), _) => grace,
+        (None, Some(secs)) => seconds("grace", secs, source.as_ref())?,
+        (None, None) => DEFAULT_GRACE,
+    };
+    let (backoff_initial, backoff_max) = match raw.backoff {
+        None => (DEFAULT_BACKOFF_INITIAL, DEFAULT_BACKOFF_MAX),
+        Some(backoff) => {
+            let span = backoff.span();
+            let backoff = backoff.into_inner();
+            let initial = match backoff.initial {
+                Some(s) => seconds("backoff.initial", s, source.as_ref())?,
+                None => DEFAULT_BACKOFF_INITIAL,
+            };
+            let max = match backoff.max {
+                Some(s) => seconds("backoff.max", s, source.as_ref())?,
+                None => DEFAULT_BACKOFF_MAX,
+            };
+            if initial > max {
+                return Err(ConfigError::BackoffOrder {
+                    initial: initial.as_secs_f64(),
+                    max: max.as_secs_f64(),
+                    at: origin(source.as_ref(), span),
+                });
+            }
+            (initial, max)
+        }
+    };
+
+    let run_dir = match (overrides.run_dir, raw.run_dir) {
+        (Some(dir), _) | (None, Some(dir)) => cwd.join(dir),
+        (None, None) => cwd.join("gpuwarden-runs").join(now_utc_stamp),
+    };
+    let rule_dirs = raw
+        .rules
+        .into_iter()
+        .chain(overrides.rule_dirs)
+        .map(|dir| cwd.join(dir))
+        .collect();
+
+    // Last, because it runs other people's scripts and may take seconds: every cheap mistake has
+    // been reported by now.
+    let mut ladder = Vec::with_capacity(chosen.len());
+    for (def, _) in chosen {
+        ladder.push(resolve_tier(def)?);
+    }
+
+    Ok(Plan {
+        command,
+        checkpoints: overrides.checkpoints.or(raw.checkpoints),
+        ladder,
+        run_dir,
+        max_restarts: overrides
+            .max_restarts
+            .or(raw.max_restarts)
+            .unwrap_or(DEFAULT_MAX_RESTARTS),
+        grace,
+        backoff_initial,
+        backoff_max,
+        rule_dirs,
+        force_gpu_unsafe: overrides.force_gpu_unsafe || raw.force_gpu_unsafe.unwrap_or(false),
+        config_file: source.map(|s| s.path),
+    })
+}
+
+/// Finds and parses the config file: `--config` if given (it must exist), else
+/// `cwd/gpuwarden.toml` when present, else none.
+fn read_config(
+    explicit: Option<&Path>,
+    cwd: &Path,
+) -> Result<(RawConfig, Option<Source>), ConfigError> {
+    let path = match explicit {
+        Some(path) => {
+            let path = cwd.join(path);
+            if !path.exists() {
+                return Err(ConfigError::ConfigMissing { path });
+            }
+            path
+        }
+        None => {
+            let path = cwd.join(CONFIG_FILE_NAME);
+            if !path.exists() {
+                return Ok((RawConfig::default(), None));
+            }
+            path
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::ConfigUnreadable {
+        path: path.clone(),
+        source,
+    })?;
+    let source = Source { path, text };
+    match toml::from_str::<RawConfig>(&source.text) {
+        Ok(raw) => Ok((raw, Some(source))),
+        Err(e) => Err(ConfigError::Toml {
+            at: match e.span() {
+                Some(span) => source.at(span),
+                None => Origin::WholeFile {
+                    path: source.path.clone(),
+                },
+            },
+            message: e.message().trim_end().to_owned(),
+        }),
+    }
+}
+
+fn builtin_catalog() -> BTreeMap<String, TierDef> {
+    BUILTIN_TIERS
+        .iter()
+        .filter_map(|name| Tier::builtin(name))
+        .map(|tier| {
+            let def = TierDef {
+                tier,
+                env_script: None,
+                defined_at: None,
+            };
+            (def.tier.name.clone(), def)
+        })
+        .collect()
+}
+
+fn origin(source: Option<&Source>, span: Range<usize>) -> Origin {
+    match source {
+        Some(src) => src.at(span),
+        // Spans only come from a parsed file, so this is never reached; name the flag that
+        // brings the file in rather than panicking.
+        None => Origin::Flag("--config"),
+    }
+}
+
+/// Checks one `[[tier]]` table and turns it into a tier (env_script not yet sourced).
+fn tier_def(
+    raw: Spanned<RawTier>,
+    source: Option<&Source>,
+    cwd: &Path,
+) -> Result<TierDef, ConfigError> {
+    let table_at = origin(source, raw.span());
+    let raw = raw.into_inner();
+    let name_at = origin(source, raw.name.span());
+    let name = raw.name.into_inner();
+    let name_ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !name_ok {
+        return Err(ConfigError::BadTierName { name, at: name_at });
+    }
+    let device_at = origin(source, raw.device.span());
+    let device = raw.device.into_inner();
+    if device.trim().is_empty() {
+        return Err(ConfigError::EmptyDevice {
+            tier: name,
+            at: device_at,
+        });
+    }
+
+    let (env_at, env) = match raw.env {
+        Some(env) => (origin(source, env.span()), env.into_inner()),
+        None => (table_at.clone(), BTreeMap::new()),
+    };
+    let (unset_at, unset) = match raw.unset {
+        Some(unset) => (origin(source, unset.span()), unset.into_inner()),
+        None => (table_at.clone(), Vec::new()),
+    };
+    let bad_name = |n: &str| n.is_empty() || n.contains('=') || n.contains('\0');
+    for (key, value) in &env {
+        if bad_name(key) {
+            return Err(ConfigError::BadEnvName {
+                tier: name,
+                name: key.clone(),
+                at: env_at,
+            });
+        }
+        if value.contains('\0') {
+            return Err(ConfigError::BadEnvValue {
+                tier: name,
+                name: key.clone(),
+                at: env_at,
+            });
+        }
+    }
+    if let Some(key) = unset.iter().find(|n| bad_name(n)) {
+        return Err(ConfigError::BadEnvName {
+            tier: name,
+            name: key.clone(),
+            at: unset_at,
+        });
+    }
+
+    let env_script = raw.env_script.map(|s| {
+        let at = origin(source, s.span());
+        (cwd.join(s.into_inner()), at)
+    });
+    Ok(TierDef {
+        tier: Tier {
+            uses_gpu: raw.uses_gpu.unwrap_or(device != "cpu"),
+            name,
+            device,
+            set_env: env,
+            unset_env: unset,
+            args: raw.args,
+        },
+        env_script,
+        defined_at: Some(table_at),
+    })
+}
+
+/// Sources the tier's env_script (if any) and merges: the script's changes first, the config's
+/// `env` over them, the config's `unset` last.
+fn resolve_tier(def: &TierDef) -> Result<Tier, ConfigError> {
+    let (mut set, mut unset) = match &def.env_script {
+        None => (BTreeMap::new(), Vec::new()),
+        Some((script, at)) => {
+            ladder::capture_env_script(script).map_err(|error| ConfigError::EnvScript {
+                tier: def.tier.name.clone(),
+                at: at.clone(),
+                error,
+            })?
+        }
+    };
+    for (name, value) in &def.tier.set_env {
+        unset.retain(|n| n != name);
+        set.insert(name.clone(), value.clone());
+    }
+    for name in &def.tier.unset_env {
+        set.remove(name);
+        if !unset.contains(name) {
+            unset.push(name.clone());
+        }
+    }
+    Ok(Tier {
+        set_env: set,
+        unset_env: unset,
+        ..def.tier.clone()
+    })
+}
+
+fn seconds(
+    what: &'static str,
+    value: Spanned<f64>,
+    source: Option<&Source>,
+) -> Result<Duration, ConfigError> {
+    let at = origin(source, value.span());
+    let secs = value.into_inner();
+    // try_from_secs_f64 rejects NaN, negatives, infinity and overflow, which from_secs_f64
+    // would panic on.
+    Duration::try_from_secs_f64(secs).map_err(|_| ConfigError::BadSeconds {
+        what,
+        value: secs,
+        at,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const STAMP: &str = "20261126T010203Z";
+
+    fn cmd() -> Vec<OsString> {
+        ["python", "train.py", "--device", "{device}"]
+            .iter()
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn dir_with_config(text: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE_NAME), text).unwrap();
+        dir
+    }
+
+    fn plan_in(dir: &Path, overrides: Overrides) -> Result<Plan, ConfigError> {
+        plan(cmd(), overrides, dir, STAMP)
+    }
+
+    fn err_in(text: &str) -> String {
+        let dir = dir_with_config(text);
+        let err = plan_in(dir.path(), Overrides::default()).unwrap_err();
+        err.to_string()
+    }
+
+    fn names(plan: &Plan) -> Vec<&str> {
+        plan.ladder.iter().map(|t| t.name.as_str()).collect()
+    }
+
+    #[test]
+    fn defaults_without_a_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(names(&plan), ["gpu", "cpu"]);
+        assert_eq!(plan.ladder[1], Tier::builtin("cpu").unwrap());
+        assert_eq!(
+            plan.run_dir,
+            dir.path().join("gpuwarden-runs").join("20261126T010203Z")
+        );
+        assert_eq!(plan.max_restarts, 5);
+        assert_eq!(plan.grace, Duration::from_secs(10));
+        assert_eq!(plan.backoff_initial, Duration::from_secs(1));
+        assert_eq!(plan.backoff_max, Duration::from_secs(60));
+        assert_eq!(plan.checkpoints, None);
+        assert!(plan.rule_dirs.is_empty());
+        assert!(!plan.force_gpu_unsafe);
+        assert_eq!(plan.config_file, None);
+        assert_eq!(plan.command, cmd());
+    }
+
+    #[test]
+    fn full_config_is_read() {
+        let dir = dir_with_config(
+            r#"
+checkpoints = "ckpt/*.pt"
+ladder = ["gpu-sdk", "gpu", "cpu"]
+run_dir = "runs/eeg"
+max_restarts = 2
+grace = 2.5
+backoff = { initial = 0.5, max = 30 }
+rules = ["my-rules/"]
+force_gpu_unsafe = true
+
+[[tier]]
+name = "gpu-sdk"
+device = "cuda:1"
+env = { HSA_OVERRIDE_GFX_VERSION = "10.3.0" }
+unset = ["PYTORCH_ROCM_ARCH"]
+args = ["--amp", "off"]
+"#,
+        );
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(names(&plan), ["gpu-sdk", "gpu", "cpu"]);
+        let sdk = &plan.ladder[0];
+        assert_eq!(sdk.device, "cuda:1");
+        assert!(sdk.uses_gpu);
+        assert_eq!(sdk.set_env["HSA_OVERRIDE_GFX_VERSION"], "10.3.0");
+        assert_eq!(sdk.unset_env, ["PYTORCH_ROCM_ARCH"]);
+        assert_eq!(sdk.args, ["--amp", "off"]);
+        assert_eq!(plan.checkpoints.as_deref(), Some("ckpt/*.pt"));
+        assert_eq!(plan.run_dir, dir.path().join("runs/eeg"));
+        assert_eq!(plan.max_restarts, 2);
+        assert_eq!(plan.grace, Duration::from_millis(2500));
+        assert_eq!(plan.backoff_initial, Duration::from_millis(500));
+        assert_eq!(plan.backoff_max, Duration::from_secs(30));
+        assert_eq!(plan.rule_dirs, [dir.path().join("my-rules/")]);
+        assert!(plan.force_gpu_unsafe);
+        assert_eq!(plan.config_file, Some(dir.path().join(CONFIG_FILE_NAME)));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = dir_with_config(
+            "checkpoints = \"a/\"\nladder = [\"cpu\"]\nrun_dir = \"r\"\nmax_restarts = 9\ngrace = 3\nrules = [\"file-rules\"]\n",
+        );
+        let plan = plan_in(
+            dir.path(),
+            Overrides {
+                checkpoints: Some("b/".into()),
+                ladder: Some(vec!["gpu".into()]),
+                run_dir: Some("/abs/run".into()),
+                max_restarts: Some(0),
+                grace: Some(Duration::from_secs(1)),
+                rule_dirs: vec!["flag-rules".into()],
+                force_gpu_unsafe: true,
+                config: None,
+            },
+        )
+        .unwrap();
+        assert_eq!(plan.checkpoints.as_deref(), Some("b/"));
+        assert_eq!(names(&plan), ["gpu"]);
+        assert_eq!(plan.run_dir, PathBuf::from("/abs/run"));
+        assert_eq!(plan.max_restarts, 0);
+        assert_eq!(plan.grace, Duration::from_secs(1));
+        // File rule dirs come first, then the flags', all relative to cwd.
+        assert_eq!(
+            plan.rule_dirs,
+            [dir.path().join("file-rules"), dir.path().join("flag-rules")]
+        );
+        assert!(plan.force_gpu_unsafe);
+    }
+
+    #[test]
+    fn explicit_config_replaces_the_default_file_and_must_exist() {
+        let dir = dir_with_config("ladder = [\"cpu\"]\n");
+        std::fs::write(dir.path().join("other.toml"), "ladder = [\"gpu\"]\n").unwrap();
+        let plan = plan_in(
+            dir.path(),
+            Overrides {
+                config: Some("other.toml".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(names(&plan), ["gpu"]);
+        assert_eq!(plan.config_file, Some(dir.path().join("other.toml")));
+
+        let err = plan_in(
+            dir.path(),
+            Overrides {
+                config: Some("missing.toml".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::ConfigMissing { .. }));
+        assert!(err.to_string().contains("missing.toml"), "{err}");
+    }
+
+    #[test]
+    fn file_tier_may_shadow_a_builtin() {
+        let dir = dir_with_config("[[tier]]\nname = \"gpu\"\ndevice = \"cuda:1\"\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.ladder[0].device, "cuda:1");
+        assert_eq!(plan.ladder[1].device, "cpu");
+    }
+
+    #[test]
+    fn uses_gpu_defaults_from_device() {
+        let dir = dir_with_config(
+            "ladder = [\"slow\", \"odd\"]\n[[tier]]\nname = \"slow\"\ndevice = \"cpu\"\n[[tier]]\nname = \"odd\"\ndevice = \"cpu\"\nuses_gpu = true\n",
+        );
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(!plan.ladder[0].uses_gpu);
+        assert!(plan.ladder[1].uses_gpu);
+    }
+
+    #[test]
+    fn empty_command_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = plan(Vec::new(), Overrides::default(), dir.path(), STAMP).unwrap_err();
+        assert!(err.to_string().contains("after `--`"), "{err}");
+        let err = plan(
+            vec![OsString::new()],
+            Overrides::default(),
+            dir.path(),
+            STAMP,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::EmptyCommand));
+    }
+
+    #[test]
+    fn toml_syntax_error_names_file_and_line() {
+        let msg = err_in("max_restarts = 3\ngrace = = 4\n");
+        assert!(msg.contains("gpuwarden.toml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_line() {
+        let msg = err_in("max_restarts = 3\n\nmax_restart = 4\n");
+        assert!(msg.contains("gpuwarden.toml:3:1"), "{msg}");
+        assert!(msg.contains("max_restart"), "{msg}");
+        let msg = err_in("[[tier]]\nname = \"x\"\ndevice = \"cuda\"\nenvscript = \"a.sh\"\n");
+        assert!(msg.contains("gpuwarden.toml:4:"), "{msg}");
+        assert!(msg.contains("envscript"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_file_and_line() {
+        let msg = err_in("grace = 1\nmax_restarts = -1\n");
+        assert!(msg.contains("gpuwarden.toml:2:"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_tier_lists_the_known_ones() {
+        let msg = err_in(
+            "ladder = [\"gpu\",\n  \"gpu-sdk\"]\n[[tier]]\nname = \"gpu-rocm\"\ndevice = \"cuda\"\n",
+        );
+        assert!(msg.contains("gpuwarden.toml:2:3"), "{msg}");
+        assert!(msg.contains("unknown tier `gpu-sdk`"), "{msg}");
+        assert!(msg.contains("`cpu`, `gpu`, `gpu-rocm`"), "{msg}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let err = plan_in(
+            dir.path(),
+            Overrides {
+                ladder: Some(vec!["gpu,tpu".into()]),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("--ladder") && msg.contains("`tpu`"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_tier_definitions_are_refused() {
+        let msg = err_in(
+            "[[tier]]\nname = \"sdk\"\ndevice = \"cuda\"\n\n[[tier]]\nname = \"sdk\"\ndevice = \"cpu\"\n",
+        );
+        assert!(msg.contains("defined twice"), "{msg}");
+        assert!(msg.contains("gpuwarden.toml:5:"), "{msg}");
+        assert!(
+            msg.contains("first at") && msg.contains("gpuwarden.toml:1:"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn empty_ladder_is_refused() {
+        let msg = err_in("max_restarts = 1\nladder = []\n");
+        assert!(msg.contains("gpuwarden.toml:2:"), "{msg}");
+        assert!(msg.contains("ladder is empty"), "{msg}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = plan_in(
+            dir.path(),
+            Overrides {
+                ladder: Some(Vec::new()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::EmptyLadder { .. }), "{err}");
+        assert!(err.to_string().contains("--ladder"), "{err}");
+    }
+
+    #[test]
+    fn tier_used_twice_in_the_ladder_is_refused() {
+        let msg = err_in("ladder = [\"gpu\", \"cpu\",\n\"gpu\"]\n");
+        assert!(msg.contains("appears twice"), "{msg}");
+        assert!(msg.contains("gpuwarden.toml:2:1"), "{msg}");
+    }
+
+    #[test]
+    fn bad_tier_fields_are_refused() {
+        let msg = err_in("[[tier]]\nname = \"gpu sdk\"\ndevice = \"cuda\"\n");
+        assert!(
+            msg.contains("gpuwarden.toml:2:") && msg.contains("`gpu sdk`"),
+            "{msg}"
+        );
+        let msg = err_in("[[tier]]\nname = \"x\"\ndevice = \"\"\n");
+        assert!(
+            msg.contains("gpuwarden.toml:3:") && msg.contains("empty device"),
+            "{msg}"
+        );
+        let msg = err_in("[[tier]]\nname = \"x\"\ndevice = \"cuda\"\nenv = { \"A=B\" = \"1\" }\n");
+        assert!(
+            msg.contains("gpuwarden.toml:4:") && msg.contains("`A=B`"),
+            "{msg}"
+        );
+        let msg = err_in("[[tier]]\nname = \"x\"\ndevice = \"cuda\"\nunset = [\"\"]\n");
+        assert!(msg.contains("gpuwarden.toml:4:"), "{msg}");
+    }
+
+    #[test]
+    fn negative_nan_and_infinite_seconds_are_refused() {
+        for (text, line, what) in [
+            ("max_restarts = 1\ngrace = -1\n", 2, "grace"),
+            ("grace = nan\n", 1, "grace"),
+            ("grace = inf\n", 1, "grace"),
+            ("\nbackoff = { initial = -0.5 }\n", 2, "backoff.initial"),
+            ("backoff = { max = nan }\n", 1, "backoff.max"),
+        ] {
+            let msg = err_in(text);
+            assert!(
+                msg.contains(&format!("gpuwarden.toml:{line}:")),
+                "{text}: {msg}"
+            );
+            assert!(msg.contains(what), "{text}: {msg}");
+        }
+        let msg = err_in("backoff = { initial = 10, max = 5 }\n");
+        assert!(
+            msg.contains("gpuwarden.toml:1:") && msg.contains("larger"),
+            "{msg}"
+        );
+    }
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path
+    }
+
+    #[test]
+    fn env_script_merges_under_env_and_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        script(
+            dir.path(),
+            "activate_sdk.sh",
+            "export ROCM_PATH=/opt/rocm_sdk_612\n\
+             export HSA_OVERRIDE_GFX_VERSION=from-script\n\
+             export PYTORCH_ROCM_ARCH=gfx1010\n\
+             export KEEP_ME=1\n\
+             echo activated\n",
+        );
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "ladder = [\"gpu-sdk\", \"cpu\"]\n\
+             [[tier]]\n\
+             name = \"gpu-sdk\"\n\
+             device = \"cuda\"\n\
+             env_script = \"activate_sdk.sh\"\n\
+             env = { HSA_OVERRIDE_GFX_VERSION = \"10.3.0\" }\n\
+             unset = [\"PYTORCH_ROCM_ARCH\"]\n",
+        )
+        .unwrap();
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        let sdk = &plan.ladder[0];
+        assert_eq!(sdk.set_env["ROCM_PATH"], "/opt/rocm_sdk_612");
+        assert_eq!(sdk.set_env["KEEP_ME"], "1");
+        assert_eq!(sdk.set_env["HSA_OVERRIDE_GFX_VERSION"], "10.3.0");
+        assert!(!sdk.set_env.contains_key("PYTORCH_ROCM_ARCH"));
+        assert!(sdk.unset_env.contains(&"PYTORCH_ROCM_ARCH".to_owned()));
+    }
+
+    #[test]
+    fn env_script_runs_only_for_tiers_in_the_ladder_and_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let counter = dir.path().join("runs.log");
+        script(
+            dir.path(),
+            "count.sh",
+            &format!("echo run >> '{}'\nexport A=1\n", counter.display()),
+        );
+        script(dir.path(), "broken.sh", "exit 7\n");
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "ladder = [\"a\", \"cpu\"]\n\
+             [[tier]]\nname = \"a\"\ndevice = \"cuda\"\nenv_script = \"count.sh\"\n\
+             [[tier]]\nname = \"unused\"\ndevice = \"cuda\"\nenv_script = \"broken.sh\"\n",
+        )
+        .unwrap();
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.ladder[0].set_env["A"], "1");
+        // The capture runs the script once (the baseline sources /dev/null).
+        let runs = std::fs::read_to_string(&counter).unwrap();
+        assert_eq!(runs.lines().count(), 1, "{runs}");
+    }
+
+    #[test]
+    fn env_script_failure_names_the_tier_and_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        script(dir.path(), "bad.sh", "echo 'no such SDK' >&2\nreturn 3\n");
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "ladder = [\"gpu-sdk\"]\n\
+             [[tier]]\nname = \"gpu-sdk\"\ndevice = \"cuda\"\n\
+             env_script = \"bad.sh\"\n",
+        )
+        .unwrap();
+        let err = plan_in(dir.path(), Overrides::default()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("gpuwarden.toml:5:"), "{msg}");
+        assert!(msg.contains("tier `gpu-sdk`"), "{msg}");
+        assert!(
+            msg.contains("bad.sh") && msg.contains("no such SDK"),
+            "{msg}"
+        );
+
+        std::fs::write(
+            dir.path().join(CONFIG_FILE_NAME),
+            "ladder = [\"gpu-sdk\"]\n\
+             [[tier]]\nname = \"gpu-sdk\"\ndevice = \"cuda\"\n\
+             env_script = \"/opt/rocm_sdk_612/bin/activate_sdk.sh\"\n",
+        )
+        .unwrap();
+        let msg = plan_in(dir.path(), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("/opt/rocm_sdk_612/bin/activate_sdk.sh does not exist"),
+            "{msg}"
+        );
+    }
+}

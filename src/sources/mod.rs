@@ -1,0 +1,4 @@
+//! Sources turn the outside world into events for the supervisor. Each owns its thread and its
+//! I/O and decides nothing.
+
+pub mod output;

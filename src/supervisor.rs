@@ -1,0 +1,1220 @@
+//! The supervisor: a pure state machine that decides what happens to a run.
+//!
+//! It takes [`Event`]s (a fault was seen, the job exited, the user pressed Ctrl-C, time passed)
+//! and returns [`Effect`]s (spawn an attempt, signal the job's process group, write a journal
+//! record, tell the user something, finish). It does no I/O, reads no clock and starts no thread:
+//! time comes in as the `now` argument. Every policy lives here: which fault stops the job, the
+//! grace period before SIGKILL, the restart budget and its backoff, and the walk down the ladder.
+//! The executor (`crate::app`) carries the effects out.
+//!
+//! It is not for classifying lines (that is `crate::rules`) nor for finding checkpoints (that is
+//! `crate::checkpoints`, run by the executor when it spawns an attempt).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::journal::{ExitRecord, Record};
+use crate::rules::{Action, Fault, FaultClass, Stream};
+
+/// How long the output of an exited job may stay open (held by a leftover process of its group)
+/// before the group is killed, and again before the attempt is closed regardless.
+pub const DRAIN: Duration = Duration::from_secs(1);
+
+/// The knobs of the restart policy, validated by `crate::config`.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    pub max_restarts: u32,
+    pub grace: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+/// What the supervisor needs to know of a tier.
+#[derive(Clone, Debug)]
+pub struct TierInfo {
+    pub name: String,
+    pub uses_gpu: bool,
+}
+
+/// A signal gpuwarden received (and forwards), or sends to the job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sig {
+    Interrupt,
+    Terminate,
+    Hangup,
+    Kill,
+}
+
+impl Sig {
+    /// The signal number on Linux.
+    pub fn number(self) -> i32 {
+        match self {
+            Sig::Hangup => 1,
+            Sig::Interrupt => 2,
+            Sig::Kill => 9,
+            Sig::Terminate => 15,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sig::Hangup => "SIGHUP",
+            Sig::Interrupt => "SIGINT",
+            Sig::Kill => "SIGKILL",
+            Sig::Terminate => "SIGTERM",
+        }
+    }
+}
+
+/// How a job's leader process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobExit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl JobExit {
+    pub fn success(self) -> bool {
+        self == JobExit::Code(0)
+    }
+}
+
+impl fmt::Display for JobExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            JobExit::Code(c) => write!(f, "exit status {c}"),
+            JobExit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(s)),
+        }
+    }
+}
+
+/// The conventional name of a signal number, for messages.
+pub fn signal_name(n: i32) -> &'static str {
+    match n {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        15 => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// Everything the supervisor reacts to.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// Begin the run with attempt 1 on the first tier.
+    Start,
+    /// The executor started `attempt`; `checkpoint` is what it resumes from.
+    Spawned {
+        attempt: u32,
+        checkpoint: Option<PathBuf>,
+    },
+    /// The executor could not start `attempt` (the command vanished, fork failed...).
+    SpawnFailed { attempt: u32, error: String },
+    /// A rule matched a line of `attempt`'s output (or a source attributed to it).
+    Fault { attempt: u32, fault: Fault },
+    /// One output stream of `attempt` reached end of file.
+    StreamClosed { attempt: u32, stream: Stream },
+    /// The leader process of `attempt` exited.
+    Exited { attempt: u32, status: JobExit },
+    /// gpuwarden itself received a signal.
+    Signal(Sig),
+    /// Time passed.
+    Tick,
+}
+
+/// Why the run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job exited with status 0.
+    Succeeded,
+    /// A fault's action was `stop`.
+    StoppedByFault { rule: String, class: FaultClass },
+    /// The fault asked for a tier below the last one.
+    LadderExhausted,
+    /// `--max-restarts` restarts were used.
+    BudgetSpent,
+    /// An attempt could not be started.
+    SpawnFailed(String),
+    /// The user (or the system) sent gpuwarden this signal.
+    Interrupted(Sig),
+}
+
+impl Outcome {
+    /// The process exit code documented in `crate::exit`.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Succeeded => crate::exit::SUCCESS,
+            Outcome::Interrupted(sig) => crate::exit::interrupted(sig.number()),
+            _ => crate::exit::GAVE_UP,
+        }
+    }
+
+    /// A short machine-readable name for the journal.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::StoppedByFault { .. } => "stopped_by_fault",
+            Outcome::LadderExhausted => "ladder_exhausted",
+            Outcome::BudgetSpent => "budget_spent",
+            Outcome::SpawnFailed(_) => "spawn_failed",
+            Outcome::Interrupted(_) => "interrupted",
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Succeeded => f.write_str("the job finished"),
+            Outcome::StoppedByFault { rule, class } => {
+                write!(f, "gave up: fault {class} ({rule}) has the action `stop`")
+            }
+            Outcome::LadderExhausted => f.write_str("gave up: no tier left on the fallback ladder"),
+            Outcome::BudgetSpent => f.write_str("gave up: the restart budget is spent"),
+            Outcome::SpawnFailed(e) => write!(f, "gave up: could not start the job: {e}"),
+            Outcome::Interrupted(sig) => write!(f, "stopped by {}", sig.name()),
+        }
+    }
+}
+
+/// What the executor must do. Returned as a `Vec`: an empty vector is an explicit "nothing".
+#[derive(Clone, Debug, PartialEq)]
+#[must_use]
+pub enum Effect {
+    /// Start `attempt` on ladder tier `tier` (an index into the ladder).
+    Spawn { attempt: u32, tier: usize },
+    /// Send `sig` to the process group of `attempt`.
+    Signal { attempt: u32, sig: Sig },
+    /// Append a record to the journal (and fsync it).
+    Journal(Record),
+    /// Tell the user (one line on stderr).
+    Say(String),
+    /// The run is over.
+    Finish(Outcome),
+}
+
+/// Why an attempt was stopped by gpuwarden.
+#[derive(Clone, Debug)]
+enum StopCause {
+    Fault(Fault),
+    User(Sig),
+}
+
+/// How an attempt ended, for the summary.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Ending {
+    Running,
+    Fault {
+        class: FaultClass,
+        rule: String,
+        status: Option<JobExit>,
+    },
+    Exit(JobExit),
+    User {
+        sig: Sig,
+        status: Option<JobExit>,
+    },
+    SpawnFailed(String),
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Running => f.write_str("running"),
+            Ending::Fault { class, rule, .. } => write!(f, "{class} ({rule})"),
+            Ending::Exit(status) if status.success() => f.write_str("finished (exit status 0)"),
+            Ending::Exit(status) => write!(f, "{status}, no known fault"),
+            Ending::User { sig, .. } => write!(f, "stopped by {}", sig.name()),
+            Ending::SpawnFailed(e) => write!(f, "could not start: {e}"),
+        }
+    }
+}
+
+/// One attempt as the summary shows it.
+#[derive(Clone, Debug)]
+pub struct AttemptSummary {
+    pub attempt: u32,
+    pub tier: usize,
+    pub checkpoint: Option<PathBuf>,
+    pub started: Instant,
+    pub ended: Option<Instant>,
+    pub ending: Ending,
+}
+
+/// The attempt that is running or being stopped.
+#[derive(Debug)]
+struct Live {
+    attempt: u32,
+    tier: usize,
+    stop: Option<StopCause>,
+    /// When the first stop signal was sent; SIGKILL follows after the grace period.
+    stop_sent: Option<Instant>,
+    killed: bool,
+    exit: Option<JobExit>,
+    open_streams: u8,
+    /// After the leader exited: when to stop waiting for the output to close.
+    drain_deadline: Option<Instant>,
+    leftovers_killed: bool,
+    /// Faults seen in this attempt, by rule id, with how often each was seen.
+    seen: BTreeMap<String, u64>,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Idle,
+    /// Waiting out the backoff before starting `attempt` on `tier`.
+    Backoff {
+        attempt: u32,
+        tier: usize,
+        until: Instant,
+    },
+    Live(Live),
+    Done,
+}
+
+/// The state machine. See the module documentation.
+#[derive(Debug)]
+pub struct Supervisor {
+    policy: Policy,
+    ladder: Vec<TierInfo>,
+    phase: Phase,
+    restarts: u32,
+    attempts: Vec<AttemptSummary>,
+}
+
+impl Supervisor {
+    pub fn new(policy: Policy, ladder: Vec<TierInfo>) -> Supervisor {
+        Supervisor {
+            policy,
+            ladder,
+            phase: Phase::Idle,
+            restarts: 0,
+            attempts: Vec::new(),
+        }
+    }
+
+    /// The attempts so far, for the summary and the views.
+    pub fn attempts(&self) -> &[AttemptSummary] {
+        &self.attempts
+    }
+
+    pub fn ladder(&self) -> &[TierInfo] {
+        &self.ladder
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self.phase, Phase::Done)
+    }
+
+    /// The earliest moment at which a `Tick` can change anything, so the executor can sleep
+    /// until then instead of polling.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Backoff { until, .. } => Some(*until),
+            Phase::Live(live) => {
+                let kill_at = match (live.stop_sent, live.killed, live.exit) {
+                    (Some(sent), false, None) => Some(sent + self.policy.grace),
+                    _ => None,
+                };
+                match (kill_at, live.drain_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            }
+            Phase::Idle | Phase::Done => None,
+        }
+    }
+
+    /// Feed one event; get back what to do, in order.
+    pub fn step(&mut self, event: Event, now: Instant) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match event {
+            Event::Start => {
+                if matches!(self.phase, Phase::Idle) {
+                    self.spawn(1, 0, now, &mut out);
+                }
+            }
+            Event::Spawned {
+                attempt,
+                checkpoint,
+            } => self.on_spawned(attempt, checkpoint),
+            Event::SpawnFailed { attempt, error } => {
+                if self.is_current(attempt) {
+                    if let Some(a) = self.attempts.last_mut() {
+                        a.ended = Some(now);
+                        a.ending = Ending::SpawnFailed(error.clone());
+                    }
+                    self.finish(Outcome::SpawnFailed(error), &mut out);
+                }
+            }
+            Event::Fault { attempt, fault } => self.on_fault(attempt, fault, now, &mut out),
+            Event::StreamClosed { attempt, .. } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                {
+                    live.open_streams = live.open_streams.saturating_sub(1);
+                    if live.exit.is_some() && live.open_streams == 0 {
+                        self.end_attempt(now, &mut out);
+                    }
+                }
+            }
+            Event::Exited { attempt, status } => self.on_exited(attempt, status, now, &mut out),
+            Event::Signal(sig) => self.on_signal(sig, now, &mut out),
+            Event::Tick => self.on_tick(now, &mut out),
+        }
+        out
+    }
+
+    fn is_current(&self, attempt: u32) -> bool {
+        match &self.phase {
+            Phase::Live(live) => live.attempt == attempt,
+            _ => false,
+        }
+    }
+
+    fn spawn(&mut self, attempt: u32, tier: usize, now: Instant, out: &mut Vec<Effect>) {
+        self.phase = Phase::Live(Live {
+            attempt,
+            tier,
+            stop: None,
+            stop_sent: None,
+            killed: false,
+            exit: None,
+            open_streams: 2,
+            drain_deadline: None,
+            leftovers_killed: false,
+            seen: BTreeMap::new(),
+        });
+        self.attempts.push(AttemptSummary {
+            attempt,
+            tier,
+            checkpoint: None,
+            started: now,
+            ended: None,
+            ending: Ending::Running,
+        });
+        out.push(Effect::Spawn { attempt, tier });
+    }
+
+    fn on_spawned(&mut self, attempt: u32, checkpoint: Option<PathBuf>) {
+        if !self.is_current(attempt) {
+            return;
+        }
+        if let Some(a) = self.attempts.last_mut() {
+            a.checkpoint = checkpoint;
+        }
+    }
+
+    fn on_fault(&mut self, attempt: u32, fault: Fault, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        if live.attempt != attempt {
+            // A late line from an attempt that is already over: it changes nothing.
+            return;
+        }
+        let count = live.seen.entry(fault.rule.clone()).or_insert(0);
+        *count += 1;
+        // A storm of the same fault is one finding: journal the first, count the rest
+        // (the count goes into `attempt_ended`).
+        if *count > 1 {
+            return;
+        }
+        out.push(Effect::Journal(Record::Fault {
+            attempt,
+            class: fault.class,
+            rule: fault.rule.clone(),
+            severity: fault.severity,
+            action: fault.action,
+            stream: fault.stream,
+            line: fault.line.clone(),
+            captures: fault.captures.clone(),
+        }));
+        if fault.action == Action::Note {
+            return;
+        }
+        match &live.stop {
+            None => {
+                out.push(Effect::Say(format!(
+                    "fault in attempt {attempt}: {} ({}) on {}: {}",
+                    fault.class,
+                    fault.rule,
+                    fault.stream,
+                    fault.advice.trim()
+                )));
+                out.push(Effect::Say(format!(
+                    "stopping the job: SIGTERM, then SIGKILL after {:.0?}",
+                    self.policy.grace
+                )));
+                live.stop = Some(StopCause::Fault(fault));
+                if live.exit.is_none() {
+                    live.stop_sent = Some(now);
+                    out.push(Effect::Signal {
+                        attempt,
+                        sig: Sig::Terminate,
+                    });
+                }
+            }
+            // A later fault with a stronger action decides (a device-side assert after an
+            // illegal address means "stop", not "fall back").
+            Some(StopCause::Fault(first)) if fault.action > first.action => {
+                live.stop = Some(StopCause::Fault(fault));
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn on_exited(&mut self, attempt: u32, status: JobExit, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        if live.attempt != attempt || live.exit.is_some() {
+            return;
+        }
+        live.exit = Some(status);
+        if live.open_streams == 0 {
+            self.end_attempt(now, out);
+        } else {
+            live.drain_deadline = Some(now + DRAIN);
+        }
+    }
+
+    fn on_signal(&mut self, sig: Sig, now: Instant, out: &mut Vec<Effect>) {
+        match &mut self.phase {
+            Phase::Idle | Phase::Backoff { .. } => {
+                out.push(Effect::Say(format!(
+                    "{} received while no job is running: ending the run",
+                    sig.name()
+                )));
+                self.finish(Outcome::Interrupted(sig), out);
+            }
+            Phase::Done => {}
+            Phase::Live(live) => {
+                let attempt = live.attempt;
+                let already_user = matches!(live.stop, Some(StopCause::User(_)));
+                if live.exit.is_some() {
+                    // The leader is gone; only its output is draining. Remember the signal so
+                    // the run ends instead of restarting.
+                    if !already_user {
+                        live.stop = Some(StopCause::User(sig));
+                    }
+                    return;
+                }
+                if already_user {
+                    if !live.killed {
+                        live.killed = true;
+                        out.push(Effect::Say(format!(
+                            "second {}: killing the job now (SIGKILL)",
+                            sig.name()
+                        )));
+                        out.push(Effect::Signal {
+                            attempt,
+                            sig: Sig::Kill,
+                        });
+                    }
+                    return;
+                }
+                live.stop = Some(StopCause::User(sig));
+                live.stop_sent = Some(now);
+                out.push(Effect::Say(format!(
+                    "{} received: forwarded to the job; it has {:.0?} to exit (repeat to kill it now)",
+                    sig.name(),
+                    self.policy.grace
+                )));
+                out.push(Effect::Signal { attempt, sig });
+            }
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        match &mut self.phase {
+            Phase::Backoff {
+                attempt,
+                tier,
+                until,
+            } if now >= *until => {
+                let (attempt, tier) = (*attempt, *tier);
+                self.spawn(attempt, tier, now, out);
+            }
+            Phase::Live(live) => {
+                let attempt = live.attempt;
+                if let (Some(sent), None, false) = (live.stop_sent, live.exit, live.killed)
+                    && now >= sent + self.policy.grace
+                {
+                    live.killed = true;
+                    out.push(Effect::Say(format!(
+                        "the job did not exit within {:.0?} of the signal: SIGKILL",
+                        self.policy.grace
+                    )));
+                    out.push(Effect::Signal {
+                        attempt,
+                        sig: Sig::Kill,
+                    });
+                }
+                if let Some(deadline) = live.drain_deadline
+                    && now >= deadline
+                {
+                    if live.leftovers_killed {
+                        // Output still open after SIGKILL: something outside the group holds
+                        // it. Close the attempt anyway; the readers finish on their own.
+                        self.end_attempt(now, out);
+                    } else {
+                        live.leftovers_killed = true;
+                        live.drain_deadline = Some(now + DRAIN);
+                        out.push(Effect::Journal(Record::Leftovers { attempt }));
+                        out.push(Effect::Say(format!(
+                            "attempt {attempt}: the job exited but processes of its group still hold its output: SIGKILL to the group"
+                        )));
+                        out.push(Effect::Signal {
+                            attempt,
+                            sig: Sig::Kill,
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The leader exited and the output is closed (or given up on): decide what comes next.
+    fn end_attempt(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+            return;
+        };
+        let status = live.exit;
+        let ending = match &live.stop {
+            Some(StopCause::Fault(f)) => Ending::Fault {
+                class: f.class,
+                rule: f.rule.clone(),
+                status,
+            },
+            Some(StopCause::User(sig)) => Ending::User { sig: *sig, status },
+            None => Ending::Exit(status.unwrap_or(JobExit::Code(-1))),
+        };
+        let duration = self
+            .attempts
+            .last()
+            .map(|a| now.saturating_duration_since(a.started))
+            .unwrap_or_default();
+        out.push(Effect::Journal(Record::AttemptEnded {
+            attempt: live.attempt,
+            tier: self.tier_name(live.tier),
+            status: status.map(ExitRecord::from),
+            ended_by: ending.to_string(),
+            faults: live.seen.clone(),
+            seconds: duration.as_secs_f64(),
+        }));
+        if let Some(a) = self.attempts.last_mut() {
+            a.ended = Some(now);
+            a.ending = ending;
+        }
+
+        let (next_tier, reason) = match live.stop {
+            Some(StopCause::User(sig)) => {
+                self.finish(Outcome::Interrupted(sig), out);
+                return;
+            }
+            None if status.is_some_and(JobExit::success) => {
+                self.finish(Outcome::Succeeded, out);
+                return;
+            }
+            None => (
+                live.tier,
+                format!(
+                    "attempt {} ended with {} and no known fault",
+                    live.attempt,
+                    status.map_or("an unknown status".to_string(), |s| s.to_string())
+                ),
+            ),
+            Some(StopCause::Fault(fault)) => {
+                match self.after_fault(&fault, live.tier, live.attempt) {
+                    Ok(tier) => (tier, format!("{} ({})", fault.class, fault.rule)),
+                    Err(outcome) => {
+                        self.finish(outcome, out);
+                        return;
+                    }
+                }
+            }
+        };
+
+        if self.restarts >= self.policy.max_restarts {
+            out.push(Effect::Say(format!(
+                "{reason}; the restart budget ({}) is spent",
+                self.policy.max_restarts
+            )));
+            self.finish(Outcome::BudgetSpent, out);
+            return;
+        }
+        self.restarts += 1;
+        let delay = self.backoff(next_tier);
+        let attempt = live.attempt + 1;
+        let tier_name = self.tier_name(next_tier);
+        out.push(Effect::Journal(Record::RestartScheduled {
+            attempt,
+            tier: tier_name.clone(),
+            reason: reason.clone(),
+            delay_seconds: delay.as_secs_f64(),
+            restarts_left: self.policy.max_restarts - self.restarts,
+        }));
+        out.push(Effect::Say(format!(
+            "{reason}: restarting as attempt {attempt} on tier `{tier_name}` in {delay:.1?}"
+        )));
+        if delay.is_zero() {
+            self.spawn(attempt, next_tier, now, out);
+        } else {
+            self.phase = Phase::Backoff {
+                attempt,
+                tier: next_tier,
+                until: now + delay,
+            };
+        }
+    }
+
+    /// The tier to restart on after `fault` ended an attempt on `tier`, or why the run ends.
+    fn after_fault(&self, fault: &Fault, tier: usize, attempt: u32) -> Result<usize, Outcome> {
+        let mut action = fault.action;
+        // "Restart once, then ...": a class that already ended an earlier attempt on this
+        // tier escalates (a second GPU hang on the same tier means fall back).
+        if action == Action::Restart
+            && let Some(escalated) = fault.class.escalates_on_repeat()
+        {
+            let repeated = self.attempts.iter().any(|a| {
+                a.attempt != attempt
+                    && a.tier == tier
+                    && matches!(&a.ending, Ending::Fault { class, .. } if *class == fault.class)
+            });
+            if repeated {
+                action = escalated;
+            }
+        }
+        match action {
+            Action::Stop => Err(Outcome::StoppedByFault {
+                rule: fault.rule.clone(),
+                class: fault.class,
+            }),
+            Action::Restart | Action::Note => Ok(tier),
+            Action::Fallback => {
+                // No kernel for this architecture (or no GPU at all): every GPU tier will fail
+                // the same way, so go straight to the first tier that does not use a GPU.
+                let skip_gpu = fault.class.skips_gpu_tiers();
+                self.ladder
+                    .iter()
+                    .enumerate()
+                    .skip(tier + 1)
+                    .find(|(_, t)| !skip_gpu || !t.uses_gpu)
+                    .map(|(i, _)| i)
+                    .ok_or(Outcome::LadderExhausted)
+            }
+        }
+    }
+
+    /// Exponential backoff: the first restart on a tier waits `backoff_initial`, each further
+    /// restart on the same tier twice as long, capped at `backoff_max`.
+    fn backoff(&self, tier: usize) -> Duration {
+        let earlier = self.attempts.iter().filter(|a| a.tier == tier).count() as u32;
+        // `earlier` counts the attempt that just ended when restarting on the same tier.
+        let exponent = earlier.saturating_sub(1).min(20);
+        self.policy
+            .backoff_initial
+            .saturating_mul(1 << exponent)
+            .min(self.policy.backoff_max)
+    }
+
+    fn tier_name(&self, tier: usize) -> String {
+        self.ladder
+            .get(tier)
+            .map_or_else(|| format!("#{tier}"), |t| t.name.clone())
+    }
+
+    fn finish(&mut self, outcome: Outcome, out: &mut Vec<Effect>) {
+        self.phase = Phase::Done;
+        out.push(Effect::Journal(Record::RunFinished {
+            outcome: outcome.name().to_string(),
+            detail: outcome.to_string(),
+            attempts: self.attempts.len() as u32,
+            restarts: self.restarts,
+            exit_code: outcome.exit_code(),
+        }));
+        out.push(Effect::Finish(outcome));
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::rules::Severity;
+
+    fn policy() -> Policy {
+        Policy {
+            max_restarts: 5,
+            grace: Duration::from_secs(10),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+
+    fn ladder(names: &[(&str, bool)]) -> Vec<TierInfo> {
+        names
+            .iter()
+            .map(|(n, g)| TierInfo {
+                name: n.to_string(),
+                uses_gpu: *g,
+            })
+            .collect()
+    }
+
+    fn fault(class: FaultClass, action: Action) -> Fault {
+        Fault {
+            rule: format!("test-{}", class.as_str()),
+            class,
+            severity: Severity::Critical,
+            action,
+            stream: Stream::Stderr,
+            line: "Memory access fault by GPU node-1".to_string(),
+            captures: BTreeMap::new(),
+            advice: "advice".to_string(),
+        }
+    }
+
+    /// A harness that runs the machine the way the executor does: Spawn is answered at once.
+    struct Run {
+        sup: Supervisor,
+        t0: Instant,
+        now: Instant,
+        log: Vec<Effect>,
+    }
+
+    impl Run {
+        fn new(policy: Policy, tiers: &[(&str, bool)]) -> Run {
+            let t0 = Instant::now();
+            Run {
+                sup: Supervisor::new(policy, ladder(tiers)),
+                t0,
+                now: t0,
+                log: Vec::new(),
+            }
+        }
+
+        fn feed(&mut self, ev: Event) -> Vec<Effect> {
+            let mut queue = vec![ev];
+            let mut all = Vec::new();
+            while let Some(ev) = queue.pop() {
+                let effects = self.sup.step(ev, self.now);
+                for e in &effects {
+                    if let Effect::Spawn { attempt, .. } = e {
+                        queue.push(Event::Spawned {
+                            attempt: *attempt,
+                            checkpoint: None,
+                        });
+                    }
+                }
+                all.extend(effects);
+            }
+            self.log.extend(all.clone());
+            all
+        }
+
+        fn advance(&mut self, d: Duration) -> Vec<Effect> {
+            self.now += d;
+            self.feed(Event::Tick)
+        }
+
+        fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
+            let mut out = self.feed(Event::Exited { attempt, status });
+            out.extend(self.feed(Event::StreamClosed {
+                attempt,
+                stream: Stream::Stdout,
+            }));
+            out.extend(self.feed(Event::StreamClosed {
+                attempt,
+                stream: Stream::Stderr,
+            }));
+            out
+        }
+
+        fn spawns(&self) -> Vec<(u32, usize)> {
+            self.log
+                .iter()
+                .filter_map(|e| match e {
+                    Effect::Spawn { attempt, tier } => Some((*attempt, *tier)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn outcome(&self) -> Option<Outcome> {
+            self.log.iter().find_map(|e| match e {
+                Effect::Finish(o) => Some(o.clone()),
+                _ => None,
+            })
+        }
+    }
+
+    fn signals(effects: &[Effect]) -> Vec<Sig> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Signal { sig, .. } => Some(*sig),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clean_exit_finishes_without_restart() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.exit(1, JobExit::Code(0));
+        assert_eq!(r.spawns(), vec![(1, 0)]);
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+        assert_eq!(r.outcome().unwrap().exit_code(), 0);
+    }
+
+    #[test]
+    fn memory_fault_stops_then_falls_back_to_cpu_after_backoff() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        assert_eq!(signals(&out), vec![Sig::Terminate]);
+        r.exit(1, JobExit::Signal(15));
+        // Not yet: backoff of 1 s.
+        assert_eq!(r.spawns(), vec![(1, 0)]);
+        r.advance(Duration::from_millis(999));
+        assert_eq!(r.spawns(), vec![(1, 0)]);
+        r.advance(Duration::from_millis(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+        r.exit(2, JobExit::Code(0));
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+        let a = r.sup.attempts();
+        assert!(matches!(
+            a[0].ending,
+            Ending::Fault {
+                class: FaultClass::GpuMemoryFault,
+                ..
+            }
+        ));
+        assert_eq!(a[1].ending, Ending::Exit(JobExit::Code(0)));
+    }
+
+    #[test]
+    fn job_that_ignores_sigterm_gets_sigkill_after_grace() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        assert!(signals(&r.advance(Duration::from_secs(9))).is_empty());
+        assert_eq!(r.sup.next_deadline(), Some(r.t0 + Duration::from_secs(10)));
+        assert_eq!(signals(&r.advance(Duration::from_secs(1))), vec![Sig::Kill]);
+        // Only once.
+        assert!(signals(&r.advance(Duration::from_secs(5))).is_empty());
+    }
+
+    #[test]
+    fn unsupported_kernel_skips_every_gpu_tier() {
+        let mut r = Run::new(
+            policy(),
+            &[("gpu", true), ("gpu-sdk", true), ("cpu", false)],
+        );
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuUnsupportedKernel, Action::Fallback),
+        });
+        r.exit(1, JobExit::Code(1));
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 2)]);
+    }
+
+    #[test]
+    fn fallback_on_last_tier_exhausts_the_ladder() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        for attempt in 1..=2 {
+            r.feed(Event::Fault {
+                attempt,
+                fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+            });
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(1));
+        }
+        assert_eq!(r.outcome(), Some(Outcome::LadderExhausted));
+        assert_eq!(r.outcome().unwrap().exit_code(), 3);
+    }
+
+    #[test]
+    fn crash_loop_stops_at_the_budget_with_growing_backoff() {
+        let mut p = policy();
+        p.max_restarts = 3;
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let mut delays = Vec::new();
+        for attempt in 1..=4 {
+            r.exit(attempt, JobExit::Code(1));
+            if r.outcome().is_some() {
+                break;
+            }
+            let deadline = r.sup.next_deadline().unwrap();
+            delays.push(deadline - r.now);
+            r.now = deadline;
+            r.feed(Event::Tick);
+        }
+        assert_eq!(
+            delays,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(4)
+            ]
+        );
+        // Unrecognised crashes restart on the same tier.
+        assert!(r.spawns().iter().all(|(_, tier)| *tier == 0));
+        assert_eq!(r.spawns().len(), 4);
+        assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+    }
+
+    #[test]
+    fn backoff_is_capped() {
+        let mut p = policy();
+        p.max_restarts = 10;
+        p.backoff_max = Duration::from_secs(3);
+        let mut r = Run::new(p, &[("gpu", true)]);
+        r.feed(Event::Start);
+        for attempt in 1..=5 {
+            r.exit(attempt, JobExit::Code(1));
+            let deadline = r.sup.next_deadline().unwrap();
+            assert!(deadline - r.now <= Duration::from_secs(3));
+            r.now = deadline;
+            r.feed(Event::Tick);
+        }
+    }
+
+    #[test]
+    fn user_signal_is_forwarded_and_never_restarts() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Signal(Sig::Terminate));
+        assert_eq!(signals(&out), vec![Sig::Terminate]);
+        r.exit(1, JobExit::Signal(15));
+        assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Terminate)));
+        assert_eq!(r.outcome().unwrap().exit_code(), 143);
+        assert_eq!(r.spawns().len(), 1);
+    }
+
+    #[test]
+    fn second_ctrl_c_kills_at_once() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        assert_eq!(
+            signals(&r.feed(Event::Signal(Sig::Interrupt))),
+            vec![Sig::Interrupt]
+        );
+        assert_eq!(
+            signals(&r.feed(Event::Signal(Sig::Interrupt))),
+            vec![Sig::Kill]
+        );
+        r.exit(1, JobExit::Signal(9));
+        assert_eq!(r.outcome().unwrap().exit_code(), 130);
+    }
+
+    #[test]
+    fn user_signal_during_fault_stop_wins_over_restart() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        r.feed(Event::Signal(Sig::Interrupt));
+        r.exit(1, JobExit::Signal(15));
+        assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Interrupt)));
+        assert_eq!(r.spawns().len(), 1);
+    }
+
+    #[test]
+    fn signal_during_backoff_ends_the_run() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        r.exit(1, JobExit::Code(1));
+        r.feed(Event::Signal(Sig::Interrupt));
+        assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Interrupt)));
+        r.advance(Duration::from_secs(5));
+        assert_eq!(r.spawns().len(), 1);
+    }
+
+    #[test]
+    fn stop_action_gives_up() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::DeviceAssert, Action::Stop),
+        });
+        r.exit(1, JobExit::Code(1));
+        assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
+    }
+
+    #[test]
+    fn stronger_later_fault_decides() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::DeviceAssert, Action::Stop),
+        });
+        assert!(signals(&out).is_empty(), "one SIGTERM per attempt");
+        r.exit(1, JobExit::Code(1));
+        assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
+    }
+
+    #[test]
+    fn hang_restarts_once_then_falls_back() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        for attempt in 1..=2 {
+            r.feed(Event::Fault {
+                attempt,
+                fault: fault(FaultClass::GpuHang, Action::Restart),
+            });
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(2));
+        }
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn fault_storm_is_journaled_once_with_a_count() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let mut journaled = 0;
+        for _ in 0..1000 {
+            let out = r.feed(Event::Fault {
+                attempt: 1,
+                fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+            });
+            journaled += out
+                .iter()
+                .filter(|e| matches!(e, Effect::Journal(Record::Fault { .. })))
+                .count();
+        }
+        assert_eq!(journaled, 1);
+        let out = r.exit(1, JobExit::Code(1));
+        let counted = out.iter().find_map(|e| match e {
+            Effect::Journal(Record::AttemptEnded { faults, .. }) => faults.values().next().copied(),
+            _ => None,
+        });
+        assert_eq!(counted, Some(1000));
+    }
+
+    #[test]
+    fn note_faults_do_not_stop_the_job() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuReset, Action::Note),
+        });
+        assert!(signals(&out).is_empty());
+        assert!(
+            out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Fault { .. })))
+        );
+    }
+
+    #[test]
+    fn faults_of_an_old_attempt_are_ignored() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.exit(1, JobExit::Code(1));
+        r.advance(Duration::from_secs(1));
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn leftover_processes_holding_output_are_killed_then_given_up_on() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        r.feed(Event::Exited {
+            attempt: 1,
+            status: JobExit::Code(0),
+        });
+        assert!(r.outcome().is_none());
+        let out = r.advance(DRAIN);
+        assert_eq!(signals(&out), vec![Sig::Kill]);
+        r.advance(DRAIN);
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+    }
+
+    #[test]
+    fn job_exiting_zero_after_a_fault_stop_is_not_success() {
+        // Lightning saves and exits 0 on SIGTERM: that is still an attempt ended by a fault.
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        r.exit(1, JobExit::Code(0));
+        assert!(r.outcome().is_none());
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn spawn_failure_ends_the_run() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        let out = r.sup.step(Event::Start, r.now);
+        assert_eq!(
+            out,
+            vec![Effect::Spawn {
+                attempt: 1,
+                tier: 0
+            }]
+        );
+        r.feed(Event::SpawnFailed {
+            attempt: 1,
+            error: "No such file".into(),
+        });
+        assert!(matches!(r.outcome(), Some(Outcome::SpawnFailed(_))));
+    }
+
+    #[test]
+    fn zero_budget_means_no_restart() {
+        let mut p = policy();
+        p.max_restarts = 0;
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        r.exit(1, JobExit::Signal(15));
+        assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+    }
+}

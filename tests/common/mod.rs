@@ -1,0 +1,126 @@
+//! Helpers shared by the integration tests: run the real `gpuwarden` binary over the fake
+//! trainer in `tests/fixtures/trainer.py`, and read what it left in the run directory.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gpuwarden");
+
+pub fn trainer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/trainer.py")
+}
+
+pub fn shared_checkpoints() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/checkpoints")
+}
+
+/// A scratch directory with `ckpt/`, `run/` and a record file for the trainer.
+pub struct Scene {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scene {
+    pub fn new() -> Scene {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("ckpt")).unwrap();
+        Scene { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn ckpt(&self) -> PathBuf {
+        self.path("ckpt")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.path("run")
+    }
+
+    /// `gpuwarden run --run-dir RUN --checkpoints CKPT <extra> -- python3 trainer.py <job>`,
+    /// with the trainer recording each start.
+    pub fn command(&self, extra: &[&str], job: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.current_dir(self.dir.path())
+            .arg("run")
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--checkpoints")
+            .arg(self.ckpt())
+            .args(extra)
+            .arg("--")
+            .arg("python3")
+            .arg(trainer())
+            .arg("--record")
+            .arg(self.path("record.jsonl"))
+            .arg("--ckpt-dir")
+            .arg(self.ckpt())
+            .args(job)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn run(&self, extra: &[&str], job: &[&str]) -> Output {
+        self.command(extra, job).output().unwrap()
+    }
+
+    /// The trainer's start records (one per attempt), without its signal notes.
+    pub fn starts(&self) -> Vec<serde_json::Value> {
+        self.records()
+            .into_iter()
+            .filter(|r| r.get("argv").is_some())
+            .collect()
+    }
+
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        read_jsonl(&self.path("record.jsonl"))
+    }
+
+    pub fn journal(&self) -> Vec<serde_json::Value> {
+        read_jsonl(&self.run_dir().join("journal.jsonl"))
+    }
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+pub fn events(journal: &[serde_json::Value]) -> Vec<String> {
+    journal
+        .iter()
+        .map(|r| r["event"].as_str().unwrap().to_string())
+        .collect()
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The value after `flag` in a recorded argv.
+pub fn arg_after<'a>(start: &'a serde_json::Value, flag: &str) -> Option<&'a str> {
+    let argv = start["argv"].as_array().unwrap();
+    argv.iter()
+        .position(|a| a == flag)
+        .and_then(|i| argv.get(i + 1))
+        .map(|v| v.as_str().unwrap())
+}
+
+/// True when `pid` is gone or a zombie (dead but not yet reaped by its new parent).
+pub fn dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .map(|rest| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+    }
+}

@@ -1,0 +1,66 @@
+//! `gpuwarden demo`: the whole story (GPU fault, stop, resume on CPU, finish) from the binary.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn demo_faults_on_gpu_resumes_on_cpu_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["demo", "--step-ms", "10", "--run-dir"])
+        .arg(&run_dir)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(took < Duration::from_secs(30), "the demo took {took:?}");
+
+    // The real HSA message reached the user's terminal, and gpuwarden named the fault.
+    assert!(
+        stderr.contains("Memory access fault by GPU node-1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("gpu_memory_fault"), "{stderr}");
+
+    let journal = read_jsonl(&run_dir.join("journal.jsonl"));
+    let starts: Vec<_> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_started")
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[0]["tier"], "gpu");
+    assert!(starts[0]["checkpoint"].is_null());
+    assert_eq!(starts[1]["tier"], "cpu");
+    // Fault at step 17, checkpoints every 5 steps: resumed from step 15.
+    let resumed = starts[1]["checkpoint"].as_str().unwrap();
+    assert!(resumed.ends_with("ckpt-step00015.safetensors"), "{resumed}");
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+
+    // The model really trained: the loss printed at the end is below the first one.
+    let losses: Vec<f64> = stdout
+        .lines()
+        .filter(|l| l.starts_with("[demo] step"))
+        .filter_map(|l| l.split("loss").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    assert!(losses.len() >= 20, "{stdout}");
+    assert!(
+        losses.last().unwrap() < &(losses[0] * 0.7),
+        "loss did not fall: {losses:?}"
+    );
+}

@@ -1,0 +1,505 @@
+//! `gpuwarden run` end to end: the real binary supervising the fake trainer
+//! (`tests/fixtures/trainer.py`), with real process groups, signals and checkpoints.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A config that keeps backoff short so restart tests take milliseconds, not seconds.
+fn fast_config(scene: &Scene) -> String {
+    let path = scene.path("fast.toml");
+    std::fs::write(&path, "backoff = { initial = 0.05, max = 0.2 }\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn assert_falls_back_and_resumes(fault: &str) {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--fault-at",
+            "5",
+            "--fault",
+            fault,
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 2, "two attempts: {starts:?}");
+    // Attempt 1: on the GPU tier, nothing to resume from, so `--resume {checkpoint}` vanished.
+    assert_eq!(arg_after(&starts[0], "--device"), Some("cuda"));
+    assert_eq!(arg_after(&starts[0], "--resume"), None);
+    assert_eq!(starts[0]["env"]["GPUWARDEN_TIER"], "gpu");
+    assert!(starts[0]["env"]["GPUWARDEN_CHECKPOINT"].is_null());
+    // Attempt 2: CPU, every GPU hidden, resumed from step 4 (the fault hit step 5).
+    assert_eq!(arg_after(&starts[1], "--device"), Some("cpu"));
+    let resumed = scene.ckpt().join("ckpt-step00004.safetensors");
+    assert_eq!(
+        arg_after(&starts[1], "--resume"),
+        Some(resumed.to_str().unwrap())
+    );
+    assert_eq!(starts[1]["env"]["CUDA_VISIBLE_DEVICES"], "-1");
+    assert_eq!(starts[1]["env"]["HIP_VISIBLE_DEVICES"], "-1");
+    assert_eq!(starts[1]["env"]["ROCR_VISIBLE_DEVICES"], "-1");
+    assert_eq!(starts[1]["env"]["GPUWARDEN_ATTEMPT"], "2");
+    assert_eq!(
+        starts[1]["env"]["GPUWARDEN_CHECKPOINT"],
+        resumed.to_str().unwrap()
+    );
+    assert_eq!(starts[1]["env"]["PYTHONUNBUFFERED"], "1");
+    // The job resumed at step 5 and finished.
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("step=4"), "stdout:\n{stdout}");
+    assert!(stdout.contains("step 8/8"), "stdout:\n{stdout}");
+
+    let journal = scene.journal();
+    assert_eq!(
+        events(&journal),
+        [
+            "run_started",
+            "attempt_started",
+            "fault",
+            "attempt_ended",
+            "restart_scheduled",
+            "attempt_started",
+            "attempt_ended",
+            "run_finished"
+        ]
+    );
+    let fault_rec = &journal[2];
+    assert_eq!(fault_rec["stream"], "stderr");
+    assert_eq!(journal[5]["checkpoint"], resumed.to_str().unwrap());
+    assert_eq!(journal[7]["outcome"], "succeeded");
+    assert_eq!(journal[7]["attempts"], 2);
+    // The summary names both attempts, the fault and the checkpoint.
+    assert!(stderr.contains("after 2 attempts"), "stderr:\n{stderr}");
+    assert!(stderr.contains("ckpt-step00004.safetensors"));
+}
+
+#[test]
+fn hsa_memory_fault_falls_back_to_cpu_and_resumes() {
+    assert_falls_back_and_resumes("hsa");
+    // The fault is classified as a GPU memory fault.
+}
+
+#[test]
+fn hip_invalid_device_function_falls_back_to_cpu_and_resumes() {
+    assert_falls_back_and_resumes("hip");
+}
+
+#[test]
+fn fault_classes_reach_the_journal() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config],
+        &["--device", "{device}", "--fault-at", "1", "--fault", "hsa"],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let fault = scene
+        .journal()
+        .into_iter()
+        .find(|r| r["event"] == "fault")
+        .unwrap();
+    assert_eq!(fault["class"], "gpu_memory_fault");
+    assert_eq!(fault["captures"]["node"], "1");
+    let ended = scene
+        .journal()
+        .into_iter()
+        .find(|r| r["event"] == "attempt_ended")
+        .unwrap();
+    assert_eq!(ended["status"]["name"], "SIGABRT");
+}
+
+#[test]
+fn clean_exit_is_exit_zero_without_restart() {
+    let scene = Scene::new();
+    let out = scene.run(&[], &["--device", "{device}", "--steps", "3"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(scene.starts().len(), 1);
+    // stdout carries only the job's stdout: gpuwarden's own words go to stderr.
+    let stdout = text(&out.stdout);
+    assert!(!stdout.contains("gpuwarden"), "stdout:\n{stdout}");
+    assert!(stdout.contains("step 3/3"));
+    // ...and the job's output is logged beside the journal, byte for byte.
+    let log = std::fs::read(scene.run_dir().join("attempt-1.stdout.log")).unwrap();
+    assert_eq!(log, out.stdout);
+    let journal = scene.journal();
+    assert_eq!(
+        events(&journal),
+        [
+            "run_started",
+            "attempt_started",
+            "attempt_ended",
+            "run_finished"
+        ]
+    );
+    assert_eq!(journal[2]["status"]["code"], 0);
+}
+
+#[test]
+fn torn_newest_checkpoint_is_skipped() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let shared = shared_checkpoints().join("torch_save");
+    for name in [
+        "ckpt-step00015.pt",
+        "torn-step00017.pt",
+        "torn-tail-step00018.pt",
+    ] {
+        std::fs::copy(shared.join(name), scene.ckpt().join(name)).unwrap();
+    }
+    let out = scene.run(
+        &["--config", &config],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--fault-at",
+            "1",
+            "--steps",
+            "3",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let starts = scene.starts();
+    // The first attempt already resumes from the newest complete checkpoint.
+    let good = scene.ckpt().join("ckpt-step00015.pt");
+    assert_eq!(
+        arg_after(&starts[0], "--resume"),
+        Some(good.to_str().unwrap())
+    );
+    let skipped: Vec<_> = scene
+        .journal()
+        .into_iter()
+        .filter(|r| r["event"] == "checkpoint_skipped")
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
+    assert!(skipped.iter().any(|p| p.ends_with("torn-step00017.pt")));
+    assert!(
+        skipped
+            .iter()
+            .any(|p| p.ends_with("torn-tail-step00018.pt"))
+    );
+    assert!(text(&out.stderr).contains("skipping checkpoint"));
+}
+
+#[test]
+fn crash_loop_stops_at_the_budget_with_exit_3() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--max-restarts", "2"],
+        &["--device", "{device}", "--steps", "1", "--exit-code", "1"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    // Unrecognised crashes restart on the same tier.
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 3);
+    assert!(
+        starts
+            .iter()
+            .all(|s| arg_after(s, "--device") == Some("cuda"))
+    );
+    let last = scene.journal().pop().unwrap();
+    assert_eq!(last["outcome"], "budget_spent");
+    assert_eq!(last["exit_code"], 3);
+}
+
+#[test]
+fn sigterm_to_gpuwarden_is_forwarded_then_sigkill_after_grace_and_no_restart() {
+    let scene = Scene::new();
+    let mut child = scene
+        .command(
+            &["--grace", "1"],
+            &[
+                "--device",
+                "{device}",
+                "--ignore-term",
+                "--sleep",
+                "0.05",
+                "--steps",
+                "1000",
+            ],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the job to be running.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scene.starts().is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let took = sent.elapsed();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.code(), Some(143), "stderr:\n{stderr}");
+    // The job saw the SIGTERM (it ignores it), then was killed after the 1 s grace.
+    let records = scene.records();
+    assert!(records.iter().any(|r| r["signal"] == 15), "{records:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "killed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert_eq!(scene.starts().len(), 1, "no restart after a user signal");
+    let journal = scene.journal();
+    let ended = journal
+        .iter()
+        .find(|r| r["event"] == "attempt_ended")
+        .unwrap();
+    assert_eq!(ended["status"]["signal"], 9);
+    assert_eq!(journal.last().unwrap()["outcome"], "interrupted");
+}
+
+#[test]
+fn killing_gpuwarden_takes_the_job_and_its_grandchildren_along() {
+    let scene = Scene::new();
+    let pids_file = scene.path("pids");
+    let mut child = scene
+        .command(
+            &[],
+            &[
+                "--device",
+                "{device}",
+                "--sleep",
+                "0.05",
+                "--steps",
+                "100000",
+                "--grandchild",
+                pids_file.to_str().unwrap(),
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let pids: Vec<i32> = loop {
+        if let Ok(s) = std::fs::read_to_string(&pids_file)
+            && s.ends_with('\n')
+        {
+            break s.split_whitespace().map(|p| p.parse().unwrap()).collect();
+        }
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap(); // SIGKILL: gpuwarden gets no chance to clean up itself.
+    let status = child.wait().unwrap();
+    assert_eq!(status.signal(), Some(9));
+    let killed = Instant::now();
+    while !pids.iter().all(|&p| dead(p)) {
+        assert!(
+            killed.elapsed() < Duration::from_secs(2),
+            "job {} or grandchild {} still alive 2 s after gpuwarden was killed",
+            pids[0],
+            pids[1]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn checkpoint_path_with_spaces_and_semicolon_is_one_argument() {
+    let scene = Scene::new();
+    let ckpt = scene.ckpt();
+    let odd = ckpt.join("run 1; rm -rf ~");
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::copy(
+        shared_checkpoints().join("safetensors/model.safetensors"),
+        odd.join("model-step00015.safetensors"),
+    )
+    .unwrap();
+    let glob = format!(
+        "{}/*.safetensors",
+        odd.to_str().unwrap().replace('[', "[[]")
+    );
+    let out = Command::new(BIN)
+        .current_dir(scene.dir.path())
+        .args(["run", "--run-dir"])
+        .arg(scene.run_dir())
+        .args(["--checkpoints", &glob, "--"])
+        .arg("python3")
+        .arg(trainer())
+        .arg("--record")
+        .arg(scene.path("record.jsonl"))
+        .args(["--resume", "{checkpoint}", "--steps", "15"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let starts = scene.starts();
+    let want = odd.join("model-step00015.safetensors");
+    assert_eq!(
+        arg_after(&starts[0], "--resume"),
+        Some(want.to_str().unwrap())
+    );
+}
+
+#[test]
+fn non_utf8_and_a_10_mb_line_pass_through_byte_identical() {
+    let scene = Scene::new();
+    // 10 MB without a newline, then invalid UTF-8, then a fault-looking line on stdout (rules
+    // for stderr must not fire on it), on both streams.
+    let script = r#"
+import sys, os
+big = b"x" * (10 * 1024 * 1024)
+tail = b"\xff\xfe\x00 caf\xc3\xa9 \xe2\x82\n\r\n"
+for fd in (1, 2):
+    os.write(fd, big)
+    os.write(fd, tail)
+"#;
+    let mut child = Command::new(BIN)
+        .current_dir(scene.dir.path())
+        .args(["run", "--run-dir"])
+        .arg(scene.run_dir())
+        .args(["--", "python3", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        stderr.read_to_end(&mut v).unwrap();
+        v
+    });
+    // Watch gpuwarden's peak memory while the data flows.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let peak2 = peak.clone();
+    let sampler = std::thread::spawn(move || {
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                peak2.fetch_max(kb, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut out = Vec::new();
+    stdout.read_to_end(&mut out).unwrap();
+    let status = child.wait().unwrap();
+    let err = err_reader.join().unwrap();
+    sampler.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", text(&err));
+
+    let mut want = vec![b'x'; 10 * 1024 * 1024];
+    want.extend_from_slice(b"\xff\xfe\x00 caf\xc3\xa9 \xe2\x82\n\r\n");
+    assert!(
+        out == want,
+        "stdout differs ({} vs {} bytes)",
+        out.len(),
+        want.len()
+    );
+    // stderr carries gpuwarden's messages too; the job's bytes must be in it unchanged.
+    assert!(err.windows(want.len()).any(|w| w == want.as_slice()));
+    assert_eq!(
+        std::fs::read(scene.run_dir().join("attempt-1.stdout.log")).unwrap(),
+        want
+    );
+    assert_eq!(
+        std::fs::read(scene.run_dir().join("attempt-1.stderr.log")).unwrap(),
+        want
+    );
+    let peak_kb = peak.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        peak_kb < 20 * 1024,
+        "gpuwarden's peak RSS {peak_kb} KiB: a 10 MB line must not be held in memory"
+    );
+}
+
+#[test]
+fn broken_rule_file_is_exit_2_with_file_and_line_and_the_job_never_starts() {
+    let scene = Scene::new();
+    let rules = scene.path("my-rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("bad.toml"),
+        "# a rule with a broken regex\n[[rule]]\nid = \"broken\"\nclass = \"gpu_hang\"\nstreams = [\"stderr\"]\nregex = \"ring (gfx timeout\"\nseverity = \"error\"\nadvice = \"x\"\nexamples = [\"ring gfx timeout\"]\n",
+    )
+    .unwrap();
+    let marker = scene.path("started");
+    let out = scene.run(
+        &["--rules", rules.to_str().unwrap()],
+        &["--marker", marker.to_str().unwrap()],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("bad.toml:"), "stderr:\n{stderr}");
+    assert!(stderr.contains("broken"), "stderr:\n{stderr}");
+    assert!(!marker.exists(), "the job must not start");
+    assert!(
+        !scene.run_dir().exists(),
+        "nothing was started, nothing recorded"
+    );
+}
+
+#[test]
+fn missing_command_is_a_clear_usage_error() {
+    let scene = Scene::new();
+    let out = Command::new(BIN)
+        .current_dir(scene.dir.path())
+        .args(["run", "--", "no-such-trainer-xyz", "--epochs", "3"])
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(stderr.contains("no-such-trainer-xyz"), "stderr:\n{stderr}");
+    assert!(stderr.contains("not found"), "stderr:\n{stderr}");
+
+    let out = Command::new(BIN).args(["run"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn rules_check_passes_on_the_builtin_rules() {
+    let out = Command::new(BIN).args(["rules", "check"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("rules in"));
+}
+
+#[test]
+fn help_shows_an_example_and_the_exit_codes() {
+    let out = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let help = text(&out.stdout);
+    assert!(help.contains("--resume {checkpoint}"), "{help}");
+    assert!(help.contains("EXIT CODES"), "{help}");
+    assert!(help.contains("128+N"), "{help}");
+}
