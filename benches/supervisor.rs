@@ -1,0 +1,177 @@
+//! Benchmarks of the supervisor as a user meets it: the real `gpuwarden` binary supervising a
+//! real child process.
+//!
+//! - `latency`: time from the moment the job writes a fault line on its stderr to the moment it
+//!   receives SIGTERM, over 100 runs (p50, p99, max).
+//! - `passthrough`: 2 GB of training-log lines through gpuwarden to /dev/null: throughput and
+//!   gpuwarden's peak RSS.
+//!
+//! Run with `cargo bench --bench supervisor` (both), or `-- latency` / `-- passthrough`.
+//! The job is this benchmark's own executable, re-run with `GPUWARDEN_BENCH_JOB` set, so the
+//! timestamps on both sides of the pipe are taken in compiled code with the same monotonic clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gpuwarden");
+const FAULT_LINE: &[u8] = b"Memory access fault by GPU node-1 (Agent handle: 0x55d3c1e8a2b0) on address 0x7f8a3a000000. Reason: Page not present or supervisor privilege.\n";
+
+fn main() {
+    match std::env::var("GPUWARDEN_BENCH_JOB").as_deref() {
+        Ok("fault") => return fault_job(),
+        Ok("flood") => return flood_job(),
+        _ => {}
+    }
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if wants("latency") {
+        latency(100);
+    }
+    if wants("passthrough") {
+        passthrough(2 * 1000 * 1000 * 1000);
+    }
+}
+
+/// The job of one latency trial: wait until gpuwarden runs it, print the fault, wait for
+/// SIGTERM, report the nanoseconds in between.
+fn fault_job() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).unwrap();
+    // Let gpuwarden finish starting the attempt (journal, log files) so that only the fault
+    // path is measured.
+    std::thread::sleep(Duration::from_millis(50));
+    let t0 = Instant::now();
+    std::io::stderr().write_all(FAULT_LINE).unwrap();
+    set.wait().unwrap();
+    let nanos = t0.elapsed().as_nanos();
+    let out = std::env::var("GPUWARDEN_BENCH_OUT").unwrap();
+    std::fs::write(out, nanos.to_string()).unwrap();
+}
+
+/// Writes `GPUWARDEN_BENCH_BYTES` bytes of realistic training-log lines to stdout.
+fn flood_job() {
+    let total: u64 = std::env::var("GPUWARDEN_BENCH_BYTES")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut chunk = Vec::with_capacity(1 << 20);
+    let mut step = 0u64;
+    while chunk.len() < (1 << 20) - 200 {
+        step += 1;
+        writeln!(
+            chunk,
+            "[rank0]: epoch 3 step {step:>7}/500000 loss {:.6} lr 3.0e-04 grad_norm {:.3} tokens/s {} eta 01:{:02}:{:02}",
+            1.0 / (step as f64).sqrt(),
+            0.5 + (step % 97) as f64 / 100.0,
+            38_000 + step % 1000,
+            step % 60,
+            step % 59
+        )
+        .unwrap();
+    }
+    let mut out = std::io::stdout().lock();
+    let mut written = 0u64;
+    while written < total {
+        let n = chunk.len().min((total - written) as usize);
+        out.write_all(&chunk[..n]).unwrap();
+        written += n as u64;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank]
+}
+
+fn latency(trials: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let mut samples = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let out = dir.path().join(format!("latency-{i}"));
+        let status = Command::new(BIN)
+            .args(["run", "--max-restarts", "0", "--run-dir"])
+            .arg(dir.path().join(format!("run-{i}")))
+            .arg("--")
+            .arg(&me)
+            .env("GPUWARDEN_BENCH_JOB", "fault")
+            .env("GPUWARDEN_BENCH_OUT", &out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(3), "gpuwarden gives up after 0 restarts");
+        let nanos: f64 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+        samples.push(nanos / 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "fault line on stderr -> SIGTERM ({trials} runs): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, min {:.3} ms",
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        samples[samples.len() - 1],
+        samples[0]
+    );
+}
+
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn passthrough(bytes: u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    // gpuwarden also logs every byte beside the journal, so this measures pass-through plus
+    // logging to disk.
+    let run_dir = dir.path().join("run");
+    let started = Instant::now();
+    let mut child = Command::new(BIN)
+        .args(["run", "--max-restarts", "0", "--run-dir"])
+        .arg(&run_dir)
+        .arg("--")
+        .arg(&me)
+        .env("GPUWARDEN_BENCH_JOB", "flood")
+        .env("GPUWARDEN_BENCH_BYTES", bytes.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut peak = 0;
+    while child.try_wait().unwrap().is_none() {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak = peak.max(kib);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    let logged = std::fs::metadata(run_dir.join("attempt-1.stdout.log"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    assert_eq!(logged, bytes, "every byte is logged");
+    println!(
+        "pass-through of {:.1} GB of log lines (also logged to {}): {:.2} s, {:.0} MB/s; gpuwarden peak RSS {:.1} MiB",
+        bytes as f64 / 1e9,
+        dir.path().display(),
+        took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64(),
+        peak as f64 / 1024.0
+    );
+}
