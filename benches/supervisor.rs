@@ -109,7 +109,11 @@ fn latency(trials: usize) {
             .stderr(Stdio::null())
             .status()
             .unwrap();
-        assert_eq!(status.code(), Some(3), "gpuwarden gives up after 0 restarts");
+        assert_eq!(
+            status.code(),
+            Some(3),
+            "gpuwarden gives up after 0 restarts"
+        );
         let nanos: f64 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
         samples.push(nanos / 1e6);
     }

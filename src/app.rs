@@ -496,7 +496,14 @@ fn is_executable(path: &Path) -> bool {
 /// The table printed when the run ends.
 fn print_summary(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Path) {
     let attempts = sup.attempts();
-    let total: Duration = attempts.iter().map(attempt_time).sum();
+    // Wall time of the whole run, backoff waits included.
+    let total = match (attempts.first(), attempts.last()) {
+        (Some(first), Some(last)) => last
+            .ended
+            .unwrap_or_else(Instant::now)
+            .saturating_duration_since(first.started),
+        _ => Duration::ZERO,
+    };
     let restarts = attempts.len().saturating_sub(1);
     say(&format!(
         "{outcome} after {} attempt{} ({} restart{}) in {:.1} s; journal: {}",

@@ -503,3 +503,91 @@ fn help_shows_an_example_and_the_exit_codes() {
     assert!(help.contains("EXIT CODES"), "{help}");
     assert!(help.contains("128+N"), "{help}");
 }
+
+#[test]
+fn second_ctrl_c_kills_the_job_at_once() {
+    let scene = Scene::new();
+    let mut child = scene
+        .command(
+            &["--grace", "30"],
+            &[
+                "--device",
+                "{device}",
+                "--ignore-term",
+                "--sleep",
+                "0.05",
+                "--steps",
+                "1000",
+            ],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scene.starts().is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    // The job ignores the first one (it records it); the second escalates to SIGKILL.
+    while !scene.records().iter().any(|r| r["signal"] == 2) {
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "SIGINT was not forwarded"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(
+        sent.elapsed() < Duration::from_secs(5),
+        "the 30 s grace was not cut short"
+    );
+    assert_eq!(scene.starts().len(), 1);
+}
+
+#[test]
+fn resumes_from_a_hugging_face_checkpoint_directory() {
+    // Real HF Trainer output: checkpoint-9 lacks trainer_state.json (an interrupted save).
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    for n in [3, 6, 9] {
+        let from = shared_checkpoints().join(format!("hf/checkpoint-{n}"));
+        let to = scene.ckpt().join(format!("checkpoint-{n}"));
+        std::fs::create_dir(&to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+    let out = scene.run(
+        &["--config", &config],
+        &[
+            "--device",
+            "{device}",
+            "--resume={checkpoint}",
+            "--steps",
+            "1",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let argv = scene.starts()[0]["argv"].clone();
+    let want = format!(
+        "--resume={}",
+        scene.ckpt().join("checkpoint-6").to_str().unwrap()
+    );
+    assert!(
+        argv.as_array().unwrap().iter().any(|a| a == want.as_str()),
+        "{argv:?}"
+    );
+    let skipped = scene
+        .journal()
+        .into_iter()
+        .find(|r| r["event"] == "checkpoint_skipped")
+        .unwrap();
+    assert!(skipped["path"].as_str().unwrap().ends_with("checkpoint-9"));
+}
