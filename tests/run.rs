@@ -222,12 +222,12 @@ fn crash_loop_stops_at_the_budget_with_exit_3() {
     assert_eq!(last["exit_code"], 3);
 }
 
-#[test]
-fn sigterm_to_gpuwarden_is_forwarded_then_sigkill_after_grace_and_no_restart() {
-    let scene = Scene::new();
-    let mut child = scene
+/// Starts gpuwarden over a job that ignores SIGTERM and SIGINT (noting each in its record),
+/// and returns once the job runs.
+fn start_stubborn_job(scene: &Scene, grace: &str) -> std::process::Child {
+    let child = scene
         .command(
-            &["--grace", "1"],
+            &["--grace", grace],
             &[
                 "--device",
                 "{device}",
@@ -238,16 +238,22 @@ fn sigterm_to_gpuwarden_is_forwarded_then_sigkill_after_grace_and_no_restart() {
                 "1000",
             ],
         )
-        .stdout(Stdio::piped())
+        .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the job to be running.
     let deadline = Instant::now() + Duration::from_secs(10);
     while scene.starts().is_empty() {
         assert!(Instant::now() < deadline, "the job never started");
         std::thread::sleep(Duration::from_millis(20));
     }
+    child
+}
+
+#[test]
+fn sigterm_to_gpuwarden_is_forwarded_then_sigkill_after_grace_and_no_restart() {
+    let scene = Scene::new();
+    let mut child = start_stubborn_job(&scene, "1");
     let sent = Instant::now();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -507,28 +513,7 @@ fn help_shows_an_example_and_the_exit_codes() {
 #[test]
 fn second_ctrl_c_kills_the_job_at_once() {
     let scene = Scene::new();
-    let mut child = scene
-        .command(
-            &["--grace", "30"],
-            &[
-                "--device",
-                "{device}",
-                "--ignore-term",
-                "--sleep",
-                "0.05",
-                "--steps",
-                "1000",
-            ],
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while scene.starts().is_empty() {
-        assert!(Instant::now() < deadline, "the job never started");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start_stubborn_job(&scene, "30");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let sent = Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
