@@ -66,6 +66,21 @@ pub fn spawn_signal_thread<E: Send + 'static>(
         })
 }
 
+/// Makes a child of `cmd` start with no signal blocked. gpuwarden blocks the signals it
+/// forwards (see [`block_signals`]), the mask survives fork and exec, and the standard library
+/// does not reset it (seen here: a job started without this ignored SIGTERM). Every process
+/// gpuwarden starts must go through this.
+pub fn unblock_signals_in_child(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and calls only sigprocmask, which is
+    // async-signal-safe, without allocating.
+    unsafe {
+        cmd.pre_exec(|| {
+            signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+                .map_err(io::Error::from)
+        });
+    }
+}
+
 /// What to start.
 #[derive(Debug)]
 pub struct JobSpec<'a> {
@@ -97,14 +112,12 @@ pub fn spawn_job(spec: &JobSpec<'_>) -> io::Result<Child> {
     for (key, value) in spec.set_env {
         cmd.env(key, value);
     }
+    unblock_signals_in_child(&mut cmd);
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (sigprocmask, prctl, getppid) without allocating.
+    // async-signal-safe functions (prctl, getppid) without allocating.
     unsafe {
         cmd.pre_exec(move || {
-            // gpuwarden blocks the signals it forwards; the job must receive them.
-            signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
-                .map_err(io::Error::from)?;
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from)?;
             // If gpuwarden died between fork and prctl, no death signal will ever come.
             if nix::unistd::getppid() != parent {
