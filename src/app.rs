@@ -16,14 +16,13 @@
 //! parent-death signal is tied to the forking thread. This file does I/O and nothing clever; a
 //! decision that appears here belongs in `crate::supervisor`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
-use std::io;
-use std::os::unix::process::ExitStatusExt;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,11 +30,11 @@ use crate::checkpoints;
 use crate::config::Plan;
 use crate::journal::{self, Journal, Record};
 use crate::ladder::{self, Placeholders};
-use crate::process::{self, Guard, JobSpec};
+use crate::process::{self, GroupEvent, Guard, JobSpec};
 use crate::rules::{RuleSet, Stream};
-use crate::sources::output::{self, OutputEvent, Passthrough};
+use crate::sources::output::{self, OutputEvent};
 use crate::supervisor::{
-    AttemptSummary, Effect, Event, JobExit, Outcome, Policy, Sig, Supervisor, TierInfo,
+    AttemptSummary, Effect, Event, Outcome, Policy, Sig, Supervisor, TierInfo,
 };
 
 /// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
@@ -47,11 +46,32 @@ pub enum RunError {
     #[error("cannot create the run directory {path}: {source}; pick another with --run-dir")]
     RunDir { path: PathBuf, source: io::Error },
     #[error(
+        "the run directory {0} already holds a journal; give a new --run-dir (or move the old run away)"
+    )]
+    RunDirInUse(PathBuf),
+    #[error(
+        "cannot create the job's log {path}: {source}; check the space and permissions of the run directory"
+    )]
+    Log { path: PathBuf, source: io::Error },
+    #[error(
         "cannot write the journal {path}: {source}; the run was stopped because it could not be recorded"
     )]
     Journal { path: PathBuf, source: io::Error },
-    #[error("cannot set up signal handling: {0}")]
+    #[error(
+        "cannot set up signal handling or process reaping: {0}; this is a bug or a very unusual system, please report it"
+    )]
     Signals(io::Error),
+}
+
+impl RunError {
+    /// The documented exit code: a run directory that is already taken is a usage error, the
+    /// rest are failures of gpuwarden itself.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::RunDirInUse(_) => crate::exit::USAGE,
+            _ => crate::exit::INTERNAL,
+        }
+    }
 }
 
 /// What reaches the loop from the threads.
@@ -62,12 +82,16 @@ enum Input {
         stream: Stream,
         event: OutputEvent,
     },
-    Exited {
+    Group {
         attempt: u32,
-        status: JobExit,
+        event: GroupEvent,
     },
     Signal(Sig),
 }
+
+/// Bound on queued inputs: a job printing fault lines faster than the journal takes them is
+/// slowed down (its pipe fills) instead of growing gpuwarden's memory.
+const QUEUE: usize = 1024;
 
 /// The end of a run, for `main`.
 #[derive(Debug)]
@@ -82,6 +106,10 @@ pub struct Report {
 /// is the timestamped default (then a fresh one is always made).
 pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Report, RunError> {
     process::block_signals().map_err(RunError::Signals)?;
+    process::become_subreaper().map_err(RunError::Signals)?;
+    if explicit_run_dir && plan.run_dir.join("journal.jsonl").exists() {
+        return Err(RunError::RunDirInUse(plan.run_dir.clone()));
+    }
     let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
         RunError::RunDir {
             path: plan.run_dir.clone(),
@@ -92,7 +120,7 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<R
         path: run_dir.join("journal.jsonl"),
         source,
     })?;
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
 
     let mut exec = Executor {
@@ -102,6 +130,7 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<R
         journal,
         guard: None,
         groups: HashMap::new(),
+        terminal_warned: HashSet::new(),
         tx,
     };
     exec.journal(&Record::RunStarted {
@@ -159,9 +188,11 @@ struct Executor<'a> {
     run_dir: PathBuf,
     journal: Journal,
     guard: Option<Guard>,
-    /// Process group of each attempt that was started.
+    /// Process group of each attempt whose group still has processes.
     groups: HashMap<u32, u32>,
-    tx: Sender<Input>,
+    /// Attempts already warned about a process stopped by the terminal.
+    terminal_warned: HashSet<u32>,
+    tx: SyncSender<Input>,
 }
 
 impl Executor<'_> {
@@ -208,7 +239,36 @@ impl Executor<'_> {
                     None
                 }
             },
-            Input::Exited { attempt, status } => Some(Event::Exited { attempt, status }),
+            Input::Group { attempt, event } => match event {
+                GroupEvent::LeaderExited {
+                    status,
+                    group_alive,
+                } => Some(Event::Exited {
+                    attempt,
+                    status,
+                    group_alive,
+                }),
+                GroupEvent::Empty => {
+                    self.groups.remove(&attempt);
+                    if self.groups.is_empty()
+                        && let Some(guard) = &mut self.guard
+                    {
+                        // Nothing left to kill should gpuwarden die now; and the pgid may be
+                        // reused by an unrelated process.
+                        let _ = guard.clear();
+                    }
+                    Some(Event::GroupEmpty { attempt })
+                }
+                GroupEvent::TerminalStop { pid, signal } => {
+                    if self.terminal_warned.insert(attempt) {
+                        self.warn(format!(
+                            "attempt {attempt}: process {pid} of the job was stopped by {} because it used the terminal while the job runs in the background; give it input from a file (`< /dev/null`) or a non-interactive setting",
+                            crate::supervisor::signal_name(signal)
+                        ))?;
+                    }
+                    None
+                }
+            },
             Input::Signal(sig) => Some(Event::Signal(sig)),
         })
     }
@@ -246,7 +306,10 @@ impl Executor<'_> {
                 error: format!("no tier #{tier_index} on the ladder"),
             });
         };
-        let checkpoint = self.find_checkpoint(attempt)?;
+        let checkpoint = match self.find_checkpoint(attempt)? {
+            Ok(c) => c,
+            Err(error) => return Ok(Event::SpawnFailed { attempt, error }),
+        };
         let placeholders = Placeholders {
             device: &tier.device,
             checkpoint: checkpoint.as_deref(),
@@ -262,16 +325,18 @@ impl Executor<'_> {
         );
         let stdout_log = self.run_dir.join(format!("attempt-{attempt}.stdout.log"));
         let stderr_log = self.run_dir.join(format!("attempt-{attempt}.stderr.log"));
-        let logs = File::create(&stdout_log).and_then(|o| Ok((o, File::create(&stderr_log)?)));
-        let (out_log, err_log) = match logs {
-            Ok(pair) => pair,
-            Err(source) => {
-                return Err(RunError::Journal {
-                    path: stdout_log,
+        // `create_new`: a log is never overwritten, whatever is in the run directory.
+        let open = |path: &PathBuf| {
+            File::options()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|source| RunError::Log {
+                    path: path.clone(),
                     source,
-                });
-            }
+                })
         };
+        let (out_log, err_log) = (open(&stdout_log)?, open(&stderr_log)?);
         let spec = JobSpec {
             argv: &launch.argv,
             set_env: &launch.set_env,
@@ -305,7 +370,6 @@ impl Executor<'_> {
                     .take()
                     .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
                 Stream::Stdout,
-                Passthrough::Stdout,
                 out_log,
             ),
             (
@@ -314,16 +378,14 @@ impl Executor<'_> {
                     .take()
                     .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
                 Stream::Stderr,
-                Passthrough::Stderr,
                 err_log,
             ),
         ];
-        for (pipe, stream, passthrough, log) in pumps {
+        for (pipe, stream, log) in pumps {
             let started = pipe.map(|pipe| {
                 output::spawn(
                     pipe,
                     stream,
-                    passthrough,
                     log,
                     Arc::clone(&self.rules),
                     self.tx.clone(),
@@ -343,19 +405,15 @@ impl Executor<'_> {
                 });
             }
         }
+        // The std handle is not waited on: `wait_group` reaps the leader and its orphans.
+        drop(child);
         let tx = self.tx.clone();
         let waiter = thread::Builder::new()
             .name(format!("wait-{attempt}"))
             .spawn(move || {
-                let status = match child.wait() {
-                    Ok(s) => match (s.code(), s.signal()) {
-                        (Some(code), _) => JobExit::Code(code),
-                        (None, Some(sig)) => JobExit::Signal(sig),
-                        (None, None) => JobExit::Code(-1),
-                    },
-                    Err(_) => JobExit::Code(-1),
-                };
-                let _ = tx.send(Input::Exited { attempt, status });
+                process::wait_group(pid, |event| {
+                    let _ = tx.send(Input::Group { attempt, event });
+                });
             });
         if let Err(e) = waiter {
             // Without a waiter the exit would never be seen: stop this attempt now.
@@ -390,10 +448,15 @@ impl Executor<'_> {
         })
     }
 
-    /// The newest complete checkpoint, journaling the incomplete ones it skipped.
-    fn find_checkpoint(&mut self, attempt: u32) -> Result<Option<PathBuf>, RunError> {
+    /// The newest complete checkpoint, journaling the incomplete ones it skipped. The inner
+    /// error says why the checkpoints could not be looked at; the attempt is then not started,
+    /// since starting from scratch could overwrite the progress that is there.
+    fn find_checkpoint(
+        &mut self,
+        attempt: u32,
+    ) -> Result<Result<Option<PathBuf>, String>, RunError> {
         let Some(spec) = &self.plan.checkpoints else {
-            return Ok(None);
+            return Ok(Ok(None));
         };
         let spec = spec.replace("{run_dir}", &self.run_dir.to_string_lossy());
         match checkpoints::discover(&spec) {
@@ -410,14 +473,11 @@ impl Executor<'_> {
                         reason: skipped.reason,
                     })?;
                 }
-                Ok(found.newest.map(|c| c.path))
+                Ok(Ok(found.newest.map(|c| c.path)))
             }
-            Err(e) => {
-                self.warn(format!(
-                    "cannot look for checkpoints in `{spec}`: {e}; starting without one"
-                ))?;
-                Ok(None)
-            }
+            Err(e) => Ok(Err(format!(
+                "cannot look for checkpoints in `{spec}`: {e:#}; not starting from scratch over them"
+            ))),
         }
     }
 
@@ -445,9 +505,11 @@ impl Executor<'_> {
     }
 }
 
-/// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout.
+/// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout. A closed
+/// stderr (`2>&1 | head`, a dropped ssh session) must not stop the supervision: errors are
+/// ignored, where `eprintln!` would panic.
 pub fn say(message: &str) {
-    eprintln!("gpuwarden: {message}");
+    let _ = writeln!(io::stderr().lock(), "gpuwarden: {message}");
 }
 
 /// Checks that the command can be started before anything else happens, so a typo is a usage
@@ -466,10 +528,15 @@ pub fn check_command(plan: &Plan) -> Result<(), String> {
         return if is_executable(program_path) {
             Ok(())
         } else {
-            Err(format!(
-                "cannot run `{}`: no such executable file",
-                program_path.display()
-            ))
+            Err(if program_path.is_file() {
+                format!(
+                    "cannot run `{}`: the file is not executable; `chmod +x` it or run it through its interpreter (`python3 {}`)",
+                    program_path.display(),
+                    program_path.display()
+                )
+            } else {
+                format!("cannot run `{}`: no such file", program_path.display())
+            })
         };
     }
     let found = path_var
@@ -549,7 +616,7 @@ fn print_summary(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Pat
             .zip(widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        eprintln!("  {}", line.join("  ").trim_end());
+        let _ = writeln!(io::stderr().lock(), "  {}", line.join("  ").trim_end());
     }
 }
 

@@ -12,6 +12,19 @@
 //! writer finished", not "loads on this machine" (a file holding CUDA tensors is complete even
 //! on a CPU-only host). It does not watch the directory either; the checkpoint source calls
 //! [`discover`] when it needs an answer.
+//!
+//! # Which checkpoint is the newest
+//!
+//! A step number in the name orders checkpoints better than an mtime (copies and restores change
+//! mtimes), so candidates whose name carries one are ordered by it: the number after `step`
+//! (`ckpt-step00015.pt`, `epoch=0-step=8.ckpt`, `global_step100/`), else after `checkpoint-`
+//! or `iter` (`checkpoint-6/`, `iter_2000.pt`), else after `epoch` (`epoch=3-val_loss=0.50.ckpt`
+//! is epoch 3), else the name's only number (`model_1000.pt`). Names without one (`last.ckpt`,
+//! `model.safetensors`, or several unrelated numbers as in `loss=0.50.ckpt`) are ordered by
+//! modification time, and such a file is used instead of the best numbered one only when it is
+//! strictly newer. The first complete candidate in that order is used, and any torn one ahead of
+//! it is reported. On an exact mtime tie a complete file is used and a torn one is reported,
+//! because nothing tells which of the two was saved last.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -61,7 +74,8 @@ pub struct Checkpoint {
     pub modified: SystemTime,
 }
 
-/// A candidate that would have been preferred over [`Discovery::newest`] but is incomplete.
+/// A candidate that would have been preferred over [`Discovery::newest`], or ties it, but is
+/// incomplete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Skipped {
     pub path: PathBuf,
@@ -74,8 +88,9 @@ pub struct Skipped {
 pub struct Discovery {
     /// The newest complete checkpoint; `None` when there is none yet (fresh start).
     pub newest: Option<Checkpoint>,
-    /// Incomplete candidates that would have been chosen over `newest` had they been complete:
-    /// numbered ones first (highest step first), then unnumbered ones (newest first).
+    /// Incomplete candidates that would have been chosen over `newest` had they been complete,
+    /// or that are exactly as new as it (same step and mtime): numbered ones first (highest step
+    /// first), then unnumbered ones (newest first).
     pub skipped: Vec<Skipped>,
 }
 
@@ -224,15 +239,30 @@ pub fn validate(path: &Path) -> Result<Format, Incomplete> {
 
 /// Reads the training step from a checkpoint's file or directory name.
 ///
-/// In order of preference: the number after "step" (`ckpt-step00015.pt` → 15,
-/// `epoch=0-step=8.ckpt` → 8, `global_step100` → 100; the last such number if there are
-/// several), else HF's `checkpoint-N`, else the last run of digits in the name without its
-/// extension. `last.ckpt` and `model.safetensors` have none.
+/// The first of these that the name (without its extension) holds, keywords in any case:
+/// 1. the number after `step` (`ckpt-step00015.pt` → 15, `epoch=0-step=8.ckpt` → 8,
+///    `global_step100` → 100; the last such number if there are several);
+/// 2. the number after `checkpoint`, `iteration` or `iter` (`checkpoint-6` → 6,
+///    `iter_2000.pt` → 2000; DeepSpeed's `global_stepN` is already caught by `step`);
+/// 3. the number after `epoch` (`epoch=3-val_loss=0.50.ckpt` → 3, `model_epoch7.pth.tar` → 7);
+/// 4. the name's only run of digits, if it has exactly one (`model_1000.pt` → 1000,
+///    `ckpt-300` → 300, `ckpt.1000` → 1000), not counting a trailing Lightning version suffix
+///    `-vN`.
+///
+/// Otherwise there is no step, and the name is ordered by its mtime: `last.ckpt`,
+/// `model.safetensors`, `last-v1.ckpt`, and names with several unrelated numbers such as
+/// `loss=0.50.ckpt` or `resnet50-finetune2.pt`. Taking "the last number" from those would read a
+/// metric or a model size as a step (`val_loss=0.50` as step 50, beating `val_loss=0.45`).
+/// Between the keywords and the numbers one `=`, `_` or `-` may stand.
 pub fn step_from_name(name: &str) -> Option<u64> {
     let stem = stem_of(name);
-    step_after_keyword(stem)
-        .or_else(|| number_after(stem, "checkpoint-"))
-        .or_else(|| last_digit_run(stem))
+    let lower = stem.to_ascii_lowercase();
+    number_after(&lower, "step", Boundary::Anywhere)
+        .or_else(|| number_after(&lower, "checkpoint", Boundary::Anywhere))
+        .or_else(|| number_after(&lower, "iteration", Boundary::WordStart))
+        .or_else(|| number_after(&lower, "iter", Boundary::WordStart))
+        .or_else(|| number_after(&lower, "epoch", Boundary::Anywhere))
+        .or_else(|| only_digit_run(without_version_suffix(stem)))
 }
 
 /// `name` without its final extension, unless that "extension" starts with a digit
@@ -251,20 +281,30 @@ fn stem_of(name: &str) -> &str {
     }
 }
 
-/// The number after the last "step" (any case) that is followed by digits, allowing one
-/// `=`, `_` or `-` between them.
-fn step_after_keyword(stem: &str) -> Option<u64> {
-    let lower = stem.to_ascii_lowercase();
-    lower.rmatch_indices("step").find_map(|(at, _)| {
-        let rest = &lower[at + 4..];
+/// Where a keyword may start in a name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Boundary {
+    /// Anywhere: `globalstep5`, `ckptstep5` and `Step_42` all name a step.
+    Anywhere,
+    /// Not right after a letter: `iter` is inside `writer` and `filter`, which name no iteration.
+    WordStart,
+}
+
+/// The number after the last `keyword` in `lower` (already lowercase) that is followed by digits,
+/// allowing one `=`, `_` or `-` between them.
+fn number_after(lower: &str, keyword: &str, boundary: Boundary) -> Option<u64> {
+    lower.rmatch_indices(keyword).find_map(|(at, _)| {
+        let after_letter = lower[..at]
+            .chars()
+            .next_back()
+            .is_some_and(|c| c.is_ascii_alphabetic());
+        if boundary == Boundary::WordStart && after_letter {
+            return None;
+        }
+        let rest = &lower[at + keyword.len()..];
         let rest = rest.strip_prefix(['=', '_', '-']).unwrap_or(rest);
         leading_number(rest)
     })
-}
-
-fn number_after(stem: &str, prefix: &str) -> Option<u64> {
-    stem.rmatch_indices(prefix)
-        .find_map(|(at, _)| leading_number(&stem[at + prefix.len()..]))
 }
 
 /// The digits at the start of `s`, if any and if they fit a u64.
@@ -273,12 +313,29 @@ fn leading_number(s: &str) -> Option<u64> {
     s[..end].parse().ok()
 }
 
-fn last_digit_run(stem: &str) -> Option<u64> {
-    let end = stem.rfind(|c: char| c.is_ascii_digit())? + 1;
-    let start = stem[..end]
-        .rfind(|c: char| !c.is_ascii_digit())
-        .map_or(0, |i| i + 1);
-    stem[start..end].parse().ok()
+/// `stem` without Lightning's `-vN` suffix, which it appends when a file of the same name exists
+/// (`last-v1.ckpt`): a version, not a step.
+fn without_version_suffix(stem: &str) -> &str {
+    match stem.rsplit_once("-v") {
+        Some((head, version))
+            if !version.is_empty() && version.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            head
+        }
+        _ => stem,
+    }
+}
+
+/// The number in `stem` if it holds exactly one run of digits.
+fn only_digit_run(stem: &str) -> Option<u64> {
+    let mut runs = stem
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|run| !run.is_empty());
+    let only = runs.next()?;
+    match runs.next() {
+        Some(_) => None,
+        None => only.parse().ok(),
+    }
 }
 
 fn step_from_path(path: &Path) -> Option<u64> {
@@ -471,20 +528,27 @@ fn classify(path: &Path, name: &str, mode: Mode) -> Option<Candidate> {
 /// the newest complete unnumbered one, and return the unnumbered one only if its mtime is
 /// strictly newer: Lightning writes `epoch=0-step=8.ckpt` and `last.ckpt` for the same step,
 /// and on a tie the numbered one says which step it is.
+///
+/// Within one kind, an incomplete candidate that ties the chosen one (same step and mtime, or
+/// same mtime) is reported whatever its name: the path only makes the order total, it says
+/// nothing about which save came last.
 fn choose(candidates: Vec<Candidate>) -> Discovery {
     let (mut numbered, mut unnumbered): (Vec<_>, Vec<_>) =
         candidates.into_iter().partition(|c| c.step.is_some());
     // Path as the last key keeps the choice deterministic when mtimes tie.
     numbered.sort_by(|a, b| (b.step, b.modified, &b.path).cmp(&(a.step, a.modified, &a.path)));
     unnumbered.sort_by(|a, b| (b.modified, &b.path).cmp(&(a.modified, &a.path)));
-    let (best_numbered, failed_numbered) = first_complete(numbered);
-    let (best_unnumbered, failed_unnumbered) = first_complete(unnumbered);
+    let (best_numbered, failed_numbered) = first_complete(numbered, |c, best| {
+        (c.step, c.modified) == (best.step, best.modified)
+    });
+    let (best_unnumbered, failed_unnumbered) =
+        first_complete(unnumbered, |c, best| c.modified == best.modified);
     let newest = match (best_numbered, best_unnumbered) {
         (Some(n), Some(u)) => Some(if u.modified > n.modified { u } else { n }),
         (n, u) => n.or(u),
     };
-    // Each failed candidate is ahead of the complete one of its own kind; across kinds it
-    // would have won under the same strictly-newer rule as above.
+    // Each failed candidate is ahead of (or tied with) the complete one of its own kind; across
+    // kinds it would have won under the same strictly-newer rule as above.
     let winner_numbered = newest.as_ref().map(|c| c.step.is_some());
     let winner_modified = newest.as_ref().map(|c| c.modified);
     let skipped = failed_numbered
@@ -507,24 +571,38 @@ fn choose(candidates: Vec<Candidate>) -> Discovery {
     Discovery { newest, skipped }
 }
 
-/// Validates candidates in order until one is complete; returns it and the ones before it.
-fn first_complete(ordered: Vec<Candidate>) -> (Option<Checkpoint>, Vec<(Candidate, Incomplete)>) {
+/// Validates candidates in order until one is complete; returns it, the incomplete ones before
+/// it, and the incomplete ones right after it that `ties` says are as new as it.
+fn first_complete(
+    ordered: Vec<Candidate>,
+    ties: impl Fn(&Candidate, &Checkpoint) -> bool,
+) -> (Option<Checkpoint>, Vec<(Candidate, Incomplete)>) {
     let mut failed = Vec::new();
+    let mut best: Option<Checkpoint> = None;
     for candidate in ordered {
+        if let Some(best) = &best {
+            // Sorted, so the tied candidates come right after the chosen one.
+            if !ties(&candidate, best) {
+                break;
+            }
+            if let Err(incomplete) = candidate.check() {
+                failed.push((candidate, incomplete));
+            }
+            continue;
+        }
         match candidate.check() {
             Ok(format) => {
-                let checkpoint = Checkpoint {
+                best = Some(Checkpoint {
                     path: candidate.path,
                     step: candidate.step,
                     format,
                     modified: candidate.modified,
-                };
-                return (Some(checkpoint), failed);
+                });
             }
             Err(incomplete) => failed.push((candidate, incomplete)),
         }
     }
-    (None, failed)
+    (best, failed)
 }
 
 fn validate_dir(dir: &Path) -> Result<Format, Incomplete> {
@@ -953,14 +1031,32 @@ mod tests {
             ("checkpoint-9", Some(9)),
             ("step-20-torn", Some(20)),
             ("cuda-tensors-step00020.pt", Some(20)),
-            ("epoch=3-val_loss=0.25.ckpt", Some(25)),
-            ("model_epoch7.pth.tar", Some(7)),
-            ("ckpt.1000", Some(1000)),
             ("Step_42.safetensors", Some(42)),
+            ("epoch=2-step=300-v1.ckpt", Some(300)),
+            // Lightning's monitored-metric names: the epoch, never the metric.
+            ("epoch=3-val_loss=0.50.ckpt", Some(3)),
+            ("epoch=4-val_loss=0.45.ckpt", Some(4)),
+            ("epoch_12-acc_0.91.pt", Some(12)),
+            ("model_epoch7.pth.tar", Some(7)),
+            ("checkpoint-9-best", Some(9)),
+            ("iter_2000.pt", Some(2000)),
+            ("ITERATION-5.pth", Some(5)),
+            ("model-iter=300-loss=1.5.pt", Some(300)),
+            // The only number in the name.
+            ("model_1000.pt", Some(1000)),
+            ("ckpt-300", Some(300)),
+            ("ckpt.1000", Some(1000)),
+            ("writer3.pt", Some(3)),
+            // No step: ordered by mtime.
             ("last.ckpt", None),
+            ("last-v1.ckpt", None),
+            ("model-v2.pt", None),
             ("model.safetensors", None),
             ("pytorch_model.bin", None),
             ("step.pt", None),
+            ("val_loss=0.50.ckpt", None),
+            ("resnet50-finetune2.pt", None),
+            ("filter64-run3.pt", None),
         ];
         for (name, step) in cases {
             assert_eq!(step_from_name(name), step, "{name}");
@@ -1094,20 +1190,101 @@ mod tests {
         assert!(reason(&beyond).contains("claims 1000 bytes"));
     }
 
+    /// Copies the fixture files of `rel_dir` into `to` with these mtimes: a git checkout gives
+    /// the committed files checkout-time mtimes, maybe all equal, so no test may read theirs.
+    fn copy_with_mtimes(rel_dir: &str, to: &Path, files: &[(&str, u64)]) {
+        for &(name, at) in files {
+            copy(&format!("{rel_dir}/{name}"), &to.join(name));
+            set_mtime(&to.join(name), at);
+        }
+    }
+
     #[test]
     fn safetensors_dir_uses_the_complete_file() {
-        let found = discover_path(&data("safetensors"));
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let model = root.join("model.safetensors");
+        let torn = root.join("torn.safetensors");
+        copy_with_mtimes(
+            "safetensors",
+            root,
+            &[("model.safetensors", 10), ("torn.safetensors", 20)],
+        );
+        let found = discover_path(root);
         assert_eq!(newest_name(&found), "model.safetensors");
         let newest = found.newest.as_ref().unwrap();
         assert_eq!((newest.step, newest.format), (None, Format::Safetensors));
-        // The torn file is reported only when its mtime made it the newer one.
-        let torn = fs::metadata(data("safetensors/torn.safetensors")).unwrap();
-        let expected: Vec<String> = if torn.modified().unwrap() > newest.modified {
-            vec!["torn.safetensors".into()]
-        } else {
-            vec![]
-        };
-        assert_eq!(skipped_names(&found), expected);
+        // The torn file is newer: reported.
+        assert_eq!(skipped_names(&found), ["torn.safetensors"]);
+        assert!(found.skipped[0].reason.contains("torn write?"));
+
+        // Older than the complete file, it would have lost anyway: not reported.
+        set_mtime(&torn, 5);
+        let found = discover_path(root);
+        assert_eq!(newest_name(&found), "model.safetensors");
+        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+
+        // Just as new (a git checkout, or two saves in one second on a coarse filesystem): the
+        // complete file is used, and the torn one reported since it may be the later save.
+        set_mtime(&torn, 10);
+        set_mtime(&model, 10);
+        let found = discover_path(root);
+        assert_eq!(newest_name(&found), "model.safetensors");
+        assert_eq!(skipped_names(&found), ["torn.safetensors"]);
+    }
+
+    #[test]
+    fn an_exact_mtime_tie_reports_the_torn_file_whatever_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // Named so the torn file sorts on either side of the complete one.
+        for (torn, complete) in [
+            ("a-torn.safetensors", "model.safetensors"),
+            ("z-torn.safetensors", "model.safetensors"),
+            ("a-torn.pt", "b.pt"),
+            ("b-torn.pt", "a.pt"),
+        ] {
+            for entry in fs::read_dir(root).unwrap() {
+                fs::remove_file(entry.unwrap().path()).unwrap();
+            }
+            if torn.ends_with(".pt") {
+                copy("torch_save/torn-step00017.pt", &root.join(torn));
+                copy("torch_save/ckpt-step00015.pt", &root.join(complete));
+            } else {
+                copy("safetensors/torn.safetensors", &root.join(torn));
+                copy("safetensors/model.safetensors", &root.join(complete));
+            }
+            set_mtime(&root.join(torn), 10);
+            set_mtime(&root.join(complete), 10);
+            let found = discover_path(root);
+            assert_eq!(newest_name(&found), complete, "{torn} vs {complete}");
+            assert_eq!(skipped_names(&found), [torn], "{torn} vs {complete}");
+        }
+
+        // The same for numbered files of one step: `-v1` is Lightning's second save of a name.
+        for entry in fs::read_dir(root).unwrap() {
+            fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        copy_with_mtimes(
+            "lightning",
+            root,
+            &[("epoch=0-step=8.ckpt", 10), ("epoch=0-step=4.ckpt", 5)],
+        );
+        let torn = root.join("epoch=0-step=8-v1.ckpt");
+        copy("torch_save/torn-step00017.pt", &torn);
+        set_mtime(&torn, 10);
+        let found = discover_path(root);
+        assert_eq!(newest_name(&found), "epoch=0-step=8.ckpt");
+        assert_eq!(skipped_names(&found), ["epoch=0-step=8-v1.ckpt"]);
+        // A second later it is simply the newer save of step 8, torn.
+        set_mtime(&torn, 11);
+        assert_eq!(
+            skipped_names(&discover_path(root)),
+            ["epoch=0-step=8-v1.ckpt"]
+        );
+        // A second earlier it lost to the complete step 8 anyway.
+        set_mtime(&torn, 9);
+        assert!(discover_path(root).skipped.is_empty());
     }
 
     #[test]
@@ -1160,25 +1337,67 @@ mod tests {
     }
 
     #[test]
-    fn lightning_dir_resumes_from_step_8_or_a_newer_last_ckpt() {
-        let found = discover_path(&data("lightning"));
-        assert!(found.skipped.is_empty());
+    fn lightning_dir_resumes_from_step_8() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        // As ModelCheckpoint(save_last=True) writes them: last.ckpt in the same second as step 8.
+        copy_with_mtimes(
+            "lightning",
+            root,
+            &[
+                ("epoch=0-step=4.ckpt", 10),
+                ("epoch=0-step=8.ckpt", 20),
+                ("last.ckpt", 20),
+            ],
+        );
+        let found = discover_path(root);
+        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
         let newest = found.newest.unwrap();
-        assert_eq!(newest.format, Format::TorchZip);
-        let step8 = fs::metadata(data("lightning/epoch=0-step=8.ckpt")).unwrap();
-        let last = fs::metadata(data("lightning/last.ckpt")).unwrap();
-        // Which one wins depends on the checkout's mtimes; the rule does not.
-        if last.modified().unwrap() > step8.modified().unwrap() {
-            assert_eq!(
-                (name_of(&newest.path), newest.step),
-                ("last.ckpt".into(), None)
-            );
-        } else {
-            assert_eq!(
-                (name_of(&newest.path), newest.step),
-                ("epoch=0-step=8.ckpt".into(), Some(8))
-            );
+        assert_eq!(
+            (name_of(&newest.path), newest.step, newest.format),
+            ("epoch=0-step=8.ckpt".into(), Some(8), Format::TorchZip)
+        );
+    }
+
+    /// Regression: `val_loss=0.50` was read as step 50, so epoch 3 beat the newer epoch 4.
+    #[test]
+    fn lightning_metric_names_are_ordered_by_epoch_not_by_the_metric() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (name, at) in [
+            ("epoch=2-val_loss=0.61.ckpt", 10),
+            ("epoch=3-val_loss=0.50.ckpt", 20),
+            ("epoch=4-val_loss=0.45.ckpt", 30),
+        ] {
+            copy("lightning/epoch=0-step=8.ckpt", &root.join(name));
+            set_mtime(&root.join(name), at);
         }
+        let found = discover_path(root);
+        let newest = found.newest.as_ref().unwrap();
+        assert_eq!(
+            (name_of(&newest.path), newest.step),
+            ("epoch=4-val_loss=0.45.ckpt".into(), Some(4))
+        );
+        // Copied back from a backup, epoch 4 is older on disk; its name still says it is newest.
+        set_mtime(&root.join("epoch=4-val_loss=0.45.ckpt"), 1);
+        assert_eq!(
+            newest_name(&discover_path(root)),
+            "epoch=4-val_loss=0.45.ckpt"
+        );
+
+        // Names with several unrelated numbers have no step and go by mtime.
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for (name, at) in [("val_loss=0.50.ckpt", 30), ("val_loss=0.45.ckpt", 20)] {
+            copy("lightning/epoch=0-step=8.ckpt", &root.join(name));
+            set_mtime(&root.join(name), at);
+        }
+        let found = discover_path(root);
+        let newest = found.newest.as_ref().unwrap();
+        assert_eq!(
+            (name_of(&newest.path), newest.step),
+            ("val_loss=0.50.ckpt".into(), None)
+        );
     }
 
     #[test]

@@ -15,12 +15,12 @@
 //! only collects their directories) or decide anything at run time.
 //!
 //! ```toml
-//! checkpoints = "ckpt/"           # a directory or a glob
+//! checkpoints = "ckpt/"           # a directory or a glob; may use {run_dir}
 //! ladder = ["gpu-sdk", "gpu", "cpu"]
 //! run_dir = "runs/eeg"            # relative to the current directory
 //! max_restarts = 5
-//! grace = 10                      # seconds, fractions allowed
-//! backoff = { initial = 1.0, max = 60.0 }
+//! grace = 10                      # seconds, fractions allowed, at most 86400
+//! backoff = { initial = 1.0, max = 60.0 }     # seconds, at most 86400
 //! rules = ["my-rules/"]           # searched before --rules directories
 //! force_gpu_unsafe = false
 //!
@@ -54,6 +54,11 @@ pub const DEFAULT_MAX_RESTARTS: u32 = 5;
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_secs(1);
 pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// The largest `grace`, `backoff.initial` or `backoff.max`, in seconds: one day. Anything longer
+/// is a typo, and a huge value would overflow the `Instant` arithmetic of the supervisor.
+pub const MAX_SECONDS: f64 = 86_400.0;
+/// The checkpoints of `gpuwarden demo`: inside its run directory.
+pub const DEMO_CHECKPOINTS: &str = "{run_dir}/checkpoints";
 
 /// What the command line gives; `None` (or empty, or false) means "not given".
 #[derive(Debug, Default)]
@@ -62,7 +67,8 @@ pub struct Overrides {
     pub ladder: Option<Vec<String>>,
     pub run_dir: Option<PathBuf>,
     pub max_restarts: Option<u32>,
-    pub grace: Option<Duration>,
+    /// Seconds, as given; [`plan`] checks it exactly as it checks the file's `grace`.
+    pub grace: Option<f64>,
     pub rule_dirs: Vec<PathBuf>,
     pub force_gpu_unsafe: bool,
     pub config: Option<PathBuf>,
@@ -73,7 +79,7 @@ pub struct Overrides {
 pub struct Plan {
     /// The command template, placeholders not yet expanded. Never empty.
     pub command: Vec<OsString>,
-    /// Checkpoint directory or glob, as written.
+    /// Checkpoint directory or glob, as written: `{run_dir}` in it is still to be replaced.
     pub checkpoints: Option<String>,
     /// The tiers to try, in order, each with its `env_script` already captured. Never empty and
     /// never holds a tier twice.
@@ -196,7 +202,7 @@ pub enum ConfigError {
     },
 
     #[error(
-        "{at}: {what} = {value} is not a usable number of seconds; give a finite number, 0 or more"
+        "{at}: {what} = {value:?} is not allowed; give a number of seconds from 0 to {MAX_SECONDS} (one day)"
     )]
     BadSeconds {
         what: &'static str,
@@ -208,6 +214,18 @@ pub enum ConfigError {
         "{at}: backoff initial ({initial} s) is larger than backoff max ({max} s); make max at least as large as initial"
     )]
     BackoffOrder { initial: f64, max: f64, at: Origin },
+
+    #[error(
+        "{at}: checkpoints `{spec}` is not a valid glob: {reason} at character {column} of `{pattern}`; fix the pattern, or if a `[`, `*` or `?` is part of a file name, quote it as `[[]`, `[*]` or `[?]`"
+    )]
+    BadCheckpointsGlob {
+        spec: String,
+        /// The spec with `{run_dir}` replaced: what is compiled at run time.
+        pattern: String,
+        reason: &'static str,
+        column: usize,
+        at: Origin,
+    },
 
     // The ladder error is part of the message rather than a `#[source]`, so printing the chain
     // with `{:#}` does not say it twice.
@@ -222,7 +240,7 @@ pub enum ConfigError {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    checkpoints: Option<String>,
+    checkpoints: Option<Spanned<String>>,
     ladder: Option<Spanned<Vec<Spanned<String>>>>,
     run_dir: Option<PathBuf>,
     max_restarts: Option<u32>,
@@ -377,8 +395,8 @@ pub fn plan(
     }
 
     let grace = match (overrides.grace, raw.grace) {
-        (Some(grace), _) => grace,
-        (None, Some(secs)) => seconds("grace", secs, source.as_ref())?,
+        (Some(secs), _) => seconds("grace", secs, Origin::Flag("--grace"))?,
+        (None, Some(secs)) => file_seconds("grace", secs, source.as_ref())?,
         (None, None) => DEFAULT_GRACE,
     };
     let (backoff_initial, backoff_max) = match raw.backoff {
@@ -387,11 +405,11 @@ pub fn plan(
             let span = backoff.span();
             let backoff = backoff.into_inner();
             let initial = match backoff.initial {
-                Some(s) => seconds("backoff.initial", s, source.as_ref())?,
+                Some(s) => file_seconds("backoff.initial", s, source.as_ref())?,
                 None => DEFAULT_BACKOFF_INITIAL,
             };
             let max = match backoff.max {
-                Some(s) => seconds("backoff.max", s, source.as_ref())?,
+                Some(s) => file_seconds("backoff.max", s, source.as_ref())?,
                 None => DEFAULT_BACKOFF_MAX,
             };
             if initial > max {
@@ -405,10 +423,18 @@ pub fn plan(
         }
     };
 
-    let run_dir = match (overrides.run_dir, raw.run_dir) {
-        (Some(dir), _) | (None, Some(dir)) => cwd.join(dir),
-        (None, None) => cwd.join("gpuwarden-runs").join(now_utc_stamp),
+    let run_dir = resolve_run_dir(overrides.run_dir.or(raw.run_dir), cwd, now_utc_stamp);
+    let checkpoints = match (overrides.checkpoints, raw.checkpoints) {
+        (Some(spec), _) => Some((spec, Origin::Flag("--checkpoints"))),
+        (None, Some(spec)) => {
+            let at = origin(source.as_ref(), spec.span());
+            Some((spec.into_inner(), at))
+        }
+        (None, None) => None,
     };
+    if let Some((spec, at)) = &checkpoints {
+        check_checkpoints(spec, at, cwd, &run_dir)?;
+    }
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -425,7 +451,7 @@ pub fn plan(
 
     Ok(Plan {
         command,
-        checkpoints: overrides.checkpoints.or(raw.checkpoints),
+        checkpoints: checkpoints.map(|(spec, _)| spec),
         ladder,
         run_dir,
         max_restarts: overrides
@@ -439,6 +465,67 @@ pub fn plan(
         force_gpu_unsafe: overrides.force_gpu_unsafe || raw.force_gpu_unsafe.unwrap_or(false),
         config_file: source.map(|s| s.path),
     })
+}
+
+/// The plan of `gpuwarden demo`: `command` (the demo job, never empty) on the default ladder
+/// with the default policy, checkpoints in `{run_dir}/checkpoints`, and `run_dir` resolved as
+/// [`plan`] resolves `--run-dir`. No config file is read: the demo must behave the same in
+/// every directory.
+pub fn demo_plan(
+    command: Vec<OsString>,
+    run_dir: Option<PathBuf>,
+    cwd: &Path,
+    now_utc_stamp: &str,
+) -> Plan {
+    Plan {
+        command,
+        checkpoints: Some(DEMO_CHECKPOINTS.to_owned()),
+        ladder: DEFAULT_LADDER
+            .iter()
+            .filter_map(|name| Tier::builtin(name))
+            .collect(),
+        run_dir: resolve_run_dir(run_dir, cwd, now_utc_stamp),
+        max_restarts: DEFAULT_MAX_RESTARTS,
+        grace: DEFAULT_GRACE,
+        backoff_initial: DEFAULT_BACKOFF_INITIAL,
+        backoff_max: DEFAULT_BACKOFF_MAX,
+        rule_dirs: Vec::new(),
+        force_gpu_unsafe: false,
+        config_file: None,
+    }
+}
+
+/// The run directory: the one given (relative to `cwd`), else `gpuwarden-runs/<stamp>`.
+fn resolve_run_dir(given: Option<PathBuf>, cwd: &Path, now_utc_stamp: &str) -> PathBuf {
+    match given {
+        Some(dir) => cwd.join(dir),
+        None => cwd.join("gpuwarden-runs").join(now_utc_stamp),
+    }
+}
+
+/// Refuses a checkpoints glob that cannot compile, so the mistake shows now and not as a
+/// warning at every attempt of a run. Mirrors what happens at run time: `{run_dir}` is replaced,
+/// and a spec with `*`, `?` or `[` is a glob unless it names an existing directory.
+fn check_checkpoints(
+    spec: &str,
+    at: &Origin,
+    cwd: &Path,
+    run_dir: &Path,
+) -> Result<(), ConfigError> {
+    let pattern = spec.replace("{run_dir}", &run_dir.to_string_lossy());
+    if !pattern.contains(['*', '?', '[']) || cwd.join(&pattern).is_dir() {
+        return Ok(());
+    }
+    match glob::Pattern::new(&pattern) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(ConfigError::BadCheckpointsGlob {
+            spec: spec.to_owned(),
+            pattern,
+            reason: e.msg,
+            column: e.pos + 1,
+            at: at.clone(),
+        }),
+    }
 }
 
 /// Finds and parses the config file: `--config` if given (it must exist), else
@@ -613,20 +700,29 @@ fn resolve_tier(def: &TierDef) -> Result<Tier, ConfigError> {
     })
 }
 
-fn seconds(
+/// [`seconds`] for a value from the config file.
+fn file_seconds(
     what: &'static str,
     value: Spanned<f64>,
     source: Option<&Source>,
 ) -> Result<Duration, ConfigError> {
     let at = origin(source, value.span());
-    let secs = value.into_inner();
-    // try_from_secs_f64 rejects NaN, negatives, infinity and overflow, which from_secs_f64
-    // would panic on.
-    Duration::try_from_secs_f64(secs).map_err(|_| ConfigError::BadSeconds {
+    seconds(what, value.into_inner(), at)
+}
+
+/// Checks a number of seconds from the file or a flag: 0 to [`MAX_SECONDS`]. The one check for
+/// every duration setting, so `--grace` and `grace =` accept exactly the same values.
+fn seconds(what: &'static str, secs: f64, at: Origin) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::BadSeconds {
         what,
         value: secs,
-        at,
-    })
+        at: at.clone(),
+    };
+    // The range check also refuses NaN; try_from never panics, unlike from_secs_f64.
+    if !(0.0..=MAX_SECONDS).contains(&secs) {
+        return Err(bad());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
 #[cfg(test)]
@@ -736,7 +832,7 @@ args = ["--amp", "off"]
                 ladder: Some(vec!["gpu".into()]),
                 run_dir: Some("/abs/run".into()),
                 max_restarts: Some(0),
-                grace: Some(Duration::from_secs(1)),
+                grace: Some(1.0),
                 rule_dirs: vec!["flag-rules".into()],
                 force_gpu_unsafe: true,
                 config: None,
@@ -940,6 +1036,183 @@ args = ["--amp", "off"]
             msg.contains("gpuwarden.toml:1:") && msg.contains("larger"),
             "{msg}"
         );
+    }
+
+    fn with_grace(dir: &Path, grace: f64) -> Result<Plan, ConfigError> {
+        plan_in(
+            dir,
+            Overrides {
+                grace: Some(grace),
+                ..Overrides::default()
+            },
+        )
+    }
+
+    #[test]
+    fn grace_flag_is_checked_like_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = with_grace(dir.path(), 2.5).unwrap();
+        assert_eq!(plan.grace, Duration::from_millis(2500));
+        let plan = with_grace(dir.path(), 86_400.0).unwrap();
+        assert_eq!(plan.grace, Duration::from_secs(86_400));
+        for (bad, shown) in [
+            (1e19, "1e19"),
+            (86_400.5, "86400.5"),
+            (-1.0, "-1.0"),
+            (f64::NAN, "NaN"),
+            (f64::INFINITY, "inf"),
+        ] {
+            let err = with_grace(dir.path(), bad).unwrap_err();
+            assert!(matches!(err, ConfigError::BadSeconds { .. }), "{err}");
+            let msg = err.to_string();
+            assert!(msg.contains("--grace"), "{msg}");
+            assert!(msg.contains(shown), "{msg}");
+            assert!(msg.contains("from 0 to 86400"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn durations_in_the_file_are_capped_at_one_day() {
+        for (text, line, what) in [
+            ("max_restarts = 1\ngrace = 1e19\n", 2, "grace = 1e19"),
+            ("backoff = { max = 86401 }\n", 1, "backoff.max = 86401.0"),
+            (
+                "\n\nbackoff = { initial = 1e6, max = 1e7 }\n",
+                3,
+                "backoff.initial = 1000000.0",
+            ),
+        ] {
+            let msg = err_in(text);
+            assert!(
+                msg.contains(&format!("gpuwarden.toml:{line}:")),
+                "{text}: {msg}"
+            );
+            assert!(msg.contains(what), "{text}: {msg}");
+            assert!(msg.contains("from 0 to 86400"), "{text}: {msg}");
+        }
+        let dir = dir_with_config("grace = 86400\nbackoff = { initial = 0, max = 86400 }\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.grace, Duration::from_secs(86_400));
+        assert_eq!(plan.backoff_initial, Duration::ZERO);
+        assert_eq!(plan.backoff_max, Duration::from_secs(86_400));
+    }
+
+    fn with_checkpoints(dir: &Path, spec: &str) -> Result<Plan, ConfigError> {
+        plan_in(
+            dir,
+            Overrides {
+                checkpoints: Some(spec.into()),
+                ..Overrides::default()
+            },
+        )
+    }
+
+    #[test]
+    fn bad_checkpoints_glob_is_refused_at_plan_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = with_checkpoints(dir.path(), "[bad").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadCheckpointsGlob { .. }),
+            "{err}"
+        );
+        let msg = err.to_string();
+        assert!(msg.contains("--checkpoints"), "{msg}");
+        assert!(msg.contains("`[bad`"), "{msg}");
+        assert!(msg.contains("`[[]`"), "{msg}");
+
+        let msg = err_in("max_restarts = 1\ncheckpoints = \"ckpt/[bad/*.pt\"\n");
+        assert!(msg.contains("gpuwarden.toml:2:"), "{msg}");
+        assert!(msg.contains("`ckpt/[bad/*.pt`"), "{msg}");
+        assert!(msg.contains("`[[]`"), "{msg}");
+    }
+
+    #[test]
+    fn checkpoints_glob_is_checked_with_the_planned_run_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = with_checkpoints(dir.path(), "{run_dir}/ckpt-[").unwrap_err();
+        let msg = err.to_string();
+        let expanded = dir.path().join("gpuwarden-runs").join(STAMP).join("ckpt-[");
+        assert!(msg.contains("`{run_dir}/ckpt-[`"), "{msg}");
+        assert!(msg.contains(&format!("`{}`", expanded.display())), "{msg}");
+
+        // `[` in the run directory is in the pattern that runs, so it counts too.
+        let err = plan_in(
+            dir.path(),
+            Overrides {
+                checkpoints: Some("{run_dir}/ckpt".into()),
+                run_dir: Some("runs[1".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadCheckpointsGlob { .. }),
+            "{err}"
+        );
+
+        let plan = with_checkpoints(dir.path(), "{run_dir}/checkpoints/*.pt").unwrap();
+        assert_eq!(
+            plan.checkpoints.as_deref(),
+            Some("{run_dir}/checkpoints/*.pt")
+        );
+    }
+
+    #[test]
+    fn good_checkpoints_specs_are_kept_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        // An existing directory whose name holds `[` is that directory, not a glob.
+        std::fs::create_dir(dir.path().join("odd[dir")).unwrap();
+        for spec in [
+            "odd[dir",
+            "ckpt/",
+            "ckpt/*.pt",
+            "ckpt/epoch-?.pt",
+            "ckpt/[[]draft]/*.pt",
+            "{run_dir}/checkpoints",
+        ] {
+            let plan = with_checkpoints(dir.path(), spec).unwrap();
+            assert_eq!(plan.checkpoints.as_deref(), Some(spec));
+        }
+        // Not a directory from elsewhere: it is relative to cwd, like every other path.
+        let other = tempfile::tempdir().unwrap();
+        let err = with_checkpoints(other.path(), "odd[dir").unwrap_err();
+        assert!(
+            matches!(err, ConfigError::BadCheckpointsGlob { .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn demo_plan_uses_the_defaults_and_reads_no_config_file() {
+        // A config file that would change everything, and that would fail to plan at all.
+        let dir = dir_with_config("ladder = [\"nope\"]\ngrace = -1\nmax_restarts = 1\n");
+        let command: Vec<OsString> = ["gpuwarden", "__demo-job", "--device", "{device}"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let demo = demo_plan(command.clone(), None, dir.path(), STAMP);
+        assert_eq!(demo.command, command);
+        assert_eq!(demo.checkpoints.as_deref(), Some("{run_dir}/checkpoints"));
+        assert_eq!(names(&demo), DEFAULT_LADDER);
+        assert_eq!(demo.ladder[0], Tier::builtin("gpu").unwrap());
+        assert_eq!(demo.ladder[1], Tier::builtin("cpu").unwrap());
+        assert_eq!(demo.max_restarts, DEFAULT_MAX_RESTARTS);
+        assert_eq!(demo.grace, DEFAULT_GRACE);
+        assert_eq!(demo.backoff_initial, DEFAULT_BACKOFF_INITIAL);
+        assert_eq!(demo.backoff_max, DEFAULT_BACKOFF_MAX);
+        assert!(demo.rule_dirs.is_empty());
+        assert!(!demo.force_gpu_unsafe);
+        assert_eq!(demo.config_file, None);
+
+        // The run directory follows the rule of `plan`.
+        let empty = tempfile::tempdir().unwrap();
+        let planned = plan_in(empty.path(), Overrides::default()).unwrap();
+        let demo = demo_plan(command.clone(), None, empty.path(), STAMP);
+        assert_eq!(demo.run_dir, planned.run_dir);
+        let demo = demo_plan(command.clone(), Some("runs/demo".into()), dir.path(), STAMP);
+        assert_eq!(demo.run_dir, dir.path().join("runs/demo"));
+        let demo = demo_plan(command, Some("/abs/demo".into()), dir.path(), STAMP);
+        assert_eq!(demo.run_dir, PathBuf::from("/abs/demo"));
     }
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {

@@ -22,6 +22,11 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::signal::{Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+use nix::unistd::Pid;
+
 /// How long an `env_script` may take before it is killed. Activation scripts export variables;
 /// one that runs for 30 s is waiting for input or stuck on a hung GPU tool.
 pub const ENV_SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -342,7 +347,8 @@ pub enum LadderError {
 /// never shell text, and the script's own stdout goes to stderr so nothing it prints can be
 /// mistaken for an environment variable. The result is the difference against the same command
 /// sourcing `/dev/null`, so anything bash itself exports cancels out. Killed after
-/// [`ENV_SCRIPT_TIMEOUT`].
+/// [`ENV_SCRIPT_TIMEOUT`]. Bash runs in its own process group, and once it is done the whole
+/// group is killed, so nothing the script started in the background outlives the capture.
 pub fn capture_env_script(
     script: &Path,
 ) -> Result<(BTreeMap<String, String>, Vec<String>), LadderError> {
@@ -432,8 +438,8 @@ fn source_and_dump(
         script: script.to_owned(),
         source,
     };
-    let mut child = Command::new("bash")
-        .arg("-c")
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
         .arg(r#"source "$1" >&2 && env -0"#)
         .arg("gpuwarden-env")
         .arg(sourced)
@@ -441,31 +447,44 @@ fn source_and_dump(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own process group, so a timeout kills whatever the script started, too.
-        .process_group(0)
-        .spawn()
-        .map_err(bash_error)?;
+        .process_group(0);
+    crate::process::unblock_signals_in_child(&mut cmd);
+    let mut child = cmd.spawn().map_err(bash_error)?;
 
     let stdout = spawn_reader(child.stdout.take(), usize::MAX);
     let stderr = spawn_reader(child.stderr.take(), STDERR_KEEP_BYTES);
 
+    let Ok(bash_pid) = i32::try_from(child.id()).map(Pid::from_raw) else {
+        let _ = end_group(&mut child);
+        return Err(bash_error(std::io::Error::other(
+            "bash's process id does not fit a pid_t",
+        )));
+    };
     let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() >= deadline => {
-                kill_group(&mut child);
+    loop {
+        // WNOWAIT leaves bash a zombie once it has exited: while it is unreaped its pid, which
+        // is also the group's id, cannot be reused, so the killpg below cannot hit a stranger.
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(bash_pid), flags) {
+            Ok(WaitStatus::StillAlive) if Instant::now() >= deadline => {
+                let _ = end_group(&mut child);
                 return Err(LadderError::ScriptTimedOut {
                     script: script.to_owned(),
                     timeout,
                 });
             }
-            Ok(None) => thread::sleep(Duration::from_millis(10)),
+            Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
+            Ok(_) => break,
+            Err(Errno::EINTR) => {}
             Err(e) => {
-                kill_group(&mut child);
-                return Err(bash_error(e));
+                let _ = end_group(&mut child);
+                return Err(bash_error(e.into()));
             }
         }
-    };
+    }
+    // Bash is done, but what the script started in the background (an agent, a daemon, a
+    // `sleep &`) would outlive the capture and hold the pipes open: it goes with the group.
+    let status = end_group(&mut child).map_err(bash_error)?;
 
     // Something the script left running in the background (an agent, a daemon) may hold stderr
     // open for good, so the readers get a short grace, not an unbounded join.
@@ -514,16 +533,17 @@ fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>, keep: usize) -> mpsc:
     rx
 }
 
-fn kill_group(child: &mut Child) {
+/// Kills bash's process group (bash and everything the script started) and reaps bash.
+fn end_group(child: &mut Child) -> std::io::Result<ExitStatus> {
     if let Ok(pid) = i32::try_from(child.id()) {
-        // The group may already be gone; either way the wait below reaps bash.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        // ESRCH (the group is already empty) is the good case. Any other failure leaves
+        // nothing better to do: bash itself still gets killed and reaped below.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     }
+    // Bash may have left the group (`set -m` in the script); it must not outlive us either.
+    // On an exited, unreaped bash this does nothing.
     let _ = child.kill();
-    let _ = child.wait();
+    child.wait()
 }
 
 fn stderr_tail(bytes: &[u8]) -> String {
@@ -970,6 +990,53 @@ mod tests {
         assert!(
             !marker.exists(),
             "the script's background child survived the timeout"
+        );
+    }
+
+    /// Whether `pid` is gone: no such process, or a zombie no one has reaped yet (it holds no
+    /// pipe and no GPU, and reaping it is its parent's business).
+    fn gone(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            // The state follows the parenthesised command name, which may hold spaces.
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .trim_start()
+                .starts_with('Z'),
+        }
+    }
+
+    #[test]
+    fn background_process_of_a_successful_script_does_not_outlive_the_capture() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("sleep.pid");
+        let path = script(
+            dir.path(),
+            "agent.sh",
+            &format!(
+                "sleep 30 &\necho $! > '{}'\nexport AGENT=started\n",
+                pid_file.display()
+            ),
+        );
+        let started = Instant::now();
+        let (set, _) = capture_env_script(&path).unwrap();
+        let took = started.elapsed();
+        assert_eq!(set.get("AGENT").map(String::as_str), Some("started"));
+        // The sleep held the script's stderr pipe; had it been left running, reading stderr
+        // would have waited for the 2 s linger.
+        assert!(took < Duration::from_millis(1900), "{took:?}");
+        let pid = std::fs::read_to_string(&pid_file).unwrap();
+        let pid = pid.trim();
+        // SIGKILL is delivered asynchronously; give it a moment, not 30 s.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !gone(pid) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            gone(pid),
+            "the script's `sleep 30 &` (pid {pid}) survived the capture"
         );
     }
 

@@ -3,6 +3,7 @@
 mod cli;
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -11,13 +12,21 @@ use clap::Parser;
 
 use gpuwarden::config::{self, Overrides, Plan};
 use gpuwarden::exit;
-use gpuwarden::ladder::Tier;
 use gpuwarden::rules::RuleSet;
 
 use cli::{Cli, Command, DemoArgs, DemoJobArgs, RulesCommand, RunArgs};
 
 fn main() {
     let cli = Cli::parse();
+    // Before any thread exists (the env_script capture starts some): every thread must inherit
+    // the blocked mask, or a SIGTERM could land on one of them and kill gpuwarden outright
+    // instead of being forwarded to the job.
+    if matches!(cli.command, Command::Run(_) | Command::Demo(_))
+        && let Err(e) = gpuwarden::process::block_signals()
+    {
+        error(format_args!("cannot block signals for forwarding: {e}"));
+        std::process::exit(exit::INTERNAL);
+    }
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
@@ -28,35 +37,31 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Reports a fatal error. A closed stderr must not turn it into a panic.
 fn error(message: impl std::fmt::Display) {
-    eprintln!("gpuwarden: error: {message:#}");
+    let _ = writeln!(std::io::stderr(), "gpuwarden: error: {message:#}");
+}
+
+fn current_dir() -> Option<PathBuf> {
+    std::env::current_dir()
+        .map_err(|e| error(format_args!("cannot read the current directory: {e}")))
+        .ok()
 }
 
 fn run(args: RunArgs) -> i32 {
     let explicit_run_dir = args.run_dir.is_some();
-    let grace = match args.grace.map(Duration::try_from_secs_f64).transpose() {
-        Ok(g) => g,
-        Err(_) => {
-            error("--grace must be a number of seconds, 0 or more");
-            return exit::USAGE;
-        }
-    };
     let overrides = Overrides {
         checkpoints: args.checkpoints,
         ladder: args.ladder,
         run_dir: args.run_dir,
         max_restarts: args.max_restarts,
-        grace,
+        grace: args.grace,
         rule_dirs: args.rules,
         force_gpu_unsafe: args.force_gpu_unsafe,
         config: args.config,
     };
-    let cwd = match std::env::current_dir() {
-        Ok(d) => d,
-        Err(e) => {
-            error(format_args!("cannot read the current directory: {e}"));
-            return exit::USAGE;
-        }
+    let Some(cwd) = current_dir() else {
+        return exit::USAGE;
     };
     let stamp = gpuwarden::time::compact(SystemTime::now());
     let plan = match config::plan(args.command, overrides, &cwd, &stamp) {
@@ -85,8 +90,8 @@ fn supervise(plan: &Plan, explicit_run_dir: bool) -> i32 {
     match gpuwarden::app::run(plan, rules, explicit_run_dir) {
         Ok(report) => report.outcome.exit_code(),
         Err(e) => {
-            error(e);
-            exit::INTERNAL
+            error(&e);
+            e.exit_code()
         }
     }
 }
@@ -100,9 +105,6 @@ fn demo(args: DemoArgs) -> i32 {
         }
     };
     let explicit_run_dir = args.run_dir.is_some();
-    let run_dir = args.run_dir.unwrap_or_else(|| {
-        PathBuf::from("gpuwarden-runs").join(gpuwarden::time::compact(SystemTime::now()))
-    });
     let mut command: Vec<OsString> = vec![exe.into()];
     command.extend(
         [
@@ -112,7 +114,7 @@ fn demo(args: DemoArgs) -> i32 {
             "--resume",
             "{checkpoint}",
             "--checkpoint-dir",
-            "{run_dir}/checkpoints",
+            config::DEMO_CHECKPOINTS,
         ]
         .map(OsString::from),
     );
@@ -124,29 +126,18 @@ fn demo(args: DemoArgs) -> i32 {
         command.push(flag.into());
         command.push(value.into());
     }
-    let ladder: Vec<Tier> = ["gpu", "cpu"]
-        .into_iter()
-        .filter_map(Tier::builtin)
-        .collect();
-    eprintln!(
+    let Some(cwd) = current_dir() else {
+        return exit::USAGE;
+    };
+    let stamp = gpuwarden::time::compact(SystemTime::now());
+    let plan = config::demo_plan(command, args.run_dir, &cwd, &stamp);
+    let _ = writeln!(
+        std::io::stderr(),
         "gpuwarden demo: a small EEG model trains on the `gpu` tier, hits the HSA memory access \
          fault of ROCm on RDNA GPUs at step {}, and gpuwarden resumes it on the `cpu` tier from \
          its last checkpoint.\n",
         args.fault_at_step
     );
-    let plan = Plan {
-        command,
-        checkpoints: Some("{run_dir}/checkpoints".into()),
-        ladder,
-        run_dir,
-        max_restarts: config::DEFAULT_MAX_RESTARTS,
-        grace: config::DEFAULT_GRACE,
-        backoff_initial: config::DEFAULT_BACKOFF_INITIAL,
-        backoff_max: config::DEFAULT_BACKOFF_MAX,
-        rule_dirs: Vec::new(),
-        force_gpu_unsafe: false,
-        config_file: None,
-    };
     supervise(&plan, explicit_run_dir)
 }
 
@@ -174,35 +165,29 @@ fn demo_job(args: DemoJobArgs) -> i32 {
 fn rules(cmd: RulesCommand) -> i32 {
     match cmd {
         RulesCommand::Check { dir } => {
-            let set = match &dir {
-                Some(dir) => RuleSet::from_dir(dir),
-                None => RuleSet::builtin(),
+            let check = match &dir {
+                Some(dir) => RuleSet::check_dir(dir),
+                None => RuleSet::check_builtin(),
             };
-            let set = match set {
-                Ok(s) => s,
-                Err(e) => {
-                    error(e);
-                    return exit::USAGE;
-                }
-            };
-            let failures = set.check();
-            for f in &failures {
-                eprintln!("{f}");
+            for e in &check.errors {
+                error(e);
             }
-            let files: std::collections::BTreeSet<&str> =
-                set.rules().iter().map(|r| r.origin.file.as_str()).collect();
-            if failures.is_empty() {
+            for f in &check.failures {
+                let _ = writeln!(std::io::stderr(), "{f}");
+            }
+            if check.passed() {
                 println!(
                     "{} rules in {} files: every example matches its rule, no counterexample does",
-                    set.rules().len(),
-                    files.len()
+                    check.rules, check.files
                 );
                 exit::SUCCESS
             } else {
                 error(format_args!(
-                    "{} problem(s) in {} rules",
-                    failures.len(),
-                    set.rules().len()
+                    "{} broken file(s) and {} failing example(s) among {} rules in {} files",
+                    check.errors.len(),
+                    check.failures.len(),
+                    check.rules,
+                    check.files
                 ));
                 exit::USAGE
             }

@@ -15,15 +15,16 @@ use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::supervisor::Sig;
+use crate::supervisor::{JobExit, Sig};
 
 /// The signals gpuwarden turns into events (and forwards to the job).
 fn handled_signals() -> SigSet {
@@ -45,7 +46,7 @@ pub fn block_signals() -> io::Result<()> {
 
 /// Receives the blocked signals one at a time and sends each to `tx` as it comes.
 pub fn spawn_signal_thread<E: Send + 'static>(
-    tx: Sender<E>,
+    tx: SyncSender<E>,
     wrap: fn(Sig) -> E,
 ) -> io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
@@ -148,6 +149,84 @@ pub fn signal_group(pgid: u32, sig: Sig) -> io::Result<bool> {
 /// True while any process (a zombie included) is in the group.
 fn group_alive(pgid: i32) -> bool {
     !matches!(signal::killpg(Pid::from_raw(pgid), None), Err(Errno::ESRCH))
+}
+
+/// Makes gpuwarden the parent of every orphan the job leaves behind (a worker whose parent
+/// died), so that [`wait_group`] can reap them: otherwise they linger as zombies of init and the
+/// group never looks empty (FACTS.md).
+pub fn become_subreaper() -> io::Result<()> {
+    nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// What [`wait_group`] reports.
+#[derive(Debug)]
+pub enum GroupEvent {
+    /// The group's leader (the job's main process) ended.
+    LeaderExited { status: JobExit, group_alive: bool },
+    /// A process of the group was stopped by the terminal: it tried to read from it (SIGTTIN)
+    /// or write to it (SIGTTOU) while the job runs in the background of the terminal.
+    TerminalStop { pid: i32, signal: i32 },
+    /// No process of the group is left.
+    Empty,
+}
+
+/// Waits for the process group led by `leader` until it is empty, reaping its members that are
+/// gpuwarden's children (the leader, and orphans thanks to [`become_subreaper`]). Blocks: run
+/// it on its own thread, one per attempt.
+pub fn wait_group(leader: u32, mut report: impl FnMut(GroupEvent)) {
+    let leader = Pid::from_raw(leader as i32);
+    let group = Pid::from_raw(-leader.as_raw());
+    let mut leader_done = false;
+    let ended = |status: JobExit, report: &mut dyn FnMut(GroupEvent)| {
+        // Reap members that already ended, so that their zombies do not count as alive.
+        while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
+            waitpid(group, Some(WaitPidFlag::WNOHANG))
+        {}
+        let group_alive = group_alive(leader.as_raw());
+        report(GroupEvent::LeaderExited {
+            status,
+            group_alive,
+        });
+        group_alive
+    };
+    loop {
+        match waitpid(group, Some(WaitPidFlag::WUNTRACED)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == leader => {
+                leader_done = true;
+                if !ended(JobExit::Code(code), &mut report) {
+                    break;
+                }
+            }
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == leader => {
+                leader_done = true;
+                if !ended(JobExit::Signal(sig as i32), &mut report) {
+                    break;
+                }
+            }
+            Ok(WaitStatus::Stopped(pid, sig @ (Signal::SIGTTIN | Signal::SIGTTOU))) => {
+                report(GroupEvent::TerminalStop {
+                    pid: pid.as_raw(),
+                    signal: sig as i32,
+                });
+            }
+            Ok(_) | Err(Errno::EINTR) => {}
+            // No child of gpuwarden is left in the group. Members that are not our children
+            // (their parent left the group and still lives) may remain: watch until they go.
+            Err(_) => {
+                if !leader_done {
+                    // Reaped elsewhere, which gpuwarden never does: report an unknown status.
+                    if !ended(JobExit::Code(-1), &mut report) {
+                        break;
+                    }
+                }
+                while group_alive(leader.as_raw()) {
+                    thread::sleep(Duration::from_millis(50));
+                }
+                break;
+            }
+        }
+    }
+    report(GroupEvent::Empty);
 }
 
 /// The parent's end of the guard.

@@ -20,9 +20,13 @@ use serde::Serialize;
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
 
-/// How long the output of an exited job may stay open (held by a leftover process of its group)
-/// before the group is killed, and again before the attempt is closed regardless.
+/// How long the job's output may stay open once its whole process group is gone (a process that
+/// left the group, a daemon, still holds the pipe) before the attempt is closed regardless.
 pub const DRAIN: Duration = Duration::from_secs(1);
+
+/// How long processes of the group may survive SIGKILL (uninterruptible sleep, typically stuck
+/// in a GPU driver call) before the attempt is closed without them.
+pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// The knobs of the restart policy, validated by `crate::config`.
 #[derive(Clone, Debug)]
@@ -127,8 +131,15 @@ pub enum Event {
     Fault { attempt: u32, fault: Fault },
     /// One output stream of `attempt` reached end of file.
     StreamClosed { attempt: u32, stream: Stream },
-    /// The leader process of `attempt` exited.
-    Exited { attempt: u32, status: JobExit },
+    /// The leader process of `attempt` exited; `group_alive` tells whether other processes of
+    /// its process group (workers, dataloaders) are still running.
+    Exited {
+        attempt: u32,
+        status: JobExit,
+        group_alive: bool,
+    },
+    /// The last process of `attempt`'s process group is gone.
+    GroupEmpty { attempt: u32 },
     /// gpuwarden itself received a signal.
     Signal(Sig),
     /// Time passed.
@@ -260,16 +271,32 @@ struct Live {
     attempt: u32,
     tier: usize,
     stop: Option<StopCause>,
-    /// When the first stop signal was sent; SIGKILL follows after the grace period.
-    stop_sent: Option<Instant>,
-    killed: bool,
+    /// When SIGTERM (or the user's signal) went to the group; SIGKILL follows after the grace.
+    term_sent: Option<Instant>,
+    killed_at: Option<Instant>,
     exit: Option<JobExit>,
+    /// No process of the attempt's group is left (or the survivors were given up on).
+    group_empty: bool,
     open_streams: u8,
-    /// After the leader exited: when to stop waiting for the output to close.
+    /// Once the group is gone: when to stop waiting for the output to close.
     drain_deadline: Option<Instant>,
-    leftovers_killed: bool,
     /// Faults seen in this attempt, by rule id, with how often each was seen.
     seen: BTreeMap<String, u64>,
+}
+
+impl Live {
+    /// Sends `sig` to the group unless nothing is left of it; returns whether it was sent.
+    fn stop_group(&mut self, sig: Sig, now: Instant, out: &mut Vec<Effect>) -> bool {
+        if self.group_empty {
+            return false;
+        }
+        self.term_sent.get_or_insert(now);
+        out.push(Effect::Signal {
+            attempt: self.attempt,
+            sig,
+        });
+        true
+    }
 }
 
 #[derive(Debug)]
@@ -311,10 +338,6 @@ impl Supervisor {
         &self.attempts
     }
 
-    pub fn ladder(&self) -> &[TierInfo] {
-        &self.ladder
-    }
-
     pub fn is_done(&self) -> bool {
         matches!(self.phase, Phase::Done)
     }
@@ -325,14 +348,18 @@ impl Supervisor {
         match &self.phase {
             Phase::Backoff { until, .. } => Some(*until),
             Phase::Live(live) => {
-                let kill_at = match (live.stop_sent, live.killed, live.exit) {
-                    (Some(sent), false, None) => Some(sent + self.policy.grace),
+                let kill_at = match (live.term_sent, live.killed_at, live.group_empty) {
+                    (Some(sent), None, false) => Some(sent + self.policy.grace),
                     _ => None,
                 };
-                match (kill_at, live.drain_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                let give_up_at = match (live.killed_at, live.group_empty) {
+                    (Some(killed), false) => Some(killed + KILL_WAIT),
+                    _ => None,
+                };
+                [kill_at, give_up_at, live.drain_deadline]
+                    .into_iter()
+                    .flatten()
+                    .min()
             }
             Phase::Idle | Phase::Done => None,
         }
@@ -366,12 +393,22 @@ impl Supervisor {
                     && live.attempt == attempt
                 {
                     live.open_streams = live.open_streams.saturating_sub(1);
-                    if live.exit.is_some() && live.open_streams == 0 {
-                        self.end_attempt(now, &mut out);
-                    }
+                    self.end_if_over(now, &mut out);
                 }
             }
-            Event::Exited { attempt, status } => self.on_exited(attempt, status, now, &mut out),
+            Event::Exited {
+                attempt,
+                status,
+                group_alive,
+            } => self.on_exited(attempt, status, group_alive, now, &mut out),
+            Event::GroupEmpty { attempt } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                {
+                    live.group_empty = true;
+                    self.end_if_over(now, &mut out);
+                }
+            }
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
             Event::Tick => self.on_tick(now, &mut out),
         }
@@ -390,12 +427,12 @@ impl Supervisor {
             attempt,
             tier,
             stop: None,
-            stop_sent: None,
-            killed: false,
+            term_sent: None,
+            killed_at: None,
             exit: None,
+            group_empty: false,
             open_streams: 2,
             drain_deadline: None,
-            leftovers_killed: false,
             seen: BTreeMap::new(),
         });
         self.attempts.push(AttemptSummary {
@@ -419,6 +456,7 @@ impl Supervisor {
     }
 
     fn on_fault(&mut self, attempt: u32, fault: Fault, now: Instant, out: &mut Vec<Effect>) {
+        let grace = self.policy.grace;
         let Phase::Live(live) = &mut self.phase else {
             return;
         };
@@ -433,7 +471,7 @@ impl Supervisor {
         if *count > 1 {
             return;
         }
-        out.push(Effect::Journal(Record::Fault {
+        let record = Effect::Journal(Record::Fault {
             attempt,
             class: fault.class,
             rule: fault.rule.clone(),
@@ -442,42 +480,50 @@ impl Supervisor {
             stream: fault.stream,
             line: fault.line.clone(),
             captures: fault.captures.clone(),
-        }));
+        });
         if fault.action == Action::Note {
+            out.push(record);
             return;
         }
         match &live.stop {
             None => {
-                out.push(Effect::Say(format!(
+                let message = format!(
                     "fault in attempt {attempt}: {} ({}) on {}: {}",
                     fault.class,
                     fault.rule,
                     fault.stream,
                     fault.advice.trim()
-                )));
-                out.push(Effect::Say(format!(
-                    "stopping the job: SIGTERM, then SIGKILL after {:.0?}",
-                    self.policy.grace
-                )));
+                );
                 live.stop = Some(StopCause::Fault(fault));
-                if live.exit.is_none() {
-                    live.stop_sent = Some(now);
-                    out.push(Effect::Signal {
-                        attempt,
-                        sig: Sig::Terminate,
-                    });
+                // The signal goes first: the journal's fsync must not delay it.
+                let signalled = live.stop_group(Sig::Terminate, now, out);
+                out.push(record);
+                out.push(Effect::Say(message));
+                if signalled {
+                    out.push(Effect::Say(format!(
+                        "stopping the job: SIGTERM to its process group, SIGKILL after {grace:.0?}"
+                    )));
                 }
             }
             // A later fault with a stronger action decides (a device-side assert after an
             // illegal address means "stop", not "fall back").
             Some(StopCause::Fault(first)) if fault.action > first.action => {
                 live.stop = Some(StopCause::Fault(fault));
+                out.push(record);
             }
-            Some(_) => {}
+            Some(_) => out.push(record),
         }
     }
 
-    fn on_exited(&mut self, attempt: u32, status: JobExit, now: Instant, out: &mut Vec<Effect>) {
+    fn on_exited(
+        &mut self,
+        attempt: u32,
+        status: JobExit,
+        group_alive: bool,
+        now: Instant,
+        out: &mut Vec<Effect>,
+    ) {
+        let grace = self.policy.grace;
         let Phase::Live(live) = &mut self.phase else {
             return;
         };
@@ -485,14 +531,21 @@ impl Supervisor {
             return;
         }
         live.exit = Some(status);
-        if live.open_streams == 0 {
-            self.end_attempt(now, out);
-        } else {
-            live.drain_deadline = Some(now + DRAIN);
+        live.group_empty = !group_alive;
+        // The leader is gone but workers of its group are not: an attempt is over only when
+        // nothing of it can still hold the GPU, so they are stopped like the job would be.
+        if group_alive && live.term_sent.is_none() {
+            out.push(Effect::Journal(Record::Leftovers { attempt }));
+            out.push(Effect::Say(format!(
+                "attempt {attempt}: the job's main process exited ({status}) but other processes of its group are still running: SIGTERM, SIGKILL after {grace:.0?}"
+            )));
+            live.stop_group(Sig::Terminate, now, out);
         }
+        self.end_if_over(now, out);
     }
 
     fn on_signal(&mut self, sig: Sig, now: Instant, out: &mut Vec<Effect>) {
+        let grace = self.policy.grace;
         match &mut self.phase {
             Phase::Idle | Phase::Backoff { .. } => {
                 out.push(Effect::Say(format!(
@@ -504,42 +557,35 @@ impl Supervisor {
             Phase::Done => {}
             Phase::Live(live) => {
                 let attempt = live.attempt;
-                let already_user = matches!(live.stop, Some(StopCause::User(_)));
-                if live.exit.is_some() {
-                    // The leader is gone; only its output is draining. Remember the signal so
-                    // the run ends instead of restarting.
-                    if !already_user {
-                        live.stop = Some(StopCause::User(sig));
-                    }
-                    return;
-                }
-                if already_user {
-                    if !live.killed {
-                        live.killed = true;
-                        out.push(Effect::Say(format!(
-                            "second {}: killing the job now (SIGKILL)",
-                            sig.name()
-                        )));
+                if matches!(live.stop, Some(StopCause::User(_))) {
+                    // A second signal: no more waiting.
+                    if live.killed_at.is_none() && !live.group_empty {
+                        live.killed_at = Some(now);
                         out.push(Effect::Signal {
                             attempt,
                             sig: Sig::Kill,
                         });
+                        out.push(Effect::Say(format!(
+                            "second {}: killing the job now (SIGKILL)",
+                            sig.name()
+                        )));
                     }
                     return;
                 }
+                // The user's wish wins over any fault: the run ends instead of restarting.
                 live.stop = Some(StopCause::User(sig));
-                live.stop_sent = Some(now);
-                out.push(Effect::Say(format!(
-                    "{} received: forwarded to the job; it has {:.0?} to exit (repeat to kill it now)",
-                    sig.name(),
-                    self.policy.grace
-                )));
-                out.push(Effect::Signal { attempt, sig });
+                if live.stop_group(sig, now, out) {
+                    out.push(Effect::Say(format!(
+                        "{} received: forwarded to the job; it has {grace:.0?} to exit (repeat to kill it now)",
+                        sig.name(),
+                    )));
+                }
             }
         }
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let grace = self.policy.grace;
         match &mut self.phase {
             Phase::Backoff {
                 attempt,
@@ -551,41 +597,60 @@ impl Supervisor {
             }
             Phase::Live(live) => {
                 let attempt = live.attempt;
-                if let (Some(sent), None, false) = (live.stop_sent, live.exit, live.killed)
-                    && now >= sent + self.policy.grace
+                if let (Some(sent), None, false) =
+                    (live.term_sent, live.killed_at, live.group_empty)
+                    && now >= sent + grace
                 {
-                    live.killed = true;
-                    out.push(Effect::Say(format!(
-                        "the job did not exit within {:.0?} of the signal: SIGKILL",
-                        self.policy.grace
-                    )));
+                    live.killed_at = Some(now);
                     out.push(Effect::Signal {
                         attempt,
                         sig: Sig::Kill,
                     });
+                    out.push(Effect::Say(format!(
+                        "the job did not exit within {grace:.0?} of the signal: SIGKILL"
+                    )));
+                }
+                if let (Some(killed), false) = (live.killed_at, live.group_empty)
+                    && now >= killed + KILL_WAIT
+                {
+                    // Processes that outlive SIGKILL are in uninterruptible sleep, usually inside
+                    // a wedged GPU driver. Waiting longer cannot help; the next tier may.
+                    live.group_empty = true;
+                    let message = format!(
+                        "attempt {attempt}: processes of the job survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel, often a hung GPU driver); going on without them"
+                    );
+                    out.push(Effect::Say(message.clone()));
+                    out.push(Effect::Journal(Record::Warning { message }));
+                    self.end_if_over(now, out);
+                    return;
                 }
                 if let Some(deadline) = live.drain_deadline
                     && now >= deadline
                 {
-                    if live.leftovers_killed {
-                        // Output still open after SIGKILL: something outside the group holds
-                        // it. Close the attempt anyway; the readers finish on their own.
-                        self.end_attempt(now, out);
-                    } else {
-                        live.leftovers_killed = true;
-                        live.drain_deadline = Some(now + DRAIN);
-                        out.push(Effect::Journal(Record::Leftovers { attempt }));
-                        out.push(Effect::Say(format!(
-                            "attempt {attempt}: the job exited but processes of its group still hold its output: SIGKILL to the group"
-                        )));
-                        out.push(Effect::Signal {
-                            attempt,
-                            sig: Sig::Kill,
-                        });
-                    }
+                    // The group is gone but its output is still open: a process that left the
+                    // group holds it. Close the attempt; the readers finish on their own.
+                    self.end_attempt(now, out);
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Ends the attempt once its group is gone and its output closed; once the group is gone,
+    /// starts the clock on output held open by processes outside it.
+    fn end_if_over(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        // A leader that never exited can only be here when it was given up on after SIGKILL.
+        let leader_done = live.exit.is_some() || live.killed_at.is_some();
+        if !(leader_done && live.group_empty) {
+            return;
+        }
+        if live.open_streams == 0 {
+            self.end_attempt(now, out);
+        } else if live.drain_deadline.is_none() {
+            live.drain_deadline = Some(now + DRAIN);
         }
     }
 
@@ -834,7 +899,11 @@ mod tests {
         }
 
         fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
-            let mut out = self.feed(Event::Exited { attempt, status });
+            let mut out = self.feed(Event::Exited {
+                attempt,
+                status,
+                group_alive: false,
+            });
             out.extend(self.feed(Event::StreamClosed {
                 attempt,
                 stream: Stream::Stdout,
@@ -1157,18 +1226,108 @@ mod tests {
     }
 
     #[test]
-    fn leftover_processes_holding_output_are_killed_then_given_up_on() {
+    fn workers_left_after_the_leader_exits_are_stopped_before_the_attempt_ends() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Exited {
+            attempt: 1,
+            status: JobExit::Code(0),
+            group_alive: true,
+        });
+        assert_eq!(signals(&out), vec![Sig::Terminate]);
+        assert!(
+            out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Leftovers { .. })))
+        );
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            r.feed(Event::StreamClosed { attempt: 1, stream });
+        }
+        assert!(r.outcome().is_none(), "not over while workers live");
+        assert_eq!(
+            signals(&r.advance(Duration::from_secs(10))),
+            vec![Sig::Kill]
+        );
+        r.feed(Event::GroupEmpty { attempt: 1 });
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+    }
+
+    #[test]
+    fn after_a_fault_workers_that_ignore_sigterm_get_sigkill_even_when_the_leader_exited() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        r.feed(Event::Exited {
+            attempt: 1,
+            status: JobExit::Signal(15),
+            group_alive: true,
+        });
+        assert_eq!(
+            signals(&r.advance(Duration::from_secs(10))),
+            vec![Sig::Kill]
+        );
+        r.feed(Event::GroupEmpty { attempt: 1 });
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            r.feed(Event::StreamClosed { attempt: 1, stream });
+        }
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn processes_that_survive_sigkill_are_given_up_on() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuHang, Action::Fallback),
+        });
+        r.advance(Duration::from_secs(10));
+        // The leader is stuck in the driver: no exit, no empty group.
+        let out = r.advance(KILL_WAIT);
+        assert!(
+            out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Warning { .. })))
+        );
+        r.advance(DRAIN);
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn output_held_open_outside_the_group_is_given_up_on_after_the_drain() {
         let mut r = Run::new(policy(), &[("gpu", true)]);
         r.feed(Event::Start);
         r.feed(Event::Exited {
             attempt: 1,
             status: JobExit::Code(0),
+            group_alive: false,
         });
         assert!(r.outcome().is_none());
-        let out = r.advance(DRAIN);
-        assert_eq!(signals(&out), vec![Sig::Kill]);
-        r.advance(DRAIN);
+        assert!(signals(&r.advance(DRAIN)).is_empty());
         assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+    }
+
+    #[test]
+    fn the_fault_signal_is_sent_before_the_journal_write() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        assert!(
+            matches!(
+                out[0],
+                Effect::Signal {
+                    sig: Sig::Terminate,
+                    ..
+                }
+            ),
+            "{out:?}"
+        );
     }
 
     #[test]

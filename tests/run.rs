@@ -94,7 +94,6 @@ fn assert_falls_back_and_resumes(fault: &str) {
 #[test]
 fn hsa_memory_fault_falls_back_to_cpu_and_resumes() {
     assert_falls_back_and_resumes("hsa");
-    // The fault is classified as a GPU memory fault.
 }
 
 #[test]
@@ -375,8 +374,8 @@ fn checkpoint_path_with_spaces_and_semicolon_is_one_argument() {
 #[test]
 fn non_utf8_and_a_10_mb_line_pass_through_byte_identical() {
     let scene = Scene::new();
-    // 10 MB without a newline, then invalid UTF-8, then a fault-looking line on stdout (rules
-    // for stderr must not fire on it), on both streams.
+    // 10 MB without a newline, then invalid UTF-8 (a NUL, broken sequences, a lone CR), on
+    // both streams.
     let script = r#"
 import sys, os
 big = b"x" * (10 * 1024 * 1024)
@@ -575,4 +574,60 @@ fn resumes_from_a_hugging_face_checkpoint_directory() {
         .find(|r| r["event"] == "checkpoint_skipped")
         .unwrap();
     assert!(skipped["path"].as_str().unwrap().ends_with("checkpoint-9"));
+}
+
+#[test]
+fn workers_that_ignore_sigterm_are_killed_before_the_next_attempt() {
+    // The job reports the fault and keeps running; its worker ignores SIGTERM. Nothing of
+    // attempt 1 may still hold the GPU when attempt 2 starts, and the worker that attempt 2
+    // leaves behind after a clean exit is stopped too.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--grace", "1"],
+        &[
+            "--device",
+            "{device}",
+            "--fault-at",
+            "2",
+            "--fault",
+            "cuda-continue",
+            "--worker",
+            "--sleep",
+            "0.05",
+            "--steps",
+            "10",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let records = scene.records();
+    let workers: Vec<i64> = records
+        .iter()
+        .filter_map(|r| r["worker"].as_i64())
+        .collect();
+    assert_eq!(workers.len(), 2, "{records:?}");
+    for w in &workers {
+        assert!(dead(*w as i32), "worker {w} survived the run");
+    }
+    let journal = scene.journal();
+    let at = |i: usize| journal[i]["at"].as_str().unwrap().to_string();
+    let fault = journal.iter().position(|r| r["event"] == "fault").unwrap();
+    let second = journal
+        .iter()
+        .rposition(|r| r["event"] == "attempt_started")
+        .unwrap();
+    // RFC 3339 UTC strings of one length compare like the times they name: attempt 2 began
+    // after the 1 s grace had run out and SIGKILL took the worker.
+    let fault_secs: f64 = at(fault)[17..26].parse().unwrap();
+    let second_secs: f64 = at(second)[17..26].parse().unwrap();
+    let gap = (second_secs - fault_secs).rem_euclid(60.0);
+    assert!(gap >= 0.9, "attempt 2 started {gap:.3} s after the fault");
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "leftovers" && r["attempt"] == 2),
+        "the clean exit of attempt 2 left its worker: {journal:?}"
+    );
 }

@@ -145,7 +145,106 @@ impl fmt::Display for CheckFailure {
     }
 }
 
+/// What `gpuwarden rules check` found in a directory of rule files, or in the built-in files.
+///
+/// Unlike loading (which stops at the first broken file, since a run must not start with a rule
+/// missing), a check looks at everything, so one pass shows every problem to fix.
+#[derive(Debug)]
+pub struct DirCheck {
+    /// The rule files looked at.
+    pub files: usize,
+    /// The rules that loaded and whose examples were checked: those of the files without an
+    /// error, less any that reuse an id defined before them.
+    pub rules: usize,
+    /// One error per file that cannot be loaded on its own (the first problem in it), then a
+    /// `DuplicateId` for each rule of a good file that reuses an id of an earlier good file. A
+    /// directory that cannot be listed is the only error.
+    pub errors: Vec<RuleError>,
+    /// Examples and counterexamples that the loaded rules get wrong.
+    pub failures: Vec<CheckFailure>,
+}
+
+impl DirCheck {
+    /// Whether every file loaded and every rule passed its own examples.
+    pub fn passed(&self) -> bool {
+        self.errors.is_empty() && self.failures.is_empty()
+    }
+
+    /// Checks files loaded one by one, in the order they rank on ties.
+    fn of_files(loaded: Vec<Result<Vec<Rule>, RuleError>>) -> DirCheck {
+        let files = loaded.len();
+        let mut errors = Vec::new();
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut seen: HashMap<String, Origin> = HashMap::new();
+        // A file is loaded on its own first: a duplicate id inside it makes the file broken,
+        // exactly as `from_files` with that file alone would say.
+        for file in loaded {
+            let file_rules = match file.and_then(|rules| unique_ids(&rules).map(|()| rules)) {
+                Ok(rules) => rules,
+                Err(err) => {
+                    errors.push(err);
+                    continue;
+                }
+            };
+            for rule in file_rules {
+                if let Some(first) = seen.get(&rule.id) {
+                    // Keep checking the rest; the later definition is the one that is dropped,
+                    // as `load` would name it.
+                    errors.push(duplicate_id(&rule, first));
+                    continue;
+                }
+                seen.insert(rule.id.clone(), rule.origin.clone());
+                rules.push(rule);
+            }
+        }
+        let count = rules.len();
+        let failures = match RuleSet::build(rules.clone()) {
+            Ok(set) => set.check(),
+            Err(err) => {
+                // Only size can fail here (ids are unique by now). The examples can still be
+                // held against their own rule, without asking which rule would win.
+                errors.push(err);
+                rules
+                    .iter()
+                    .flat_map(|rule| rule_failures(rule, None))
+                    .collect()
+            }
+        };
+        DirCheck {
+            files,
+            rules: count,
+            errors,
+            failures,
+        }
+    }
+}
+
 impl RuleSet {
+    /// Checks every `*.toml` file of `dir` (sorted by name) without the built-in rules: each file
+    /// is loaded on its own, ids must be unique across the files, and every rule that loaded is
+    /// checked against its examples ([`RuleSet::check`]). This is `gpuwarden rules check DIR`.
+    pub fn check_dir(dir: &Path) -> DirCheck {
+        match toml_files(dir) {
+            Ok(paths) => DirCheck::of_files(paths.iter().map(|path| file_rules(path)).collect()),
+            Err(err) => DirCheck {
+                files: 0,
+                rules: 0,
+                errors: vec![err],
+                failures: Vec::new(),
+            },
+        }
+    }
+
+    /// [`RuleSet::check_dir`] for the built-in rule files: `gpuwarden rules check`.
+    pub fn check_builtin() -> DirCheck {
+        DirCheck::of_files(
+            BUILTIN
+                .iter()
+                .map(|(name, text)| file::parse(name, text))
+                .collect(),
+        )
+    }
+
     /// The built-in rules, `rules/*.toml` as embedded at build time.
     pub fn builtin() -> Result<RuleSet, RuleError> {
         RuleSet::build(builtin_rules()?)
@@ -160,8 +259,8 @@ impl RuleSet {
         RuleSet::build(rules)
     }
 
-    /// Only the `*.toml` files of `dir` (sorted by name), without the built-in rules; this is
-    /// what `gpuwarden rules check DIR` checks.
+    /// Only the `*.toml` files of `dir` (sorted by name), without the built-in rules. It stops at
+    /// the first broken file; [`RuleSet::check_dir`] reports them all.
     pub fn from_dir(dir: &Path) -> Result<RuleSet, RuleError> {
         RuleSet::build(dir_rules(dir)?)
     }
@@ -231,62 +330,15 @@ impl RuleSet {
     /// the rule's streams it must not be taken by a rule of another class (that rule would win,
     /// so the example would be misclassified); each counterexample must not match the rule.
     pub fn check(&self) -> Vec<CheckFailure> {
-        let mut failures = Vec::new();
-        for rule in &self.rules {
-            let mut fail = |problem: String| {
-                failures.push(CheckFailure {
-                    rule: rule.id.clone(),
-                    origin: rule.origin.clone(),
-                    problem,
-                });
-            };
-            for example in &rule.examples {
-                if !rule.is_match(example) {
-                    fail(format!("example {} does not match", quoted(example)));
-                    continue;
-                }
-                let taken = rule.streams.iter().find_map(|&stream| {
-                    self.classify(stream, example)
-                        .filter(|fault| fault.rule != rule.id && fault.class != rule.class)
-                        .map(|fault| (stream, fault))
-                });
-                if let Some((stream, fault)) = taken {
-                    let winner = self.rule(&fault.rule).map(|w| &w.origin);
-                    fail(format!(
-                        "example {} matches, but on {stream} rule `{}`{} wins with class {} \
-                         (higher severity, or same severity and defined earlier); make the \
-                         regexes exclusive or raise this rule's severity",
-                        quoted(example),
-                        fault.rule,
-                        winner.map_or(String::new(), |o| format!(" ({o})")),
-                        fault.class,
-                    ));
-                }
-            }
-            for counterexample in &rule.counterexamples {
-                if rule.is_match(counterexample) {
-                    fail(format!("counterexample {} matches", quoted(counterexample)));
-                }
-            }
-        }
-        failures
+        self.rules
+            .iter()
+            .flat_map(|rule| rule_failures(rule, Some(self)))
+            .collect()
     }
 
     /// Checks ids for duplicates and compiles one matcher per stream.
     fn build(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
-        let mut seen: HashMap<&str, &Origin> = HashMap::new();
-        for rule in &rules {
-            if let Some(first) = seen.insert(&rule.id, &rule.origin) {
-                return Err(RuleError::DuplicateId {
-                    at: Location {
-                        file: rule.origin.file.clone(),
-                        line: rule.origin.line,
-                        rule: Some(rule.id.clone()),
-                    },
-                    first: first.clone(),
-                });
-            }
-        }
+        unique_ids(&rules)?;
         let matchers = [
             matcher(&rules, Stream::Stdout)?,
             matcher(&rules, Stream::Stderr)?,
@@ -294,6 +346,75 @@ impl RuleSet {
             matcher(&rules, Stream::Tool)?,
         ];
         Ok(RuleSet { rules, matchers })
+    }
+}
+
+/// One rule against its own lines: each example must match it, and (given the whole set) on each
+/// of the rule's streams must not be taken by a rule of another class, which would win and so
+/// misclassify it; each counterexample must not match it.
+fn rule_failures(rule: &Rule, set: Option<&RuleSet>) -> Vec<CheckFailure> {
+    let mut failures = Vec::new();
+    let mut fail = |problem: String| {
+        failures.push(CheckFailure {
+            rule: rule.id.clone(),
+            origin: rule.origin.clone(),
+            problem,
+        });
+    };
+    for example in &rule.examples {
+        if !rule.is_match(example) {
+            fail(format!("example {} does not match", quoted(example)));
+            continue;
+        }
+        let Some(set) = set else {
+            continue;
+        };
+        let taken = rule.streams.iter().find_map(|&stream| {
+            set.classify(stream, example)
+                .filter(|fault| fault.rule != rule.id && fault.class != rule.class)
+                .map(|fault| (stream, fault))
+        });
+        if let Some((stream, fault)) = taken {
+            let winner = set.rule(&fault.rule).map(|w| &w.origin);
+            fail(format!(
+                "example {} matches, but on {stream} rule `{}`{} wins with class {} (higher \
+                 severity, or same severity and defined earlier); make the regexes exclusive or \
+                 raise this rule's severity",
+                quoted(example),
+                fault.rule,
+                winner.map_or(String::new(), |o| format!(" ({o})")),
+                fault.class,
+            ));
+        }
+    }
+    for counterexample in &rule.counterexamples {
+        if rule.is_match(counterexample) {
+            fail(format!("counterexample {} matches", quoted(counterexample)));
+        }
+    }
+    failures
+}
+
+/// The first rule that reuses an id defined before it in `rules`, as an error.
+fn unique_ids(rules: &[Rule]) -> Result<(), RuleError> {
+    let mut seen: HashMap<&str, &Origin> = HashMap::new();
+    for rule in rules {
+        if let Some(first) = seen.insert(&rule.id, &rule.origin) {
+            return Err(duplicate_id(rule, first));
+        }
+    }
+    Ok(())
+}
+
+/// `rule` reuses the id first defined at `first`; the error points at the later definition.
+fn duplicate_id(rule: &Rule, first: &Origin) -> RuleError {
+    RuleError::DuplicateId {
+        at: Location {
+            file: rule.origin.file.clone(),
+            line: rule.origin.line,
+            rule: Some(rule.id.clone()),
+        },
+        first: first.clone(),
     }
 }
 
@@ -341,6 +462,15 @@ fn builtin_rules() -> Result<Vec<Rule>, RuleError> {
 
 /// The rules of every `*.toml` file in `dir`, files sorted by name.
 fn dir_rules(dir: &Path) -> Result<Vec<Rule>, RuleError> {
+    let mut rules = Vec::new();
+    for path in &toml_files(dir)? {
+        rules.extend(file_rules(path)?);
+    }
+    Ok(rules)
+}
+
+/// The `*.toml` files in `dir`, sorted by name.
+fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
     let read_error = |source| RuleError::Read {
         path: dir.to_path_buf(),
         source,
@@ -353,11 +483,7 @@ fn dir_rules(dir: &Path) -> Result<Vec<Rule>, RuleError> {
         }
     }
     files.sort();
-    let mut rules = Vec::new();
-    for path in &files {
-        rules.extend(file_rules(path)?);
-    }
-    Ok(rules)
+    Ok(files)
 }
 
 /// The rules of one file on disk; errors name the file as the user's path spells it.

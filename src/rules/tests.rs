@@ -654,6 +654,133 @@ fn from_dir_stops_at_the_first_invalid_file() {
 }
 
 #[test]
+fn check_dir_reports_every_invalid_file() {
+    let dir = fixtures().join("invalid");
+    let mut paths: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    let check = RuleSet::check_dir(&dir);
+    assert_eq!(check.files, paths.len());
+    assert_eq!(check.rules, 0);
+    assert!(check.failures.is_empty(), "{:?}", check.failures);
+    assert!(!check.passed());
+    // One error per file, in file order, each the one the file expects.
+    let messages: Vec<String> = check.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(messages.len(), paths.len(), "{messages:#?}");
+    for (path, message) in paths.iter().zip(&messages) {
+        let (_, expect) = expectation(path);
+        let wanted = format!("{}:{expect}", path.display());
+        assert!(
+            message.starts_with(&wanted),
+            "\n  got:    {message}\n  wanted: {wanted}..."
+        );
+    }
+}
+
+/// Writes a rule file with one rule into `dir`.
+fn write_rule(dir: &Path, file: &str, id: &str, regex: &str, example: &str) {
+    let text = format!(
+        "[[rule]]\nid = \"{id}\"\nclass = \"gpu_oom\"\nstreams = [\"stderr\"]\n\
+         regex = '{regex}'\nseverity = \"error\"\nadvice = \"a\"\nexamples = [\"{example}\"]\n"
+    );
+    fs::write(dir.join(file), text).unwrap();
+}
+
+#[test]
+fn check_dir_checks_the_good_files_beside_broken_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write_rule(
+        root,
+        "a-good.toml",
+        "oom",
+        "out of memory",
+        "CUDA out of memory",
+    );
+    // Loads, but its example does not match.
+    write_rule(
+        root,
+        "b-wrong.toml",
+        "hip-oom",
+        "HIP out of",
+        "CUDA out of memory",
+    );
+    // Does not load.
+    write_rule(root, "c-broken.toml", "bad", "(", "x");
+    // Loads on its own, but reuses a-good.toml's id.
+    write_rule(root, "d-dup.toml", "oom", "OOM", "OOM killer");
+    fs::write(root.join("notes.txt"), "not a rule file").unwrap();
+
+    let check = RuleSet::check_dir(root);
+    assert_eq!((check.files, check.rules), (4, 2));
+    let errors: Vec<String> = check.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(errors.len(), 2, "{errors:#?}");
+    let file = |name: &str| root.join(name).display().to_string();
+    assert!(
+        errors[0].starts_with(&format!(
+            "{}:5: rule `bad`: invalid regex",
+            file("c-broken.toml")
+        )),
+        "{}",
+        errors[0]
+    );
+    assert!(
+        errors[1].starts_with(&format!(
+            "{}:1: rule `oom`: duplicate rule id, already defined at {}:1;",
+            file("d-dup.toml"),
+            file("a-good.toml")
+        )),
+        "{}",
+        errors[1]
+    );
+    assert_eq!(check.failures.len(), 1, "{:?}", check.failures);
+    assert_eq!(check.failures[0].rule, "hip-oom");
+    assert!(check.failures[0].problem.contains("does not match"));
+    assert!(!check.passed());
+}
+
+#[test]
+fn check_dir_reports_duplicates_across_files_and_still_checks_both_files() {
+    let dir = fixtures().join("duplicate");
+    let check = RuleSet::check_dir(&dir);
+    assert_eq!((check.files, check.rules), (2, 1));
+    assert_eq!(check.errors.len(), 1);
+    let second = dir.join("b-second.toml");
+    let (_, expect) = expectation(&second);
+    let message = check.errors[0].to_string();
+    assert!(
+        message.starts_with(&format!("{}:{expect}", second.display())),
+        "{message}"
+    );
+    assert!(check.failures.is_empty(), "{:?}", check.failures);
+}
+
+#[test]
+fn check_dir_passes_a_valid_directory_and_fails_a_missing_one() {
+    let check = RuleSet::check_dir(&fixtures().join("valid"));
+    assert!(check.passed(), "{:?} {:?}", check.errors, check.failures);
+    assert_eq!(check.files, 1);
+    assert!(check.rules >= 1);
+
+    let missing = fixtures().join("no-such-directory");
+    let check = RuleSet::check_dir(&missing);
+    assert_eq!((check.files, check.rules), (0, 0));
+    assert_eq!(check.errors.len(), 1);
+    assert!(matches!(check.errors[0], RuleError::Read { .. }));
+}
+
+#[test]
+fn check_builtin_checks_every_builtin_file() {
+    let check = RuleSet::check_builtin();
+    assert!(check.passed(), "{:?} {:?}", check.errors, check.failures);
+    assert_eq!(check.files, BUILTIN.len());
+    assert_eq!(check.rules, builtin().rules().len());
+}
+
+#[test]
 fn duplicate_ids_across_two_files_name_both() {
     let dir = fixtures().join("duplicate");
     let err = RuleSet::from_dir(&dir).unwrap_err();

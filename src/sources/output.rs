@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::Arc;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::SyncSender;
 use std::thread;
 
 use crate::rules::{Fault, RuleSet, Stream};
@@ -21,13 +21,6 @@ use crate::rules::{Fault, RuleSet, Stream};
 pub const MATCH_CAP: usize = 8 * 1024;
 
 const CHUNK: usize = 64 * 1024;
-
-/// Where the pass-through copy goes.
-#[derive(Clone, Copy, Debug)]
-pub enum Passthrough {
-    Stdout,
-    Stderr,
-}
 
 /// What a pump reports.
 #[derive(Debug)]
@@ -74,15 +67,14 @@ impl LineSplitter {
     }
 }
 
-/// Starts the pump of one stream of one attempt. `wrap` turns an [`OutputEvent`] into the
-/// executor's event type.
+/// Starts the pump of one stream of one attempt: the job's stdout goes to gpuwarden's stdout,
+/// anything else to its stderr. `wrap` turns an [`OutputEvent`] into the executor's event type.
 pub fn spawn<R, E, F>(
     mut pipe: R,
     stream: Stream,
-    passthrough: Passthrough,
     mut log: File,
     rules: Arc<RuleSet>,
-    tx: Sender<E>,
+    tx: SyncSender<E>,
     wrap: F,
 ) -> io::Result<thread::JoinHandle<()>>
 where
@@ -117,7 +109,7 @@ where
                     Err(_) => break,
                 };
                 let bytes = &buf[..n];
-                if passing && pass_through(passthrough, bytes).is_err() {
+                if passing && pass_through(stream, bytes).is_err() {
                     // Our own stdout went away (`gpuwarden run ... | head`): keep logging and
                     // watching; the job must not die of our closed pipe.
                     passing = false;
@@ -134,15 +126,14 @@ where
         })
 }
 
-fn pass_through(target: Passthrough, bytes: &[u8]) -> io::Result<()> {
-    match target {
-        Passthrough::Stdout => {
-            let mut out = io::stdout().lock();
-            out.write_all(bytes)?;
-            // Stdout is line-buffered; a progress bar without a newline must show now.
-            out.flush()
-        }
-        Passthrough::Stderr => io::stderr().lock().write_all(bytes),
+fn pass_through(stream: Stream, bytes: &[u8]) -> io::Result<()> {
+    if stream == Stream::Stdout {
+        let mut out = io::stdout().lock();
+        out.write_all(bytes)?;
+        // Stdout is line-buffered; a progress bar without a newline must show now.
+        out.flush()
+    } else {
+        io::stderr().lock().write_all(bytes)
     }
 }
 
