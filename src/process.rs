@@ -140,7 +140,14 @@ pub fn signal_group(pgid: u32, sig: Sig) -> io::Result<bool> {
         Sig::Kill => Signal::SIGKILL,
     };
     match signal::killpg(Pid::from_raw(pgid as i32), signal) {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            // A stopped process (SIGTTIN, SIGSTOP) acts on SIGTERM only once continued: like a
+            // shell's `kill`, follow the signal with SIGCONT so stopping works on it too.
+            if signal != Signal::SIGKILL {
+                let _ = signal::killpg(Pid::from_raw(pgid as i32), Signal::SIGCONT);
+            }
+            Ok(true)
+        }
         Err(Errno::ESRCH) => Ok(false),
         Err(e) => Err(e.into()),
     }

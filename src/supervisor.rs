@@ -99,20 +99,7 @@ impl fmt::Display for JobExit {
 
 /// The conventional name of a signal number, for messages.
 pub fn signal_name(n: i32) -> &'static str {
-    match n {
-        1 => "SIGHUP",
-        2 => "SIGINT",
-        3 => "SIGQUIT",
-        4 => "SIGILL",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        13 => "SIGPIPE",
-        15 => "SIGTERM",
-        _ => "signal",
-    }
+    nix::sys::signal::Signal::try_from(n).map_or("signal", |s| s.as_str())
 }
 
 /// Everything the supervisor reacts to.

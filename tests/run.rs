@@ -631,3 +631,58 @@ fn workers_that_ignore_sigterm_are_killed_before_the_next_attempt() {
         "the clean exit of attempt 2 left its worker: {journal:?}"
     );
 }
+
+#[test]
+fn a_job_stopped_by_the_terminal_is_reported_and_can_still_be_stopped() {
+    // In a real terminal (a pty from `script`), a job that reads the terminal from the
+    // background is stopped by SIGTTIN. gpuwarden says so, and SIGTERM still ends it at once
+    // (SIGCONT follows the forwarded signal) instead of after the 30 s grace.
+    let scene = Scene::new();
+    let run_dir = scene.run_dir();
+    let inner = format!(
+        "{BIN} run --grace 30 --run-dir {} -- bash -c 'read answer'",
+        run_dir.display()
+    );
+    let mut script = match Command::new("script")
+        .args(["-qfc", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            eprintln!("skipped: `script` (util-linux) is not available: {e}");
+            return;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (warning, pid) = loop {
+        let journal = scene.journal();
+        if let Some(w) = journal.iter().find(|r| r["event"] == "warning") {
+            break (
+                w["message"].as_str().unwrap().to_string(),
+                journal[0]["gpuwarden_pid"].as_i64().unwrap(),
+            );
+        }
+        assert!(Instant::now() < deadline, "no warning: {journal:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(warning.contains("SIGTTIN"), "{warning}");
+    let sent = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    while scene.journal().last().unwrap()["event"] != "run_finished" {
+        assert!(
+            sent.elapsed() < Duration::from_secs(5),
+            "the stopped job was not ended by SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(scene.journal().last().unwrap()["exit_code"], 143);
+    let _ = script.kill();
+    let _ = script.wait();
+}
