@@ -280,7 +280,13 @@ impl Executor<'_> {
         pending: &mut Vec<Event>,
     ) -> Result<Option<Outcome>, RunError> {
         match effect {
-            Effect::Spawn { attempt, tier } => pending.push(self.spawn(attempt, tier)?),
+            Effect::Spawn { attempt, tier } => {
+                let mut closed = Vec::new();
+                let answer = self.spawn(attempt, tier, &mut closed)?;
+                // `pending` is a stack: the answer to Spawn must come out first.
+                pending.extend(closed);
+                pending.push(answer);
+            }
             Effect::Signal { attempt, sig } => {
                 if let Some(&pgid) = self.groups.get(&attempt)
                     && let Err(e) = process::signal_group(pgid, sig)
@@ -298,7 +304,14 @@ impl Executor<'_> {
         Ok(None)
     }
 
-    fn spawn(&mut self, attempt: u32, tier_index: usize) -> Result<Event, RunError> {
+    /// Starts an attempt; returns the answer to `Spawn`. Streams whose reader could not be
+    /// started are reported closed through `closed`.
+    fn spawn(
+        &mut self,
+        attempt: u32,
+        tier_index: usize,
+        closed: &mut Vec<Event>,
+    ) -> Result<Event, RunError> {
         let plan = self.plan;
         let Some(tier) = plan.ladder.get(tier_index) else {
             return Ok(Event::SpawnFailed {
@@ -398,11 +411,8 @@ impl Executor<'_> {
             });
             if !matches!(started, Some(Ok(_))) {
                 // Without a reader the supervisor would wait for this stream forever.
-                let _ = self.tx.send(Input::Output {
-                    attempt,
-                    stream,
-                    event: OutputEvent::Closed,
-                });
+                // Queued directly: the loop must never block sending into its own channel.
+                closed.push(Event::StreamClosed { attempt, stream });
             }
         }
         // The std handle is not waited on: `wait_group` reaps the leader and its orphans.
