@@ -20,9 +20,10 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -107,19 +108,23 @@ pub struct Report {
 pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Report, RunError> {
     process::block_signals().map_err(RunError::Signals)?;
     process::become_subreaper().map_err(RunError::Signals)?;
-    if explicit_run_dir && plan.run_dir.join("journal.jsonl").exists() {
-        return Err(RunError::RunDirInUse(plan.run_dir.clone()));
-    }
     let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
         RunError::RunDir {
             path: plan.run_dir.clone(),
             source,
         }
     })?;
-    let journal = Journal::open(&run_dir).map_err(|source| RunError::Journal {
-        path: run_dir.join("journal.jsonl"),
-        source,
+    let journal = Journal::create(&run_dir).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            RunError::RunDirInUse(run_dir.clone())
+        } else {
+            RunError::Journal {
+                path: run_dir.join("journal.jsonl"),
+                source,
+            }
+        }
     })?;
+    start_voice();
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
 
@@ -174,11 +179,19 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<R
         })
         .collect();
     let mut sup = Supervisor::new(policy, tiers);
-    let outcome = exec.drive(&mut sup, &rx)?;
+    let outcome = match exec.drive(&mut sup, &rx) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            exec.stop_jobs();
+            flush_voice();
+            return Err(e);
+        }
+    };
     if let Some(guard) = exec.guard.take() {
         guard.close();
     }
     print_summary(&sup, plan, &outcome, exec.journal.path());
+    flush_voice();
     Ok(Report { outcome, run_dir })
 }
 
@@ -198,7 +211,12 @@ struct Executor<'a> {
 impl Executor<'_> {
     /// The event loop. Returns when the supervisor finishes the run.
     fn drive(&mut self, sup: &mut Supervisor, rx: &Receiver<Input>) -> Result<Outcome, RunError> {
+        // A signal that came while the plan was made (an env_script can take seconds) ends
+        // the run before the job starts.
         let mut pending = vec![Event::Start];
+        if let Some(sig) = process::take_pending_signal() {
+            pending.push(Event::Signal(sig));
+        }
         loop {
             while let Some(event) = pending.pop() {
                 for effect in sup.step(event, Instant::now()) {
@@ -232,6 +250,11 @@ impl Executor<'_> {
             } => match event {
                 OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
                 OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
+                OutputEvent::Idle { at } => Some(Event::OutputIdle {
+                    attempt,
+                    stream,
+                    at,
+                }),
                 OutputEvent::LogFailed(e) => {
                     self.warn(format!(
                         "attempt {attempt}: writing the {stream} log failed ({e}); the output is still passed through"
@@ -249,14 +272,13 @@ impl Executor<'_> {
                     group_alive,
                 }),
                 GroupEvent::Empty => {
-                    self.groups.remove(&attempt);
-                    if self.groups.is_empty()
+                    if let Some(pgid) = self.groups.remove(&attempt)
                         && let Some(guard) = &mut self.guard
                     {
-                        // Nothing left to kill should gpuwarden die now; and the pgid may be
-                        // reused by an unrelated process.
-                        let _ = guard.clear();
+                        // The id may now be reused by an unrelated process.
+                        let _ = guard.unwatch(pgid);
                     }
+                    self.reap_strays();
                     Some(Event::GroupEmpty { attempt })
                 }
                 GroupEvent::TerminalStop { pid, signal } => {
@@ -376,20 +398,15 @@ impl Executor<'_> {
                 "the guard process is gone ({e}): if gpuwarden is killed, the job may survive it"
             ))?;
         }
+        // As plain files: one type for both pipes, readable and pollable.
         let pumps = [
             (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+                child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
                 Stream::Stdout,
                 out_log,
             ),
             (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn io::Read + Send>),
+                child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
                 Stream::Stderr,
                 err_log,
             ),
@@ -491,6 +508,34 @@ impl Executor<'_> {
         }
     }
 
+    /// Reaps orphans adopted from finished attempts that left their process group (daemons
+    /// started with `setsid`), so they do not pile up as zombies over a long run.
+    fn reap_strays(&self) {
+        let groups: Vec<u32> = self.groups.values().copied().collect();
+        let guard: Vec<u32> = self.guard.iter().map(Guard::pid).collect();
+        process::reap_strays(&groups, &guard);
+    }
+
+    /// After a failure of gpuwarden itself mid-run: stop what is running as a fault would,
+    /// with the configured grace, rather than leave it to the guard's short one.
+    fn stop_jobs(&mut self) {
+        let groups: Vec<u32> = self.groups.values().copied().collect();
+        if groups.is_empty() {
+            return;
+        }
+        say("stopping the job because gpuwarden cannot go on");
+        for &g in &groups {
+            let _ = process::signal_group(g, Sig::Terminate);
+        }
+        let deadline = Instant::now() + self.plan.grace;
+        while Instant::now() < deadline && groups.iter().any(|&g| process::group_alive(g)) {
+            thread::sleep(Duration::from_millis(50));
+        }
+        for &g in &groups {
+            let _ = process::signal_group(g, Sig::Kill);
+        }
+    }
+
     fn journal(&mut self, record: &Record) -> Result<(), RunError> {
         self.journal
             .write(record, SystemTime::now())
@@ -515,11 +560,65 @@ impl Executor<'_> {
     }
 }
 
-/// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout. A closed
-/// stderr (`2>&1 | head`, a dropped ssh session) must not stop the supervision: errors are
-/// ignored, where `eprintln!` would panic.
+/// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout.
+///
+/// During a run the lines go through a writer thread with a bounded queue: the job's stderr pump
+/// shares the stderr lock, and when nobody reads our stderr (Ctrl-S in a terminal, `2>&1 | less`)
+/// the pump blocks holding it. The event loop must not block with it, or a job that ignores
+/// SIGTERM would never get its SIGKILL; a line that does not fit the queue is dropped (the
+/// journal has the facts). Write errors are ignored: a closed stderr (a dropped ssh session)
+/// must not stop the supervision, where `eprintln!` would panic.
 pub fn say(message: &str) {
-    let _ = writeln!(io::stderr().lock(), "gpuwarden: {message}");
+    say_raw(&format!("gpuwarden: {message}\n"));
+}
+
+enum Voice {
+    Line(String),
+    Flush(mpsc::Sender<()>),
+}
+
+static VOICE: OnceLock<SyncSender<Voice>> = OnceLock::new();
+
+/// Like [`say`], without the `gpuwarden:` prefix (the summary table).
+fn say_raw(text: &str) {
+    match VOICE.get() {
+        Some(tx) => {
+            let _ = tx.try_send(Voice::Line(text.to_string()));
+        }
+        None => {
+            let _ = io::stderr().lock().write_all(text.as_bytes());
+        }
+    }
+}
+
+/// Starts the writer thread behind [`say`]. Failing that, `say` writes directly.
+fn start_voice() {
+    let (tx, rx) = mpsc::sync_channel::<Voice>(256);
+    let started = thread::Builder::new().name("voice".into()).spawn(move || {
+        for msg in rx {
+            match msg {
+                Voice::Line(line) => {
+                    let _ = io::stderr().lock().write_all(line.as_bytes());
+                }
+                Voice::Flush(done) => {
+                    let _ = done.send(());
+                }
+            }
+        }
+    });
+    if started.is_ok() {
+        let _ = VOICE.set(tx);
+    }
+}
+
+/// Waits (a bounded time) until every line said so far is written.
+fn flush_voice() {
+    if let Some(tx) = VOICE.get() {
+        let (done, wait) = mpsc::channel();
+        if tx.send(Voice::Flush(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(2));
+        }
+    }
 }
 
 /// Checks that the command can be started before anything else happens, so a typo is a usage
@@ -626,7 +725,7 @@ fn print_summary(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Pat
             .zip(widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        let _ = writeln!(io::stderr().lock(), "  {}", line.join("  ").trim_end());
+        say_raw(&format!("  {}\n", line.join("  ").trim_end()));
     }
 }
 

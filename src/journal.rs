@@ -135,10 +135,14 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// Opens (creating if needed) `run_dir/journal.jsonl` for appending.
-    pub fn open(run_dir: &Path) -> io::Result<Journal> {
+    /// Creates `run_dir/journal.jsonl`. An existing journal is never reused or truncated: two
+    /// runs given the same directory get `AlreadyExists` for the second, atomically.
+    pub fn create(run_dir: &Path) -> io::Result<Journal> {
         let path = run_dir.join("journal.jsonl");
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)?;
         Ok(Journal { file, path })
     }
 
@@ -164,7 +168,7 @@ impl Journal {
 /// Creates the run directory. A directory that already holds a journal is never reused for the
 /// default (timestamped) name: a suffix `-2`, `-3`... is added instead, so two runs started in
 /// the same second keep separate journals. An explicitly named directory is used as given
-/// (appending to its journal), so a user can continue a run's record on purpose.
+/// (its journal must not exist yet: see [`Journal::create`]).
 pub fn create_run_dir(dir: &Path, explicit: bool) -> io::Result<PathBuf> {
     if explicit {
         std::fs::create_dir_all(dir)?;
@@ -196,12 +200,12 @@ mod tests {
     #[test]
     fn lines_are_appended_with_at_and_event() {
         let dir = tempfile::tempdir().unwrap();
-        let mut j = Journal::open(dir.path()).unwrap();
+        let mut j = Journal::create(dir.path()).unwrap();
         j.write(&Record::Leftovers { attempt: 1 }, std::time::UNIX_EPOCH)
             .unwrap();
-        drop(j);
-        // Reopening appends; it never truncates.
-        let mut j = Journal::open(dir.path()).unwrap();
+        // A second journal in the same directory is refused, not truncated or interleaved.
+        let again = Journal::create(dir.path()).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
         j.write(
             &Record::AttemptEnded {
                 attempt: 1,

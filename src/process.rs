@@ -15,24 +15,68 @@ use std::ffi::OsString;
 use std::io::{self, BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::mpsc::SyncSender;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::libc;
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::supervisor::{JobExit, Sig};
 
-/// The signals gpuwarden turns into events (and forwards to the job).
+/// The signals gpuwarden turns into events (and forwards to the job): SIGINT, SIGTERM and SIGHUP,
+/// except those gpuwarden was started with ignored. `nohup gpuwarden run ...` ignores SIGHUP and
+/// a script's `gpuwarden run ... &` ignores SIGINT; a blocked signal stays pending even when
+/// ignored, so blocking it and waiting for it would undo what the user asked for. Decided once,
+/// at the first call, before anything changes the dispositions.
 fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGHUP);
-    set
+    static HANDLED: OnceLock<SigSet> = OnceLock::new();
+    *HANDLED.get_or_init(|| {
+        let mut set = SigSet::empty();
+        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            if !is_ignored(sig) {
+                set.add(sig);
+            }
+        }
+        set
+    })
+}
+
+/// Whether `sig`'s disposition is "ignore" (inherited across exec from whoever started us).
+fn is_ignored(sig: Signal) -> bool {
+    let mut old = std::mem::MaybeUninit::<libc::sigaction>::zeroed();
+    // SAFETY: a null new action only reads the current one into `old`, which is zeroed memory
+    // of the right type and is read only when the call succeeds.
+    unsafe {
+        libc::sigaction(sig as libc::c_int, std::ptr::null(), old.as_mut_ptr()) == 0
+            && old.assume_init().sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// A signal that arrived while it was blocked and nobody waited for it yet (during the
+/// env_script capture, say), taken without waiting. The run must then end before the job starts.
+pub fn take_pending_signal() -> Option<Sig> {
+    let set = handled_signals();
+    let zero = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `set` is a valid sigset for the call's duration; no info struct is requested.
+    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+    sig_of(n)
+}
+
+fn sig_of(n: libc::c_int) -> Option<Sig> {
+    match Signal::try_from(n) {
+        Ok(Signal::SIGINT) => Some(Sig::Interrupt),
+        Ok(Signal::SIGTERM) => Some(Sig::Terminate),
+        Ok(Signal::SIGHUP) => Some(Sig::Hangup),
+        _ => None,
+    }
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it spawns later, so
@@ -54,11 +98,8 @@ pub fn spawn_signal_thread<E: Send + 'static>(
         .spawn(move || {
             let set = handled_signals();
             loop {
-                let sig = match set.wait() {
-                    Ok(Signal::SIGINT) => Sig::Interrupt,
-                    Ok(Signal::SIGTERM) => Sig::Terminate,
-                    Ok(Signal::SIGHUP) => Sig::Hangup,
-                    Ok(_) | Err(_) => continue,
+                let Some(sig) = set.wait().ok().and_then(|s| sig_of(s as libc::c_int)) else {
+                    continue;
                 };
                 if tx.send(wrap(sig)).is_err() {
                     return;
@@ -154,7 +195,11 @@ pub fn signal_group(pgid: u32, sig: Sig) -> io::Result<bool> {
 }
 
 /// True while any process (a zombie included) is in the group.
-fn group_alive(pgid: i32) -> bool {
+pub fn group_alive(pgid: u32) -> bool {
+    alive(pgid as i32)
+}
+
+fn alive(pgid: i32) -> bool {
     !matches!(signal::killpg(Pid::from_raw(pgid), None), Err(Errno::ESRCH))
 }
 
@@ -163,6 +208,43 @@ fn group_alive(pgid: i32) -> bool {
 /// group never looks empty (FACTS.md).
 pub fn become_subreaper() -> io::Result<()> {
     nix::sys::prctl::set_child_subreaper(true).map_err(io::Error::from)
+}
+
+/// Reaps the zombies of processes gpuwarden adopted as subreaper that belong to no watched
+/// group: daemons the job started in a new session (`setsid`, `start_new_session=True`).
+/// `keep` lists process groups whose members [`wait_group`] reaps and pids reaped elsewhere
+/// (the guard). Reads `/proc`; call it when an attempt ends, not on a hot path.
+pub fn reap_strays(keep_groups: &[u32], keep_pids: &[u32]) {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, ppid, pgrp.
+        let mut fields = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace());
+        let (Some(state), Some(ppid), Some(pgrp)) = (
+            fields.as_mut().and_then(|f| f.next()),
+            fields.as_mut().and_then(|f| f.next()?.parse::<u32>().ok()),
+            fields.as_mut().and_then(|f| f.next()?.parse::<u32>().ok()),
+        ) else {
+            continue;
+        };
+        if state == "Z" && ppid == me && !keep_groups.contains(&pgrp) && !keep_pids.contains(&pid) {
+            let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+        }
+    }
 }
 
 /// What [`wait_group`] reports.
@@ -189,7 +271,7 @@ pub fn wait_group(leader: u32, mut report: impl FnMut(GroupEvent)) {
         while let Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) =
             waitpid(group, Some(WaitPidFlag::WNOHANG))
         {}
-        let group_alive = group_alive(leader.as_raw());
+        let group_alive = alive(leader.as_raw());
         report(GroupEvent::LeaderExited {
             status,
             group_alive,
@@ -226,7 +308,10 @@ pub fn wait_group(leader: u32, mut report: impl FnMut(GroupEvent)) {
                         break;
                     }
                 }
-                while group_alive(leader.as_raw()) {
+                // Members whose parent dies meanwhile are adopted (we are the subreaper) and
+                // must be reaped here, or their zombies keep the group alive.
+                while alive(leader.as_raw()) {
+                    let _ = waitpid(group, Some(WaitPidFlag::WNOHANG));
                     thread::sleep(Duration::from_millis(50));
                 }
                 break;
@@ -265,20 +350,26 @@ impl Guard {
         Ok(Guard { child, pipe })
     }
 
+    /// The guard's pid (reaped by [`Guard::close`], not by [`reap_strays`]).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// From now on, the guard kills group `pgid` if gpuwarden dies.
     pub fn watch(&mut self, pgid: u32) -> io::Result<()> {
         writeln!(self.pipe, "watch {pgid}")
     }
 
-    /// The group is gone; nothing to kill any more.
-    pub fn clear(&mut self) -> io::Result<()> {
-        writeln!(self.pipe, "clear")
+    /// Group `pgid` is empty: its id may be reused by an unrelated process, so the guard must
+    /// forget it.
+    pub fn unwatch(&mut self, pgid: u32) -> io::Result<()> {
+        writeln!(self.pipe, "unwatch {pgid}")
     }
 
-    /// Ends the guard after a normal run.
+    /// Ends the guard after a normal run; groups still watched are left alone.
     pub fn close(mut self) {
         // Best effort: a guard that already died has nothing left to do.
-        let _ = self.clear();
+        let _ = writeln!(self.pipe, "clear");
         drop(self.pipe);
         let _ = self.child.wait();
     }
@@ -292,27 +383,30 @@ pub fn guard_main(grace: Duration) -> i32 {
         // SAFETY: installing SIG_IGN involves no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
-    let mut pgid: Option<i32> = None;
+    let mut groups: Vec<i32> = Vec::new();
     let stdin = io::stdin();
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
         let mut words = line.split_whitespace();
+        let pgid = |w: Option<&str>| w.and_then(|n| n.parse::<i32>().ok()).filter(|&n| n > 1);
         match (words.next(), words.next()) {
-            (Some("watch"), Some(n)) => pgid = n.parse().ok().filter(|&n: &i32| n > 1),
-            (Some("clear"), _) => pgid = None,
+            (Some("watch"), n) => groups.extend(pgid(n)),
+            (Some("unwatch"), n) => groups.retain(|&g| Some(g) != pgid(n)),
+            (Some("clear"), _) => groups.clear(),
             _ => {}
         }
     }
     // End of input: gpuwarden is gone (or finished, in which case nothing is watched).
-    if let Some(pgid) = pgid
-        && group_alive(pgid)
-    {
-        let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline && group_alive(pgid) {
-            thread::sleep(Duration::from_millis(20));
-        }
-        let _ = signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+    groups.retain(|&g| alive(g));
+    for &g in &groups {
+        let _ = signal::killpg(Pid::from_raw(g), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && groups.iter().any(|&g| alive(g)) {
+        thread::sleep(Duration::from_millis(20));
+    }
+    for &g in &groups {
+        let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
     }
     0
 }

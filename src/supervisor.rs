@@ -20,10 +20,6 @@ use serde::Serialize;
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
 
-/// How long the job's output may stay open once its whole process group is gone (a process that
-/// left the group, a daemon, still holds the pipe) before the attempt is closed regardless.
-pub const DRAIN: Duration = Duration::from_secs(1);
-
 /// How long processes of the group may survive SIGKILL (uninterruptible sleep, typically stuck
 /// in a GPU driver call) before the attempt is closed without them.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -116,6 +112,13 @@ pub enum Event {
     SpawnFailed { attempt: u32, error: String },
     /// A rule matched a line of `attempt`'s output (or a source attributed to it).
     Fault { attempt: u32, fault: Fault },
+    /// A stream of `attempt` was seen empty at `at`, after a silence: everything written to it
+    /// before `at` was read and classified, and its faults came before this event.
+    OutputIdle {
+        attempt: u32,
+        stream: Stream,
+        at: Instant,
+    },
     /// One output stream of `attempt` reached end of file.
     StreamClosed { attempt: u32, stream: Stream },
     /// The leader process of `attempt` exited; `group_alive` tells whether other processes of
@@ -264,14 +267,24 @@ struct Live {
     exit: Option<JobExit>,
     /// No process of the attempt's group is left (or the survivors were given up on).
     group_empty: bool,
-    open_streams: u8,
-    /// Once the group is gone: when to stop waiting for the output to close.
-    drain_deadline: Option<Instant>,
+    /// When `group_empty` became true.
+    group_gone_at: Option<Instant>,
+    /// Output streams not yet at end of file.
+    open: Vec<Stream>,
+    /// Open streams seen empty after the group was gone (held open by an outsider).
+    drained: Vec<Stream>,
     /// Faults seen in this attempt, by rule id, with how often each was seen.
     seen: BTreeMap<String, u64>,
 }
 
 impl Live {
+    fn group_gone(&mut self, now: Instant) {
+        if !self.group_empty {
+            self.group_empty = true;
+            self.group_gone_at = Some(now);
+        }
+    }
+
     /// Sends `sig` to the group unless nothing is left of it; returns whether it was sent.
     fn stop_group(&mut self, sig: Sig, now: Instant, out: &mut Vec<Effect>) -> bool {
         if self.group_empty {
@@ -295,7 +308,7 @@ enum Phase {
         tier: usize,
         until: Instant,
     },
-    Live(Live),
+    Live(Box<Live>),
     Done,
 }
 
@@ -343,10 +356,7 @@ impl Supervisor {
                     (Some(killed), false) => Some(killed + KILL_WAIT),
                     _ => None,
                 };
-                [kill_at, give_up_at, live.drain_deadline]
-                    .into_iter()
-                    .flatten()
-                    .min()
+                kill_at.or(give_up_at)
             }
             Phase::Idle | Phase::Done => None,
         }
@@ -375,11 +385,11 @@ impl Supervisor {
                 }
             }
             Event::Fault { attempt, fault } => self.on_fault(attempt, fault, now, &mut out),
-            Event::StreamClosed { attempt, .. } => {
+            Event::StreamClosed { attempt, stream } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
                 {
-                    live.open_streams = live.open_streams.saturating_sub(1);
+                    live.open.retain(|s| *s != stream);
                     self.end_if_over(now, &mut out);
                 }
             }
@@ -388,11 +398,28 @@ impl Supervisor {
                 status,
                 group_alive,
             } => self.on_exited(attempt, status, group_alive, now, &mut out),
+            Event::OutputIdle {
+                attempt,
+                stream,
+                at,
+            } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                    && live.group_gone_at.is_some_and(|gone| at > gone)
+                {
+                    // Seen empty after the last process of the group died: nothing it wrote
+                    // is left unread. Whoever still holds the pipe open is not the job.
+                    if !live.drained.contains(&stream) {
+                        live.drained.push(stream);
+                    }
+                    self.end_if_over(now, &mut out);
+                }
+            }
             Event::GroupEmpty { attempt } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
                 {
-                    live.group_empty = true;
+                    live.group_gone(now);
                     self.end_if_over(now, &mut out);
                 }
             }
@@ -410,7 +437,7 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, attempt: u32, tier: usize, now: Instant, out: &mut Vec<Effect>) {
-        self.phase = Phase::Live(Live {
+        self.phase = Phase::Live(Box::new(Live {
             attempt,
             tier,
             stop: None,
@@ -418,10 +445,11 @@ impl Supervisor {
             killed_at: None,
             exit: None,
             group_empty: false,
-            open_streams: 2,
-            drain_deadline: None,
+            group_gone_at: None,
+            open: vec![Stream::Stdout, Stream::Stderr],
+            drained: Vec::new(),
             seen: BTreeMap::new(),
-        });
+        }));
         self.attempts.push(AttemptSummary {
             attempt,
             tier,
@@ -518,7 +546,9 @@ impl Supervisor {
             return;
         }
         live.exit = Some(status);
-        live.group_empty = !group_alive;
+        if !group_alive {
+            live.group_gone(now);
+        }
         // The leader is gone but workers of its group are not: an attempt is over only when
         // nothing of it can still hold the GPU, so they are stopped like the job would be.
         if group_alive && live.term_sent.is_none() {
@@ -602,42 +632,28 @@ impl Supervisor {
                 {
                     // Processes that outlive SIGKILL are in uninterruptible sleep, usually inside
                     // a wedged GPU driver. Waiting longer cannot help; the next tier may.
-                    live.group_empty = true;
+                    live.group_gone(now);
                     let message = format!(
                         "attempt {attempt}: processes of the job survived SIGKILL for {KILL_WAIT:?} (stuck in the kernel, often a hung GPU driver); going on without them"
                     );
                     out.push(Effect::Say(message.clone()));
                     out.push(Effect::Journal(Record::Warning { message }));
                     self.end_if_over(now, out);
-                    return;
-                }
-                if let Some(deadline) = live.drain_deadline
-                    && now >= deadline
-                {
-                    // The group is gone but its output is still open: a process that left the
-                    // group holds it. Close the attempt; the readers finish on their own.
-                    self.end_attempt(now, out);
                 }
             }
             _ => {}
         }
     }
 
-    /// Ends the attempt once its group is gone and its output closed; once the group is gone,
-    /// starts the clock on output held open by processes outside it.
+    /// Ends the attempt once its group is gone and every output stream is closed or drained.
     fn end_if_over(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Live(live) = &mut self.phase else {
+        let Phase::Live(live) = &self.phase else {
             return;
         };
         // A leader that never exited can only be here when it was given up on after SIGKILL.
         let leader_done = live.exit.is_some() || live.killed_at.is_some();
-        if !(leader_done && live.group_empty) {
-            return;
-        }
-        if live.open_streams == 0 {
+        if leader_done && live.group_empty && live.open.iter().all(|s| live.drained.contains(s)) {
             self.end_attempt(now, out);
-        } else if live.drain_deadline.is_none() {
-            live.drain_deadline = Some(now + DRAIN);
         }
     }
 
@@ -1263,6 +1279,17 @@ mod tests {
         assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
     }
 
+    /// Both streams seen empty at `at`.
+    fn idle(r: &mut Run, attempt: u32, at: Instant) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            r.feed(Event::OutputIdle {
+                attempt,
+                stream,
+                at,
+            });
+        }
+    }
+
     #[test]
     fn processes_that_survive_sigkill_are_given_up_on() {
         let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
@@ -1272,28 +1299,37 @@ mod tests {
             fault: fault(FaultClass::GpuHang, Action::Fallback),
         });
         r.advance(Duration::from_secs(10));
-        // The leader is stuck in the driver: no exit, no empty group.
+        // The leader is stuck in the driver: no exit, no empty group, the pipes stay open.
         let out = r.advance(KILL_WAIT);
         assert!(
             out.iter()
                 .any(|e| matches!(e, Effect::Journal(Record::Warning { .. })))
         );
-        r.advance(DRAIN);
+        let later = r.now + Duration::from_millis(1);
+        idle(&mut r, 1, later);
         r.advance(Duration::from_secs(1));
         assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
     }
 
     #[test]
-    fn output_held_open_outside_the_group_is_given_up_on_after_the_drain() {
+    fn output_held_open_outside_the_group_ends_once_seen_empty_after_the_group_died() {
         let mut r = Run::new(policy(), &[("gpu", true)]);
         r.feed(Event::Start);
+        let before = r.now;
+        r.now += Duration::from_millis(10);
         r.feed(Event::Exited {
             attempt: 1,
             status: JobExit::Code(0),
             group_alive: false,
         });
+        // An idle report taken before the group died may predate the job's last lines.
+        idle(&mut r, 1, before);
         assert!(r.outcome().is_none());
-        assert!(signals(&r.advance(DRAIN)).is_empty());
+        // Hours of a slow reader: nothing ends the attempt but a fresh look at an empty pipe.
+        r.advance(Duration::from_secs(3600));
+        assert!(r.outcome().is_none());
+        let after = r.now + Duration::from_millis(1);
+        idle(&mut r, 1, after);
         assert_eq!(r.outcome(), Some(Outcome::Succeeded));
     }
 

@@ -686,3 +686,154 @@ fn a_job_stopped_by_the_terminal_is_reported_and_can_still_be_stopped() {
     let _ = script.kill();
     let _ = script.wait();
 }
+
+#[test]
+fn a_fault_behind_output_a_slow_reader_has_not_taken_yet_is_still_seen() {
+    // 300 KB of output, then the fault on stdout, then exit 1; gpuwarden's own stdout is read
+    // slowly. The attempt must not end before the fault line is read and classified.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let script = r#"
+import sys
+sys.stdout.write(("x" * 99 + "\n") * 3000)
+sys.stdout.write("RuntimeError: HIP error: invalid device function\n")
+sys.stdout.flush()
+sys.exit(1)
+"#;
+    let mut child = Command::new(BIN)
+        .current_dir(scene.dir.path())
+        .args([
+            "run",
+            "--max-restarts",
+            "0",
+            "--config",
+            &config,
+            "--run-dir",
+        ])
+        .arg(scene.run_dir())
+        .args(["--", "python3", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 32 * 1024];
+    loop {
+        std::thread::sleep(Duration::from_millis(150));
+        match stdout.read(&mut buf).unwrap() {
+            0 => break,
+            n => got += n,
+        }
+    }
+    child.wait().unwrap();
+    assert_eq!(got, 300_000 + 49, "every byte reached the reader");
+    let journal = scene.journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault");
+    assert!(fault.is_some(), "the fault was missed: {journal:?}");
+    assert_eq!(fault.unwrap()["class"], "gpu_unsupported_kernel");
+}
+
+#[test]
+fn under_nohup_a_hangup_does_not_stop_the_run() {
+    let scene = Scene::new();
+    let mut child = Command::new("nohup")
+        .current_dir(scene.dir.path())
+        .arg(BIN)
+        .args(["run", "--run-dir"])
+        .arg(scene.run_dir())
+        .args(["--", "python3"])
+        .arg(trainer())
+        .arg("--record")
+        .arg(scene.path("record.jsonl"))
+        .args(["--sleep", "0.05", "--steps", "20"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while scene.starts().is_empty() {
+        assert!(Instant::now() < deadline, "the job never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{:?}", scene.journal());
+    assert_eq!(scene.starts().len(), 1);
+}
+
+#[test]
+fn a_signal_during_the_env_script_ends_the_run_before_the_job_starts() {
+    let scene = Scene::new();
+    let script = scene.path("slow-sdk.sh");
+    std::fs::write(&script, "sleep 2\nexport ROCM_PATH=/opt/rocm_sdk_612\n").unwrap();
+    let config = scene.path("gpuwarden.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "ladder = [\"gpu-sdk\", \"cpu\"]\n[[tier]]\nname = \"gpu-sdk\"\ndevice = \"cuda\"\nenv_script = \"{}\"\n",
+            script.display()
+        ),
+    )
+    .unwrap();
+    let marker = scene.path("started");
+    let mut child = scene
+        .command(
+            &["--config", config.to_str().unwrap()],
+            &["--marker", marker.to_str().unwrap()],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    assert!(!marker.exists(), "the job started after the user's Ctrl-C");
+    assert_eq!(scene.journal().last().unwrap()["outcome"], "interrupted");
+}
+
+#[test]
+fn a_worker_adopted_after_its_parent_left_the_group_is_reaped() {
+    // The leader forks A, A forks B and leaves the group, A exits, the leader exits. B (still
+    // in the job's group) is adopted by gpuwarden; when it exits, the group is empty at once.
+    let scene = Scene::new();
+    let script = r#"
+import os, time
+if os.fork() == 0:
+    if os.fork() == 0:
+        time.sleep(0.5)
+        os._exit(0)
+    os.setpgid(0, 0)
+    os._exit(0)
+time.sleep(0.1)
+"#;
+    let started = Instant::now();
+    let out = Command::new(BIN)
+        .current_dir(scene.dir.path())
+        .args(["run", "--grace", "1", "--run-dir"])
+        .arg(scene.run_dir())
+        .args(["--", "python3", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("survived SIGKILL"), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}: {stderr}",
+        started.elapsed()
+    );
+}

@@ -10,9 +10,13 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
 use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, poll};
 
 use crate::rules::{Fault, RuleSet, Stream};
 
@@ -22,10 +26,20 @@ pub const MATCH_CAP: usize = 8 * 1024;
 
 const CHUNK: usize = 64 * 1024;
 
+/// Silence after which a pump says its pipe is empty (and says it again each time as long as
+/// the silence lasts). The supervisor uses it to close an attempt whose output is held open by a
+/// process outside its group, without ever dropping output a slow reader has not taken yet.
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// What a pump reports.
 #[derive(Debug)]
 pub enum OutputEvent {
     Fault(Fault),
+    /// The pipe was seen empty at `at` after [`IDLE_AFTER`] without data: everything written
+    /// before `at` has been passed through, logged and classified (and its faults sent first).
+    Idle {
+        at: Instant,
+    },
     /// End of file: every process holding the pipe has closed it.
     Closed,
     /// Writing the log failed; pass-through goes on, but the user must know.
@@ -78,7 +92,7 @@ pub fn spawn<R, E, F>(
     wrap: F,
 ) -> io::Result<thread::JoinHandle<()>>
 where
-    R: Read + Send + 'static,
+    R: Read + AsFd + Send + 'static,
     E: Send + 'static,
     F: Fn(OutputEvent) -> E + Send + 'static,
 {
@@ -100,7 +114,18 @@ where
                 let _ = tx.send(wrap(e));
             };
             let mut classify = classify;
+            let idle_ms = u16::try_from(IDLE_AFTER.as_millis()).unwrap_or(u16::MAX);
             loop {
+                let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, idle_ms) {
+                    Ok(0) => {
+                        report(OutputEvent::Idle { at: Instant::now() });
+                        continue;
+                    }
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    // Readable, hung up or failed: `read` tells which.
+                    Ok(_) | Err(_) => {}
+                }
                 let n = match pipe.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
