@@ -24,7 +24,10 @@ use crate::rules::{Fault, RuleSet, Stream};
 /// still passed through and logged, just not matched.
 pub const MATCH_CAP: usize = 8 * 1024;
 
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 256 * 1024;
+
+/// Pipe capacity asked for (the default `/proc/sys/fs/pipe-max-size` allows 1 MiB).
+const PIPE_SIZE: i32 = 1024 * 1024;
 
 /// Silence after which a pump says its pipe is empty (and says it again each time as long as
 /// the silence lasts). The supervisor uses it to close an attempt whose output is held open by a
@@ -99,6 +102,9 @@ where
     thread::Builder::new()
         .name(format!("output-{stream}"))
         .spawn(move || {
+            // A bigger pipe than the default 64 KiB: a job printing fast blocks less often, and
+            // each wakeup moves more. Best effort: the limit for unprivileged users may refuse.
+            let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
             let mut buf = vec![0u8; CHUNK];
             let mut splitter = LineSplitter::default();
             let mut passing = true;
@@ -115,20 +121,28 @@ where
             };
             let mut classify = classify;
             let idle_ms = u16::try_from(IDLE_AFTER.as_millis()).unwrap_or(u16::MAX);
+            // While reads fill the buffer, data is flowing and the pipe cannot be idle: poll
+            // only after a short read, which keeps the flood path at one syscall a chunk.
+            let mut drained = true;
             loop {
-                let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
-                match poll(&mut fds, idle_ms) {
-                    Ok(0) => {
-                        report(OutputEvent::Idle { at: Instant::now() });
-                        continue;
+                if drained {
+                    let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+                    match poll(&mut fds, idle_ms) {
+                        Ok(0) => {
+                            report(OutputEvent::Idle { at: Instant::now() });
+                            continue;
+                        }
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        // Readable, hung up or failed: `read` tells which.
+                        Ok(_) | Err(_) => {}
                     }
-                    Err(nix::errno::Errno::EINTR) => continue,
-                    // Readable, hung up or failed: `read` tells which.
-                    Ok(_) | Err(_) => {}
                 }
                 let n = match pipe.read(&mut buf) {
                     Ok(0) => break,
-                    Ok(n) => n,
+                    Ok(n) => {
+                        drained = n < buf.len();
+                        n
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     // A read error on a pipe means it is unusable: treat it as closed.
                     Err(_) => break,
