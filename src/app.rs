@@ -103,8 +103,9 @@ pub struct Report {
 
 /// Supervises `plan` until the job finishes or gpuwarden gives up.
 ///
-/// `explicit_run_dir` tells whether the user named the run directory (then it is reused) or it
-/// is the timestamped default (then a fresh one is always made).
+/// `explicit_run_dir` tells whether the user named the run directory (then it is used as given,
+/// and must not hold a journal yet) or it is the timestamped default (then a fresh one is made,
+/// with a suffix if a run of the same second has it).
 pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Report, RunError> {
     process::block_signals().map_err(RunError::Signals)?;
     process::become_subreaper().map_err(RunError::Signals)?;
