@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use nix::sys::signal::Signal;
 
 /// A config that keeps backoff short so restart tests take milliseconds, not seconds.
 fn fast_config(scene: &Scene) -> String {
@@ -254,11 +255,7 @@ fn sigterm_to_gpuwarden_is_forwarded_then_sigkill_after_grace_and_no_restart() {
     let scene = Scene::new();
     let mut child = start_stubborn_job(&scene, "1");
     let sent = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    send(child.id(), Signal::SIGTERM);
     let status = child.wait().unwrap();
     let took = sent.elapsed();
     let mut stderr = String::new();
@@ -513,9 +510,8 @@ fn help_shows_an_example_and_the_exit_codes() {
 fn second_ctrl_c_kills_the_job_at_once() {
     let scene = Scene::new();
     let mut child = start_stubborn_job(&scene, "30");
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let sent = Instant::now();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    send(child.id(), Signal::SIGINT);
     // The job ignores the first one (it records it); the second escalates to SIGKILL.
     while !scene.records().iter().any(|r| r["signal"] == 2) {
         assert!(
@@ -524,7 +520,7 @@ fn second_ctrl_c_kills_the_job_at_once() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    send(child.id(), Signal::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(
@@ -670,11 +666,7 @@ fn a_job_stopped_by_the_terminal_is_reported_and_can_still_be_stopped() {
     };
     assert!(warning.contains("SIGTTIN"), "{warning}");
     let sent = Instant::now();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    send(pid, Signal::SIGTERM);
     while scene.journal().last().unwrap()["event"] != "run_finished" {
         assert!(
             sent.elapsed() < Duration::from_secs(5),
@@ -758,11 +750,7 @@ fn under_nohup_a_hangup_does_not_stop_the_run() {
         assert!(Instant::now() < deadline, "the job never started");
         std::thread::sleep(Duration::from_millis(20));
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
+    send(child.id(), Signal::SIGHUP);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{:?}", scene.journal());
     assert_eq!(scene.starts().len(), 1);
@@ -793,11 +781,7 @@ fn a_signal_during_the_env_script_ends_the_run_before_the_job_starts() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
+    send(child.id(), Signal::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     assert!(!marker.exists(), "the job started after the user's Ctrl-C");

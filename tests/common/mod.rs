@@ -124,3 +124,9 @@ pub fn dead(pid: i32) -> bool {
             .unwrap_or(true),
     }
 }
+
+/// Sends `sig` to process `pid` (gpuwarden, in these tests).
+pub fn send(pid: impl TryInto<i32>, sig: nix::sys::signal::Signal) {
+    let pid = pid.try_into().ok().expect("a pid fits in i32");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).unwrap();
+}
