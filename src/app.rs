@@ -486,8 +486,10 @@ impl Executor<'_> {
         let Some(spec) = &self.plan.checkpoints else {
             return Ok(Ok(None));
         };
-        let spec = spec.replace("{run_dir}", &self.run_dir.to_string_lossy());
-        match checkpoints::discover(&spec) {
+        // Relative specs are relative to gpuwarden's (and so the job's) working directory.
+        let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
+            .and_then(|s| s.discover());
+        match found {
             Ok(found) => {
                 for skipped in found.skipped {
                     say(&format!(

@@ -175,26 +175,70 @@ const DEEPSPEED_LATEST_MAX: u64 = 4096;
 ///
 /// A missing directory is not an error: the job has not saved anything yet.
 pub fn discover(spec: &str) -> Result<Discovery, CheckpointError> {
-    let path = Path::new(spec);
-    let is_glob = spec.contains(['*', '?', '[']);
-    // A literal directory whose name happens to hold `[` is still that directory.
-    if is_glob && !path.is_dir() {
-        return Ok(choose(glob_candidates(spec)?));
+    Spec::new(spec, None, Path::new(""))?.discover()
+}
+
+/// The placeholder a `--checkpoints` value may hold for the run directory.
+pub const RUN_DIR_PLACEHOLDER: &str = "{run_dir}";
+
+/// A `--checkpoints` value, read once: a literal path or a glob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Spec {
+    /// A directory to scan, or one checkpoint file or directory.
+    Path(PathBuf),
+    /// A checked glob pattern whose matches are the candidates.
+    Glob(String),
+}
+
+impl Spec {
+    /// Reads `spec`, putting `run_dir` in place of `{run_dir}`; a relative spec is relative to
+    /// `cwd` (the job's working directory, where its checkpoints are written).
+    ///
+    /// Only the user's own text decides whether the spec is a glob: a run directory named
+    /// `runs[3]` neither makes `{run_dir}/ckpt` a glob nor breaks `{run_dir}/*.pt` (it is
+    /// escaped there). A glob-looking spec that names an existing directory is that directory.
+    /// A glob that cannot compile is an error that says how to quote it.
+    pub fn new(spec: &str, run_dir: Option<&Path>, cwd: &Path) -> Result<Spec, CheckpointError> {
+        let run_dir = run_dir.map(|d| d.to_string_lossy().into_owned());
+        let literal = match &run_dir {
+            Some(dir) => spec.replace(RUN_DIR_PLACEHOLDER, dir),
+            None => spec.to_owned(),
+        };
+        let own_text = spec.replace(RUN_DIR_PLACEHOLDER, "");
+        if !own_text.contains(['*', '?', '[']) || cwd.join(&literal).is_dir() {
+            return Ok(Spec::Path(PathBuf::from(literal)));
+        }
+        let pattern = match &run_dir {
+            Some(dir) => spec.replace(RUN_DIR_PLACEHOLDER, &glob::Pattern::escape(dir)),
+            None => literal,
+        };
+        match glob::Pattern::new(&pattern) {
+            Ok(_) => Ok(Spec::Glob(pattern)),
+            Err(source) => Err(CheckpointError::BadPattern { pattern, source }),
+        }
     }
-    match fs::metadata(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Discovery::default()),
-        Err(source) => Err(CheckpointError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        }),
-        Ok(meta) if meta.is_dir() => Ok(choose(scan_dir(path)?)),
-        // A single named file: the user pointed at it, so it is the only candidate.
-        Ok(meta) => Ok(choose(vec![Candidate {
-            path: path.to_path_buf(),
-            step: step_from_path(path),
-            modified: modified(&meta),
-            known_incomplete: None,
-        }])),
+
+    /// Finds the newest complete checkpoint the spec designates: see [`discover`].
+    pub fn discover(&self) -> Result<Discovery, CheckpointError> {
+        let path = match self {
+            Spec::Glob(pattern) => return Ok(choose(glob_candidates(pattern)?)),
+            Spec::Path(path) => path,
+        };
+        match fs::metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Discovery::default()),
+            Err(source) => Err(CheckpointError::Unreadable {
+                path: path.clone(),
+                source,
+            }),
+            Ok(meta) if meta.is_dir() => Ok(choose(scan_dir(path)?)),
+            // A single named file: the user pointed at it, so it is the only candidate.
+            Ok(meta) => Ok(choose(vec![Candidate {
+                path: path.clone(),
+                step: step_from_path(path),
+                modified: modified(&meta),
+                known_incomplete: None,
+            }])),
+        }
     }
 }
 
@@ -1612,6 +1656,31 @@ mod tests {
         let empty = dir.path().join("empty");
         fs::create_dir(&empty).unwrap();
         assert_eq!(discover_path(&empty), Discovery::default());
+    }
+
+    #[test]
+    fn the_run_dir_never_decides_whether_a_spec_is_a_glob() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("runs[3");
+        let ckpt = run_dir.join("checkpoints");
+        fs::create_dir_all(&ckpt).unwrap();
+        copy(
+            "safetensors/model.safetensors",
+            &ckpt.join("m-step00015.safetensors"),
+        );
+        // A plain spec stays a path, even before the directory exists.
+        let later = Spec::new("{run_dir}/later", Some(&run_dir), dir.path()).unwrap();
+        assert_eq!(later, Spec::Path(run_dir.join("later")));
+        for spec in [
+            "{run_dir}/checkpoints",
+            "{run_dir}/checkpoints/*.safetensors",
+        ] {
+            let found = Spec::new(spec, Some(&run_dir), dir.path())
+                .unwrap()
+                .discover()
+                .unwrap();
+            assert_eq!(newest_name(&found), "m-step00015.safetensors", "{spec}");
+        }
     }
 
     #[test]

@@ -44,6 +44,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::checkpoints::{self, CheckpointError};
 use crate::ladder::{self, BUILTIN_TIERS, LadderError, Tier};
 
 /// The file looked for in the current directory when `--config` is not given.
@@ -503,28 +504,25 @@ fn resolve_run_dir(given: Option<PathBuf>, cwd: &Path, now_utc_stamp: &str) -> P
     }
 }
 
-/// Refuses a checkpoints glob that cannot compile, so the mistake shows now and not as a
-/// warning at every attempt of a run. Mirrors what happens at run time: `{run_dir}` is replaced,
-/// and a spec with `*`, `?` or `[` is a glob unless it names an existing directory.
+/// Refuses a checkpoints glob that cannot compile, so the mistake shows now and not when an
+/// attempt starts. The spec is read exactly as at run time, by `checkpoints::Spec`.
 fn check_checkpoints(
     spec: &str,
     at: &Origin,
     cwd: &Path,
     run_dir: &Path,
 ) -> Result<(), ConfigError> {
-    let pattern = spec.replace("{run_dir}", &run_dir.to_string_lossy());
-    if !pattern.contains(['*', '?', '[']) || cwd.join(&pattern).is_dir() {
-        return Ok(());
-    }
-    match glob::Pattern::new(&pattern) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(ConfigError::BadCheckpointsGlob {
-            spec: spec.to_owned(),
-            pattern,
-            reason: e.msg,
-            column: e.pos + 1,
-            at: at.clone(),
-        }),
+    match checkpoints::Spec::new(spec, Some(run_dir), cwd) {
+        Err(CheckpointError::BadPattern { pattern, source }) => {
+            Err(ConfigError::BadCheckpointsGlob {
+                spec: spec.to_owned(),
+                pattern,
+                reason: source.msg,
+                column: source.pos + 1,
+                at: at.clone(),
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -1135,20 +1133,19 @@ args = ["--amp", "off"]
         assert!(msg.contains("`{run_dir}/ckpt-[`"), "{msg}");
         assert!(msg.contains(&format!("`{}`", expanded.display())), "{msg}");
 
-        // `[` in the run directory is in the pattern that runs, so it counts too.
-        let err = plan_in(
-            dir.path(),
-            Overrides {
-                checkpoints: Some("{run_dir}/ckpt".into()),
-                run_dir: Some("runs[1".into()),
-                ..Overrides::default()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, ConfigError::BadCheckpointsGlob { .. }),
-            "{err}"
-        );
+        // `[` in the run directory is the directory's name, never glob syntax: neither a plain
+        // spec nor a glob around it is refused for it.
+        for spec in ["{run_dir}/ckpt", "{run_dir}/ckpt/*.pt"] {
+            let plan = plan_in(
+                dir.path(),
+                Overrides {
+                    checkpoints: Some(spec.into()),
+                    run_dir: Some("runs[1".into()),
+                    ..Overrides::default()
+                },
+            );
+            assert!(plan.is_ok(), "{spec}: {plan:?}");
+        }
 
         let plan = with_checkpoints(dir.path(), "{run_dir}/checkpoints/*.pt").unwrap();
         assert_eq!(
