@@ -94,19 +94,12 @@ enum Input {
 /// slowed down (its pipe fills) instead of growing gpuwarden's memory.
 const QUEUE: usize = 1024;
 
-/// The end of a run, for `main`.
-#[derive(Debug)]
-pub struct Report {
-    pub outcome: Outcome,
-    pub run_dir: PathBuf,
-}
-
 /// Supervises `plan` until the job finishes or gpuwarden gives up.
 ///
 /// `explicit_run_dir` tells whether the user named the run directory (then it is used as given,
 /// and must not hold a journal yet) or it is the timestamped default (then a fresh one is made,
 /// with a suffix if a run of the same second has it).
-pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Report, RunError> {
+pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Outcome, RunError> {
     process::block_signals().map_err(RunError::Signals)?;
     process::become_subreaper().map_err(RunError::Signals)?;
     let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
@@ -193,7 +186,7 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<R
     }
     print_summary(&sup, plan, &outcome, exec.journal.path());
     flush_voice();
-    Ok(Report { outcome, run_dir })
+    Ok(outcome)
 }
 
 struct Executor<'a> {

@@ -23,7 +23,6 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::signal::{Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
 use nix::unistd::Pid;
 
@@ -535,11 +534,9 @@ fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>, keep: usize) -> mpsc:
 
 /// Kills bash's process group (bash and everything the script started) and reaps bash.
 fn end_group(child: &mut Child) -> std::io::Result<ExitStatus> {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        // ESRCH (the group is already empty) is the good case. Any other failure leaves
-        // nothing better to do: bash itself still gets killed and reaped below.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    }
+    // An already empty group is the good case. Any other failure leaves nothing better to
+    // do: bash itself still gets killed and reaped below.
+    let _ = crate::process::signal_group(child.id(), crate::supervisor::Sig::Kill);
     // Bash may have left the group (`set -m` in the script); it must not outlive us either.
     // On an exited, unreaped bash this does nothing.
     let _ = child.kill();

@@ -88,7 +88,7 @@ fn supervise(plan: &Plan, explicit_run_dir: bool) -> i32 {
         return exit::USAGE;
     }
     match gpuwarden::app::run(plan, rules, explicit_run_dir) {
-        Ok(report) => report.outcome.exit_code(),
+        Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             error(&e);
             e.exit_code()
@@ -204,8 +204,8 @@ fn rules(cmd: RulesCommand) -> i32 {
                         "{:<36} {:<24} {:<9} {:<9} {}  ({}:{})",
                         r.id,
                         r.class.as_str(),
-                        format!("{:?}", r.severity).to_lowercase(),
-                        format!("{:?}", r.action).to_lowercase(),
+                        r.severity.to_string(),
+                        r.action.to_string(),
                         streams.join(","),
                         r.origin.file,
                         r.origin.line

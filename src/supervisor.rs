@@ -338,10 +338,6 @@ impl Supervisor {
         &self.attempts
     }
 
-    pub fn is_done(&self) -> bool {
-        matches!(self.phase, Phase::Done)
-    }
-
     /// The earliest moment at which a `Tick` can change anything, so the executor can sleep
     /// until then instead of polling.
     pub fn next_deadline(&self) -> Option<Instant> {
@@ -479,13 +475,13 @@ impl Supervisor {
             // A late line from an attempt that is already over: it changes nothing.
             return;
         }
-        let count = live.seen.entry(fault.rule.clone()).or_insert(0);
-        *count += 1;
         // A storm of the same fault is one finding: journal the first, count the rest
-        // (the count goes into `attempt_ended`).
-        if *count > 1 {
+        // (the count goes into `attempt_ended`). No allocation for the repeats.
+        if let Some(count) = live.seen.get_mut(&fault.rule) {
+            *count += 1;
             return;
         }
+        live.seen.insert(fault.rule.clone(), 1);
         let record = Effect::Journal(Record::Fault {
             attempt,
             class: fault.class,
