@@ -41,6 +41,9 @@ pub enum Command {
     /// Watch gpuwarden rescue a built-in training job from a GPU fault (no GPU or Python needed).
     #[command(after_help = gpuwarden::exit::TABLE)]
     Demo(DemoArgs),
+    /// Find GPU faults in existing logs (dmesg, journalctl -k, a training log).
+    #[command(after_help = SCAN_HELP)]
+    Scan(ScanArgs),
     /// Inspect and verify the fault rules.
     #[command(subcommand)]
     Rules(RulesCommand),
@@ -81,6 +84,43 @@ pub struct RunArgs {
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
+}
+
+const SCAN_HELP: &str = "\
+EXAMPLES:
+  dmesg | gpuwarden scan
+  journalctl -k -b -1 | gpuwarden scan --json
+  gpuwarden scan train.log worker-*.log
+
+Timestamps and prefixes (dmesg, dmesg -T, syslog/journald, raw /dev/kmsg records, [rank3]:) are
+stripped before matching. A multi-line fault (an amdgpu page fault block, a CUDA error with its
+hints) is one finding; the same fault repeated (a storm) is one finding with a count.
+
+--json prints one object per finding per line: file, line, end_line (1-based), class, rule,
+severity, action, count, text, stream, captures, advice.
+
+EXIT CODES (like grep):
+  0  no fault found
+  1  faults found
+  2  error: an input could not be read, or the rules could not be loaded";
+
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Logs to read [default: standard input]; `-` is standard input.
+    #[arg(value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+    /// Print one JSON object per finding per line.
+    #[arg(long)]
+    pub json: bool,
+    /// Apply only the rules of this stream (stdout, stderr, kernel, tool) [default: every rule].
+    #[arg(long, value_name = "STREAM")]
+    pub stream: Option<String>,
+    /// A directory of extra rule files (*.toml). Repeatable.
+    #[arg(long = "rules", value_name = "DIR")]
+    pub rules: Vec<PathBuf>,
+    /// Use only the rules of --rules directories, not the built-in ones.
+    #[arg(long, requires = "rules")]
+    pub no_builtin_rules: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,7 @@ use gpuwarden::config::{self, Overrides, Plan};
 use gpuwarden::exit;
 use gpuwarden::rules::RuleSet;
 
-use cli::{Cli, Command, DemoArgs, DemoJobArgs, RulesCommand, RunArgs};
+use cli::{Cli, Command, DemoArgs, DemoJobArgs, RulesCommand, RunArgs, ScanArgs};
 
 fn main() {
     let cli = Cli::parse();
@@ -30,6 +30,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => run(args),
         Command::Demo(args) => demo(args),
+        Command::Scan(args) => scan(args),
         Command::Rules(cmd) => rules(cmd),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::app::GUARD_GRACE),
         Command::DemoJob(args) => demo_job(args),
@@ -159,6 +160,107 @@ fn demo_job(args: DemoJobArgs) -> i32 {
             eprintln!("[demo] error: {e}");
             1
         }
+    }
+}
+
+/// Exit codes of `scan`, like grep's.
+mod scan_exit {
+    pub const NOTHING: i32 = 0;
+    pub const FOUND: i32 = 1;
+    pub const ERROR: i32 = 2;
+}
+
+fn scan(args: ScanArgs) -> i32 {
+    use gpuwarden::rules::Stream;
+    use gpuwarden::scan;
+
+    let stream = match args.stream.as_deref().map(|s| (s, Stream::from_name(s))) {
+        None => None,
+        Some((_, Some(stream))) => Some(stream),
+        Some((name, None)) => {
+            error(format_args!(
+                "unknown stream `{name}`; use one of: stdout, stderr, kernel, tool"
+            ));
+            return scan_exit::ERROR;
+        }
+    };
+    let rules = if args.no_builtin_rules {
+        RuleSet::from_dirs(&args.rules)
+    } else {
+        RuleSet::load(&args.rules)
+    };
+    let rules = match rules {
+        Ok(rules) => rules,
+        Err(e) => {
+            error(e);
+            return scan_exit::ERROR;
+        }
+    };
+    let files: Vec<PathBuf> = if args.files.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        args.files
+    };
+    let many = files.len() > 1;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut found = 0usize;
+    let mut failed = false;
+    for path in &files {
+        let name = path.display().to_string();
+        let input: Box<dyn std::io::Read> = if name == "-" {
+            Box::new(std::io::stdin().lock())
+        } else {
+            match std::fs::File::open(path) {
+                Ok(file) => Box::new(file),
+                Err(e) => {
+                    error(format_args!("{name}: cannot read: {e}"));
+                    failed = true;
+                    continue;
+                }
+            }
+        };
+        let result = scan::scan(&rules, stream, input, |finding| {
+            if args.json {
+                let record = scan::Record::new(&name, finding);
+                serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other)?;
+                writeln!(out)
+            } else {
+                scan::write_human(&mut out, many.then_some(name.as_str()), finding)
+            }
+        });
+        match result {
+            Ok(summary) => {
+                found += summary.findings;
+                if !args.json {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{name}: {} finding(s) in {} line(s)",
+                        summary.findings,
+                        summary.lines
+                    );
+                }
+            }
+            // `gpuwarden scan log | head`: the reader left after a finding was written to it.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return scan_exit::FOUND,
+            Err(e) => {
+                error(format_args!("{name}: {e}"));
+                failed = true;
+            }
+        }
+    }
+    if let Err(e) = out.flush()
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        error(format_args!("cannot write the findings: {e}"));
+        failed = true;
+    }
+    if failed {
+        scan_exit::ERROR
+    } else if found > 0 {
+        scan_exit::FOUND
+    } else {
+        scan_exit::NOTHING
     }
 }
 

@@ -61,18 +61,23 @@ pub enum RuleError {
     #[error("{at}: not valid TOML: {message}; fix the syntax on that line")]
     Syntax { at: Location, message: String },
 
-    #[error(
-        "{at}: unknown field `{field}`; a rule may have only {}",
-        super::file::FIELDS.join(", ")
-    )]
-    UnknownField { at: Location, field: String },
+    #[error("{at}: unknown field `{field}`; this table may have only {allowed}")]
+    UnknownField {
+        at: Location,
+        field: String,
+        allowed: String,
+    },
 
-    #[error("{at}: unknown top-level key `{key}`; a rule file holds only `[[rule]]` tables")]
+    #[error(
+        "{at}: unknown top-level key `{key}`; a rule file holds only `[[rule]]` and \
+         `[[context]]` tables"
+    )]
     UnknownTopLevel { at: Location, key: String },
 
     #[error(
         "{at}: {message}; every `[[rule]]` needs id, class, streams, regex, severity, advice and \
-         examples, with strings quoted and streams and examples as lists"
+         examples (a `[[context]]`: id, streams, regex, joins and examples), with strings quoted \
+         and streams and examples as lists"
     )]
     Malformed { at: Location, message: String },
 
@@ -124,13 +129,13 @@ pub enum RuleError {
     DuplicateId { at: Location, first: Origin },
 
     #[error(
-        "{at}: the {count} rules for the {stream} stream do not fit in one matcher ({message}); \
+        "{at}: the {count} rules and contexts for the {stream} stream do not fit in one matcher ({message}); \
          remove rules or simplify their regexes (large counted repetitions such as \\w{{1000}} \
          are the usual cause)"
     )]
     TooLarge {
         at: Location,
-        stream: super::Stream,
+        stream: String,
         count: usize,
         message: String,
     },

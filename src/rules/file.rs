@@ -11,7 +11,9 @@ use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
 
-use super::{Action, FaultClass, Location, Origin, Rule, RuleError, Severity, Stream};
+use super::{
+    Action, Context, FaultClass, Joins, Loaded, Location, Origin, Rule, RuleError, Severity, Stream,
+};
 
 /// The fields a `[[rule]]` table may have, in the order the format documents them.
 pub(super) const FIELDS: [&str; 9] = [
@@ -26,17 +28,46 @@ pub(super) const FIELDS: [&str; 9] = [
     "counterexamples",
 ];
 
+/// The fields a `[[context]]` table may have.
+pub(super) const CONTEXT_FIELDS: [&str; 7] = [
+    "id",
+    "streams",
+    "regex",
+    "joins",
+    "classes",
+    "examples",
+    "counterexamples",
+];
+
 /// The capture group names a regex may use. The supervisor reads these to attribute a fault to a
 /// process (`pid`, `process`) or a device (`pci`, `node`, `xid`, `address`); any other name is
 /// almost always a typo that would silently drop that attribution.
 pub(super) const CAPTURES: [&str; 6] = ["pid", "process", "pci", "node", "xid", "address"];
 
-/// A rule file as written: a list of `[[rule]]` tables.
+/// A rule file as written: a list of `[[rule]]` tables and a list of `[[context]]` tables.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    context: Vec<Spanned<RawContext>>,
+}
+
+/// One `[[context]]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawContext {
+    id: Spanned<String>,
+    streams: Spanned<Vec<Spanned<String>>>,
+    regex: Spanned<String>,
+    joins: Spanned<String>,
+    #[serde(default)]
+    classes: Vec<Spanned<String>>,
+    #[serde(default)]
+    examples: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    counterexamples: Vec<String>,
 }
 
 /// One `[[rule]]` table as written, every value with its byte span so errors can name the line.
@@ -85,7 +116,7 @@ impl Lines<'_> {
 }
 
 /// Parses and validates the rule file `text`; `file` is the name used in origins and errors.
-pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Rule>, RuleError> {
+pub(super) fn parse(file: &str, text: &str) -> Result<Loaded, RuleError> {
     let lines = Lines { file, text };
     // First pass: plain TOML with spans. It catches syntax errors and unknown keys, and records
     // where each rule starts and what its id is, so that a later type error can name the rule.
@@ -110,26 +141,37 @@ pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Rule>, RuleError> {
         }
     })?;
 
-    raw.rule
+    let rules = raw
+        .rule
         .into_iter()
         .map(|raw| validate(&lines, raw))
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let contexts = raw
+        .context
+        .into_iter()
+        .map(|raw| validate_context(&lines, raw))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Loaded { rules, contexts })
 }
 
 /// Rejects keys that are not part of the format, and returns the start offset and id (when it is
-/// a string) of every `[[rule]]` table.
+/// a string) of every `[[rule]]` and `[[context]]` table.
 fn check_keys(
     lines: &Lines<'_>,
     doc: &DeTable<'_>,
 ) -> Result<Vec<(usize, Option<String>)>, RuleError> {
     let mut starts = Vec::new();
     for (key, value) in doc {
-        if key.get_ref() != "rule" {
-            return Err(RuleError::UnknownTopLevel {
-                at: lines.at(key.span().start, None),
-                key: key.get_ref().to_string(),
-            });
-        }
+        let fields: &[&str] = match key.get_ref().as_ref() {
+            "rule" => &FIELDS,
+            "context" => &CONTEXT_FIELDS,
+            _ => {
+                return Err(RuleError::UnknownTopLevel {
+                    at: lines.at(key.span().start, None),
+                    key: key.get_ref().to_string(),
+                });
+            }
+        };
         // A `rule` that is not an array of tables is left to the typed pass, which says what it
         // expected.
         let Some(array) = value.get_ref().as_array() else {
@@ -145,11 +187,12 @@ fn check_keys(
                 .map(str::to_string);
             if let Some((field, _)) = table
                 .iter()
-                .find(|(k, _)| !FIELDS.contains(&k.get_ref().as_ref()))
+                .find(|(k, _)| !fields.contains(&k.get_ref().as_ref()))
             {
                 return Err(RuleError::UnknownField {
                     at: lines.at(field.span().start, id.as_deref()),
                     field: field.get_ref().to_string(),
+                    allowed: fields.join(", "),
                 });
             }
             starts.push((element.span().start, id));
@@ -159,21 +202,100 @@ fn check_keys(
     Ok(starts)
 }
 
-/// Checks one raw rule and compiles its regex.
-fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError> {
-    let header = raw.span().start;
-    let raw = raw.into_inner();
-    let id = raw.id.get_ref().as_str();
-    if id.is_empty()
-        || !id
+/// Checks an id: lowercase letters, digits and `-`.
+fn check_id<'a>(lines: &Lines<'_>, id: &'a Spanned<String>) -> Result<&'a str, RuleError> {
+    let text = id.get_ref().as_str();
+    if text.is_empty()
+        || !text
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
     {
         return Err(RuleError::BadId {
-            at: lines.at(raw.id.span().start, None),
-            id: id.to_string(),
+            at: lines.at(id.span().start, None),
+            id: text.to_string(),
         });
     }
+    Ok(text)
+}
+
+/// The streams of a rule or context: known names, at least one, no repeats.
+fn streams(
+    raw: &Spanned<Vec<Spanned<String>>>,
+    at: &impl Fn(usize) -> Location,
+) -> Result<Vec<Stream>, RuleError> {
+    let mut streams = Vec::new();
+    for stream in raw.get_ref() {
+        let stream = named(stream, "stream", Stream::from_name, at, || {
+            Stream::ALL.map(Stream::as_str).join(", ")
+        })?;
+        if !streams.contains(&stream) {
+            streams.push(stream);
+        }
+    }
+    if streams.is_empty() {
+        return Err(RuleError::NoStreams {
+            at: at(raw.span().start),
+        });
+    }
+    Ok(streams)
+}
+
+/// The examples of a rule or context: at least one.
+fn examples(
+    raw: Option<Spanned<Vec<String>>>,
+    header: usize,
+    at: &impl Fn(usize) -> Location,
+) -> Result<Vec<String>, RuleError> {
+    match raw {
+        Some(examples) if !examples.get_ref().is_empty() => Ok(examples.into_inner()),
+        Some(examples) => Err(RuleError::NoExamples {
+            at: at(examples.span().start),
+        }),
+        None => Err(RuleError::NoExamples { at: at(header) }),
+    }
+}
+
+/// Checks one raw `[[context]]` and compiles its regex.
+fn validate_context(lines: &Lines<'_>, raw: Spanned<RawContext>) -> Result<Context, RuleError> {
+    let header = raw.span().start;
+    let raw = raw.into_inner();
+    let id = check_id(lines, &raw.id)?;
+    let at = |offset: usize| lines.at(offset, Some(id));
+    let joins = named(&raw.joins, "joins", Joins::from_name, &at, || {
+        Joins::ALL.map(Joins::as_str).join(", ")
+    })?;
+    let mut classes = Vec::new();
+    for class in &raw.classes {
+        let class = named(class, "class", FaultClass::from_name, &at, || {
+            FaultClass::ALL.map(FaultClass::as_str).join(", ")
+        })?;
+        if !classes.contains(&class) {
+            classes.push(class);
+        }
+    }
+    let streams = streams(&raw.streams, &at)?;
+    let regex = compile(&raw.regex, &at)?;
+    Ok(Context {
+        id: id.to_string(),
+        streams,
+        joins,
+        classes,
+        origin: Origin {
+            file: lines.file.to_string(),
+            line: lines.line_of(header),
+        },
+        pattern: raw.regex.into_inner(),
+        regex,
+        examples: examples(raw.examples, header, &at)?,
+        counterexamples: raw.counterexamples,
+    })
+}
+
+/// Checks one raw rule and compiles its regex.
+fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError> {
+    let header = raw.span().start;
+    let raw = raw.into_inner();
+    let id = check_id(lines, &raw.id)?;
     let at = |offset: usize| lines.at(offset, Some(id));
 
     let class = named(&raw.class, "class", FaultClass::from_name, &at, || {
@@ -189,20 +311,7 @@ fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError>
         None => class.default_action(),
     };
 
-    let mut streams = Vec::new();
-    for stream in raw.streams.get_ref() {
-        let stream = named(stream, "stream", Stream::from_name, &at, || {
-            Stream::ALL.map(Stream::as_str).join(", ")
-        })?;
-        if !streams.contains(&stream) {
-            streams.push(stream);
-        }
-    }
-    if streams.is_empty() {
-        return Err(RuleError::NoStreams {
-            at: at(raw.streams.span().start),
-        });
-    }
+    let streams = streams(&raw.streams, &at)?;
 
     let regex = compile(&raw.regex, &at)?;
     let pattern = raw.regex.into_inner();
@@ -213,15 +322,7 @@ fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError>
         });
     }
 
-    let examples = match raw.examples {
-        Some(examples) if !examples.get_ref().is_empty() => examples.into_inner(),
-        Some(examples) => {
-            return Err(RuleError::NoExamples {
-                at: at(examples.span().start),
-            });
-        }
-        None => return Err(RuleError::NoExamples { at: at(header) }),
-    };
+    let examples = examples(raw.examples, header, &at)?;
 
     Ok(Rule {
         id: id.to_string(),

@@ -36,6 +36,8 @@
 mod error;
 mod fault;
 mod file;
+pub mod group;
+pub mod prefix;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -43,6 +45,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use regex::{Regex, RegexSet, RegexSetBuilder};
+use regex_automata::meta;
+use regex_syntax::hir::{Hir, HirKind, Look, Repetition};
 use serde::Serialize;
 
 pub use error::{Location, Origin, RuleError};
@@ -96,10 +100,10 @@ impl Rule {
         &self.pattern
     }
 
-    /// Whether this rule's regex matches the line, whatever its streams and whatever other rules
-    /// would say.
+    /// Whether this rule's regex matches the line's message (prefixes stripped), whatever its
+    /// streams and whatever other rules would say.
     pub fn is_match(&self, line: &str) -> bool {
-        self.regex.is_match(line_body(line))
+        self.regex.is_match(prefix::strip(line_body(line)).body)
     }
 
     /// Real lines this rule must match.
@@ -113,22 +117,134 @@ impl Rule {
     }
 }
 
+/// Which finding a context line joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Joins {
+    /// The finding just before it (the detail lines of an amdgpu page fault, hint lines after a
+    /// CUDA error).
+    After,
+    /// The finding that follows it (the first lines of a message whose fault words come later).
+    Before,
+}
+
+impl Joins {
+    pub const ALL: [Joins; 2] = [Joins::After, Joins::Before];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Joins::After => "after",
+            Joins::Before => "before",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Joins> {
+        Joins::ALL.into_iter().find(|j| j.as_str() == name)
+    }
+}
+
+/// A `[[context]]` entry: lines that only accompany a fault. They never start a finding; they
+/// join one (extending its span, filling in its missing captures), so that a ten-line amdgpu
+/// page fault or a CUDA error with its hints is one finding, not ten.
+#[derive(Clone, Debug)]
+pub struct Context {
+    pub id: String,
+    pub streams: Vec<Stream>,
+    pub joins: Joins,
+    /// The classes of findings it may join; empty means any class.
+    pub classes: Vec<FaultClass>,
+    pub origin: Origin,
+    pattern: String,
+    regex: Regex,
+    examples: Vec<String>,
+    counterexamples: Vec<String>,
+}
+
+impl Context {
+    /// The regex as written in the rule file.
+    pub fn regex(&self) -> &str {
+        &self.pattern
+    }
+
+    /// Whether this context's regex matches the line's message (prefixes stripped).
+    pub fn is_match(&self, line: &str) -> bool {
+        self.regex.is_match(prefix::strip(line_body(line)).body)
+    }
+
+    /// Whether it may join a finding of this class.
+    pub fn joins_class(&self, class: FaultClass) -> bool {
+        self.classes.is_empty() || self.classes.contains(&class)
+    }
+
+    pub fn examples(&self) -> &[String] {
+        &self.examples
+    }
+
+    pub fn counterexamples(&self) -> &[String] {
+        &self.counterexamples
+    }
+}
+
+/// A line that a context entry recognised, with what it captured.
+#[derive(Clone, Debug)]
+pub struct ContextMatch<'a> {
+    pub context: &'a Context,
+    pub captures: BTreeMap<String, String>,
+}
+
+/// What one rule file (or several) holds.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Loaded {
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) contexts: Vec<Context>,
+}
+
+impl Loaded {
+    fn extend(&mut self, other: Loaded) {
+        self.rules.extend(other.rules);
+        self.contexts.extend(other.contexts);
+    }
+
+    /// Every id with where it is defined, rules first.
+    fn ids(&self) -> impl Iterator<Item = (&str, &Origin)> {
+        self.rules
+            .iter()
+            .map(|r| (r.id.as_str(), &r.origin))
+            .chain(self.contexts.iter().map(|c| (c.id.as_str(), &c.origin)))
+    }
+}
+
 /// The rules that apply to one stream, compiled into one set. `rules[i]` is the index in
 /// `RuleSet::rules` of the set's pattern `i`; it is ascending, so the first match in set order is
 /// the earliest defined rule.
+///
+/// `prefilter` is the union of the rules' and contexts' regexes with their `^`/`$` anchors taken
+/// out, run over the raw line (or a whole buffer of lines, for `scan`): rules match the message
+/// after its prefixes are stripped, and a regex that matches the message also matches, anchors
+/// aside, the line that contains it. So a line the prefilter passes over is neither a fault nor
+/// context, and costs one pass of one automaton; only the few it stops at are stripped and
+/// matched rule by rule.
 #[derive(Clone, Debug)]
 struct Matcher {
     set: RegexSet,
     rules: Vec<usize>,
+    context_set: RegexSet,
+    contexts: Vec<usize>,
+    prefilter: meta::Regex,
 }
 
 /// A compiled catalog of rules.
 #[derive(Clone, Debug)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    /// One matcher per stream, indexed by `Stream as usize`.
-    matchers: [Matcher; 4],
+    contexts: Vec<Context>,
+    /// One matcher per stream, indexed by `Stream as usize`, then one for every rule of every
+    /// stream (`scan` of a log whose stream is unknown).
+    matchers: [Matcher; 5],
 }
+
+/// The index in `RuleSet::matchers` of the matcher for all streams.
+const ANY: usize = 4;
 
 /// An example that a rule does not match, or a counterexample that it does: the rule loads, but
 /// it is wrong about the lines it was written for.
@@ -153,8 +269,8 @@ impl fmt::Display for CheckFailure {
 pub struct DirCheck {
     /// The rule files looked at.
     pub files: usize,
-    /// The rules that loaded and whose examples were checked: those of the files without an
-    /// error, less any that reuse an id defined before them.
+    /// The rules and contexts that loaded and whose examples were checked: those of the files
+    /// without an error, less any that reuse an id defined before them.
     pub rules: usize,
     /// One error per file that cannot be loaded on its own (the first problem in it), then a
     /// `DuplicateId` for each rule of a good file that reuses an id of an earlier good file. A
@@ -171,42 +287,59 @@ impl DirCheck {
     }
 
     /// Checks files loaded one by one, in the order they rank on ties.
-    fn of_files(loaded: Vec<Result<Vec<Rule>, RuleError>>) -> DirCheck {
+    fn of_files(loaded: Vec<Result<Loaded, RuleError>>) -> DirCheck {
         let files = loaded.len();
         let mut errors = Vec::new();
-        let mut rules: Vec<Rule> = Vec::new();
+        let mut kept = Loaded::default();
         let mut seen: HashMap<String, Origin> = HashMap::new();
         // A file is loaded on its own first: a duplicate id inside it makes the file broken,
         // exactly as `from_files` with that file alone would say.
         for file in loaded {
-            let file_rules = match file.and_then(|rules| unique_ids(&rules).map(|()| rules)) {
-                Ok(rules) => rules,
+            let file = match file.and_then(|file| unique_ids(&file).map(|()| file)) {
+                Ok(file) => file,
                 Err(err) => {
                     errors.push(err);
                     continue;
                 }
             };
-            for rule in file_rules {
-                if let Some(first) = seen.get(&rule.id) {
-                    // Keep checking the rest; the later definition is the one that is dropped,
-                    // as `load` would name it.
-                    errors.push(duplicate_id(&rule, first));
-                    continue;
+            // Keep checking the rest; the later definition is the one that is dropped, as
+            // `load` would name it.
+            let mut fresh = |id: &str, origin: &Origin| match seen.get(id) {
+                Some(first) => {
+                    errors.push(duplicate_id(id, origin, first));
+                    false
                 }
-                seen.insert(rule.id.clone(), rule.origin.clone());
-                rules.push(rule);
+                None => {
+                    seen.insert(id.to_string(), origin.clone());
+                    true
+                }
+            };
+            for rule in file.rules {
+                if fresh(&rule.id, &rule.origin) {
+                    kept.rules.push(rule);
+                }
+            }
+            for context in file.contexts {
+                if fresh(&context.id, &context.origin) {
+                    kept.contexts.push(context);
+                }
             }
         }
-        let count = rules.len();
-        let failures = match RuleSet::build(rules.clone()) {
+        let count = kept.rules.len() + kept.contexts.len();
+        let failures = match RuleSet::build(kept.clone()) {
             Ok(set) => set.check(),
             Err(err) => {
                 // Only size can fail here (ids are unique by now). The examples can still be
                 // held against their own rule, without asking which rule would win.
                 errors.push(err);
-                rules
+                kept.rules
                     .iter()
                     .flat_map(|rule| rule_failures(rule, None))
+                    .chain(
+                        kept.contexts
+                            .iter()
+                            .flat_map(|context| context_failures(context, None)),
+                    )
                     .collect()
             }
         };
@@ -259,6 +392,16 @@ impl RuleSet {
         RuleSet::build(rules)
     }
 
+    /// Only the rule files of these directories, without the built-in rules (`scan
+    /// --no-builtin-rules --rules DIR`).
+    pub fn from_dirs(dirs: &[PathBuf]) -> Result<RuleSet, RuleError> {
+        let mut rules = Loaded::default();
+        for dir in dirs {
+            rules.extend(dir_rules(dir)?);
+        }
+        RuleSet::build(rules)
+    }
+
     /// Only the `*.toml` files of `dir` (sorted by name), without the built-in rules. It stops at
     /// the first broken file; [`RuleSet::check_dir`] reports them all.
     pub fn from_dir(dir: &Path) -> Result<RuleSet, RuleError> {
@@ -267,7 +410,7 @@ impl RuleSet {
 
     /// Only these rule files, in this order, without the built-in rules.
     pub fn from_files(files: &[PathBuf]) -> Result<RuleSet, RuleError> {
-        let mut rules = Vec::new();
+        let mut rules = Loaded::default();
         for path in files {
             rules.extend(file_rules(path)?);
         }
@@ -275,19 +418,28 @@ impl RuleSet {
     }
 
     /// Classifies one line of one stream: the matching rule with the highest severity (ties go to
-    /// the rule defined first), or `None` for a line no rule applies to. A trailing `\r` (or `\n`)
-    /// is ignored.
+    /// the rule defined first), or `None` for a line no rule applies to. Prefixes (timestamps,
+    /// syslog headers, `[rank3]:`) are stripped before matching (`prefix::strip`); a trailing
+    /// `\r` (or `\n`) is ignored.
     pub fn classify(&self, stream: Stream, line: &str) -> Option<Fault> {
+        self.classify_in(&self.matchers[stream as usize], Some(stream), line)
+    }
+
+    /// Classifies a line whose stream is unknown (a log file given to `scan`) against every
+    /// rule of every stream. The fault's stream is the winning rule's first stream.
+    pub fn classify_any(&self, line: &str) -> Option<Fault> {
+        self.classify_in(&self.matchers[ANY], None, line)
+    }
+
+    fn classify_in(&self, matcher: &Matcher, stream: Option<Stream>, line: &str) -> Option<Fault> {
         let line = line_body(line);
-        let matcher = &self.matchers[stream as usize];
-        // Most lines are benign: they cost this one pass over the set, and nothing else.
-        // `is_match` may stop at the first match and skips tracking which patterns matched, so
-        // it is faster than `matches` (about 30% on the corpus's benign lines).
-        if !matcher.set.is_match(line) {
+        // Most lines are benign: they cost this one pass of the prefilter, and nothing else.
+        if !matcher.prefilter.is_match(line) {
             return None;
         }
+        let body = prefix::strip(line).body;
         let mut best: Option<&Rule> = None;
-        for pattern in matcher.set.matches(line).iter() {
+        for pattern in matcher.set.matches(body).iter() {
             let rule = &self.rules[matcher.rules[pattern]];
             // Strictly greater: on a tie the earlier rule, seen first, stays.
             if best.is_none_or(|best| rule.severity > best.severity) {
@@ -295,25 +447,52 @@ impl RuleSet {
             }
         }
         let rule = best?;
-
-        let mut captures = BTreeMap::new();
-        if let Some(found) = rule.regex.captures(line) {
-            for name in rule.regex.capture_names().flatten() {
-                if let Some(value) = found.name(name) {
-                    captures.insert(name.to_string(), value.as_str().to_string());
-                }
-            }
-        }
         Some(Fault {
             rule: rule.id.clone(),
             class: rule.class,
             severity: rule.severity,
             action: rule.action,
-            stream,
+            stream: stream.unwrap_or(rule.streams[0]),
             line: line.to_string(),
-            captures,
+            captures: captures(&rule.regex, body),
             advice: rule.advice.clone(),
         })
+    }
+
+    /// The context entry a line is, if it is one (the first defined wins). `stream` `None` means
+    /// any stream. A line a rule matches is a fault line, so callers ask this only of lines that
+    /// `classify` turned down.
+    pub fn context(&self, stream: Option<Stream>, line: &str) -> Option<ContextMatch<'_>> {
+        let matcher = &self.matchers[stream.map_or(ANY, |s| s as usize)];
+        let line = line_body(line);
+        if !matcher.prefilter.is_match(line) {
+            return None;
+        }
+        let body = prefix::strip(line).body;
+        let first = matcher.context_set.matches(body).iter().next()?;
+        let context = &self.contexts[matcher.contexts[first]];
+        Some(ContextMatch {
+            context,
+            captures: captures(&context.regex, body),
+        })
+    }
+
+    /// Where in `haystack`, at or after `start`, the first line that may be a fault or context
+    /// line has a match; `None` when no line after `start` can be. For scanning whole buffers of
+    /// lines: the caller takes the line around the offset, classifies it, and goes on from the
+    /// next line. `stream` `None` means every rule.
+    pub fn next_candidate(
+        &self,
+        stream: Option<Stream>,
+        haystack: &[u8],
+        start: usize,
+    ) -> Option<usize> {
+        let matcher = &self.matchers[stream.map_or(ANY, |s| s as usize)];
+        let input = regex_automata::Input::new(haystack).range(start..);
+        // The start of the match, not its end: a pattern with `\s` or a negated class can match
+        // across a newline, and then the line where it starts is the one to check (checking it
+        // finds any real match in it; the caller resumes at the next line, so none is skipped).
+        matcher.prefilter.search(&input).map(|m| m.start())
     }
 
     /// Every rule, in the order they rank on ties.
@@ -326,27 +505,97 @@ impl RuleSet {
         self.rules.iter().find(|rule| rule.id == id)
     }
 
+    /// Every context entry, in the order they were defined.
+    pub fn contexts(&self) -> &[Context] {
+        &self.contexts
+    }
+
     /// Checks every rule against its own lines: each example must match the rule, and on each of
     /// the rule's streams it must not be taken by a rule of another class (that rule would win,
     /// so the example would be misclassified); each counterexample must not match the rule.
+    /// Context examples must match their context and be no fault line of any rule (a line a rule
+    /// takes is a fault, so the context would never apply to it).
     pub fn check(&self) -> Vec<CheckFailure> {
         self.rules
             .iter()
             .flat_map(|rule| rule_failures(rule, Some(self)))
+            .chain(
+                self.contexts
+                    .iter()
+                    .flat_map(|context| context_failures(context, Some(self))),
+            )
             .collect()
     }
 
-    /// Checks ids for duplicates and compiles one matcher per stream.
-    fn build(rules: Vec<Rule>) -> Result<RuleSet, RuleError> {
-        unique_ids(&rules)?;
+    /// Checks ids for duplicates and compiles one matcher per stream, and one for all.
+    fn build(loaded: Loaded) -> Result<RuleSet, RuleError> {
+        unique_ids(&loaded)?;
+        let Loaded { rules, contexts } = loaded;
         let matchers = [
-            matcher(&rules, Stream::Stdout)?,
-            matcher(&rules, Stream::Stderr)?,
-            matcher(&rules, Stream::Kernel)?,
-            matcher(&rules, Stream::Tool)?,
+            matcher(&rules, &contexts, Some(Stream::Stdout))?,
+            matcher(&rules, &contexts, Some(Stream::Stderr))?,
+            matcher(&rules, &contexts, Some(Stream::Kernel))?,
+            matcher(&rules, &contexts, Some(Stream::Tool))?,
+            matcher(&rules, &contexts, None)?,
         ];
-        Ok(RuleSet { rules, matchers })
+        Ok(RuleSet {
+            rules,
+            contexts,
+            matchers,
+        })
     }
+}
+
+/// The named groups of `regex` that took part in its match on `body`.
+fn captures(regex: &Regex, body: &str) -> BTreeMap<String, String> {
+    let mut captures = BTreeMap::new();
+    if let Some(found) = regex.captures(body) {
+        for name in regex.capture_names().flatten() {
+            if let Some(value) = found.name(name) {
+                captures.insert(name.to_string(), value.as_str().to_string());
+            }
+        }
+    }
+    captures
+}
+
+/// One context entry against its own lines.
+fn context_failures(context: &Context, set: Option<&RuleSet>) -> Vec<CheckFailure> {
+    let mut failures = Vec::new();
+    let mut fail = |problem: String| {
+        failures.push(CheckFailure {
+            rule: context.id.clone(),
+            origin: context.origin.clone(),
+            problem,
+        });
+    };
+    for example in &context.examples {
+        if !context.is_match(example) {
+            fail(format!("example {} does not match", quoted(example)));
+            continue;
+        }
+        let Some(set) = set else {
+            continue;
+        };
+        let taken = context
+            .streams
+            .iter()
+            .find_map(|&stream| set.classify(stream, example).map(|fault| (stream, fault)));
+        if let Some((stream, fault)) = taken {
+            fail(format!(
+                "example {} is a fault line on {stream} (rule `{}`), so this context never \
+                 applies to it; narrow that rule or drop the example",
+                quoted(example),
+                fault.rule,
+            ));
+        }
+    }
+    for counterexample in &context.counterexamples {
+        if context.is_match(counterexample) {
+            fail(format!("counterexample {} matches", quoted(counterexample)));
+        }
+    }
+    failures
 }
 
 /// One rule against its own lines: each example must match it, and (given the whole set) on each
@@ -395,65 +644,134 @@ fn rule_failures(rule: &Rule, set: Option<&RuleSet>) -> Vec<CheckFailure> {
     failures
 }
 
-/// The first rule that reuses an id defined before it in `rules`, as an error.
-fn unique_ids(rules: &[Rule]) -> Result<(), RuleError> {
+/// The first rule or context that reuses an id defined before it, as an error.
+fn unique_ids(loaded: &Loaded) -> Result<(), RuleError> {
     let mut seen: HashMap<&str, &Origin> = HashMap::new();
-    for rule in rules {
-        if let Some(first) = seen.insert(&rule.id, &rule.origin) {
-            return Err(duplicate_id(rule, first));
+    for (id, origin) in loaded.ids() {
+        if let Some(first) = seen.insert(id, origin) {
+            return Err(duplicate_id(id, origin, first));
         }
     }
     Ok(())
 }
 
-/// `rule` reuses the id first defined at `first`; the error points at the later definition.
-fn duplicate_id(rule: &Rule, first: &Origin) -> RuleError {
+/// `id`, defined at `origin`, reuses the id first defined at `first`; the error points at the
+/// later definition.
+fn duplicate_id(id: &str, origin: &Origin, first: &Origin) -> RuleError {
     RuleError::DuplicateId {
         at: Location {
-            file: rule.origin.file.clone(),
-            line: rule.origin.line,
-            rule: Some(rule.id.clone()),
+            file: origin.file.clone(),
+            line: origin.line,
+            rule: Some(id.to_string()),
         },
         first: first.clone(),
     }
 }
 
-/// Compiles the rules that apply to `stream` into one `RegexSet`.
-fn matcher(rules: &[Rule], stream: Stream) -> Result<Matcher, RuleError> {
-    let indices: Vec<usize> = rules
-        .iter()
-        .enumerate()
-        .filter(|(_, rule)| rule.streams.contains(&stream))
-        .map(|(i, _)| i)
+/// Compiles the rules and contexts that apply to `stream` (all of them for `None`) into sets and
+/// one prefilter.
+fn matcher(
+    rules: &[Rule],
+    contexts: &[Context],
+    stream: Option<Stream>,
+) -> Result<Matcher, RuleError> {
+    let applies = |streams: &[Stream]| stream.is_none_or(|s| streams.contains(&s));
+    let rule_indices: Vec<usize> = (0..rules.len())
+        .filter(|&i| applies(&rules[i].streams))
+        .collect();
+    let context_indices: Vec<usize> = (0..contexts.len())
+        .filter(|&i| applies(&contexts[i].streams))
         .collect();
     // The compiled regexes' own text: the rewritten form that `classify` must agree with.
-    let set = RegexSetBuilder::new(indices.iter().map(|&i| rules[i].regex.as_str()))
-        .size_limit(SET_SIZE_LIMIT)
-        .build()
-        .map_err(|err| {
-            // Every pattern compiled on its own, so only size can fail here; blame the last rule,
-            // the one that tipped the set over.
-            let last = indices.last().map(|&i| &rules[i]);
-            RuleError::TooLarge {
-                at: Location {
-                    file: last.map_or_else(String::new, |r| r.origin.file.clone()),
-                    line: last.map_or(0, |r| r.origin.line),
-                    rule: last.map(|r| r.id.clone()),
-                },
-                stream,
-                count: indices.len(),
-                message: err.to_string(),
-            }
-        })?;
+    let rule_patterns: Vec<&str> = rule_indices
+        .iter()
+        .map(|&i| rules[i].regex.as_str())
+        .collect();
+    let context_patterns: Vec<&str> = context_indices
+        .iter()
+        .map(|&i| contexts[i].regex.as_str())
+        .collect();
+    // Blame the last entry, the one that tipped the set over.
+    let too_large = |message: String| {
+        let last = rule_indices
+            .last()
+            .map(|&i| (&rules[i].origin, &rules[i].id));
+        RuleError::TooLarge {
+            at: Location {
+                file: last.map_or_else(String::new, |(o, _)| o.file.clone()),
+                line: last.map_or(0, |(o, _)| o.line),
+                rule: last.map(|(_, id)| id.clone()),
+            },
+            stream: stream.map_or_else(|| "any".to_string(), |s| s.to_string()),
+            count: rule_indices.len() + context_indices.len(),
+            message,
+        }
+    };
+    let set_of = |patterns: &[&str]| {
+        RegexSetBuilder::new(patterns)
+            .size_limit(SET_SIZE_LIMIT)
+            .build()
+            .map_err(|err| too_large(err.to_string()))
+    };
+    let set = set_of(&rule_patterns)?;
+    let context_set = set_of(&context_patterns)?;
+    let mut hirs = Vec::with_capacity(rule_patterns.len() + context_patterns.len());
+    for pattern in rule_patterns.iter().chain(&context_patterns) {
+        // Every pattern compiled with the regex crate already, whose parser this is.
+        let hir = regex_syntax::Parser::new()
+            .parse(pattern)
+            .map_err(|err| too_large(err.to_string()))?;
+        hirs.push(unanchored(&hir));
+    }
+    let prefilter = meta::Builder::new()
+        .configure(
+            meta::Config::new()
+                .nfa_size_limit(Some(SET_SIZE_LIMIT))
+                .dfa_size_limit(Some(SET_SIZE_LIMIT))
+                // The lazy DFA of a few hundred patterns needs room, or it keeps clearing its
+                // cache and falls back to a slower engine on ordinary lines.
+                .hybrid_cache_capacity(PREFILTER_CACHE)
+                .which_captures(regex_automata::nfa::thompson::WhichCaptures::Implicit),
+        )
+        .build_many_from_hir(&hirs)
+        .map_err(|err| too_large(err.to_string()))?;
     Ok(Matcher {
         set,
-        rules: indices,
+        rules: rule_indices,
+        context_set,
+        contexts: context_indices,
+        prefilter,
     })
 }
 
+/// The lazy DFA cache of one prefilter.
+const PREFILTER_CACHE: usize = 32 << 20;
+
+/// `hir` without its start and end anchors, and without capture groups: it matches wherever `hir`
+/// matches, and also where `hir` would have matched but for an anchor. Rules match a message
+/// after its prefix is stripped, so "start of the message" is not "start of the line"; the
+/// prefilter, which sees whole lines, must not miss those lines.
+fn unanchored(hir: &Hir) -> Hir {
+    match hir.kind() {
+        HirKind::Look(
+            Look::Start | Look::End | Look::StartLF | Look::EndLF | Look::StartCRLF | Look::EndCRLF,
+        ) => Hir::empty(),
+        HirKind::Repetition(rep) => Hir::repetition(Repetition {
+            min: rep.min,
+            max: rep.max,
+            greedy: rep.greedy,
+            sub: Box::new(unanchored(&rep.sub)),
+        }),
+        HirKind::Capture(capture) => unanchored(&capture.sub),
+        HirKind::Concat(subs) => Hir::concat(subs.iter().map(unanchored).collect()),
+        HirKind::Alternation(subs) => Hir::alternation(subs.iter().map(unanchored).collect()),
+        _ => hir.clone(),
+    }
+}
+
 /// The rules of the embedded `rules/*.toml` files.
-fn builtin_rules() -> Result<Vec<Rule>, RuleError> {
-    let mut rules = Vec::new();
+fn builtin_rules() -> Result<Loaded, RuleError> {
+    let mut rules = Loaded::default();
     for (name, text) in BUILTIN {
         rules.extend(file::parse(name, text)?);
     }
@@ -461,8 +779,8 @@ fn builtin_rules() -> Result<Vec<Rule>, RuleError> {
 }
 
 /// The rules of every `*.toml` file in `dir`, files sorted by name.
-fn dir_rules(dir: &Path) -> Result<Vec<Rule>, RuleError> {
-    let mut rules = Vec::new();
+fn dir_rules(dir: &Path) -> Result<Loaded, RuleError> {
+    let mut rules = Loaded::default();
     for path in &toml_files(dir)? {
         rules.extend(file_rules(path)?);
     }
@@ -487,7 +805,7 @@ fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
 }
 
 /// The rules of one file on disk; errors name the file as the user's path spells it.
-fn file_rules(path: &Path) -> Result<Vec<Rule>, RuleError> {
+fn file_rules(path: &Path) -> Result<Loaded, RuleError> {
     let text = fs::read_to_string(path).map_err(|source| RuleError::Read {
         path: path.to_path_buf(),
         source,

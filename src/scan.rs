@@ -1,0 +1,367 @@
+//! `gpuwarden scan`: find the GPU faults in a log that already exists (dmesg output, `journalctl
+//! -k`, a training log) and print them as findings.
+//!
+//! The log is read in large blocks and searched block-wise with the catalog's prefilter (one
+//! automaton over every rule), the way ripgrep searches: benign lines are never split, decoded or
+//! matched one by one. Only the lines the prefilter stops at are classified and grouped
+//! (`rules::group`) into findings. Lines are numbered from 1 per input.
+//!
+//! This module reads and reports; it does not act on anything. The supervisor reads live streams
+//! through `sources`.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+
+use serde::Serialize;
+
+use crate::rules::group::{Finding, Grouper};
+use crate::rules::{Action, FaultClass, RuleSet, Severity, Stream};
+
+/// How much of the log is read at a time.
+const BLOCK: usize = 4 << 20;
+
+/// The longest line classified whole. A longer one (a progress bar without newlines, a binary
+/// blob) is classified on its first `MAX_LINE` bytes; the rest of it is skipped.
+pub const MAX_LINE: usize = 1 << 20;
+
+/// One finding as `scan --json` prints it: one JSON object per line.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    /// The input: a file as named on the command line, or `-` for standard input.
+    pub file: &'a str,
+    /// First and last line of the finding, 1-based.
+    pub line: usize,
+    pub end_line: usize,
+    pub class: FaultClass,
+    pub rule: &'a str,
+    pub severity: Severity,
+    pub action: Action,
+    /// How many times the fault line repeated within the finding.
+    pub count: u64,
+    /// The fault line as logged.
+    pub text: &'a str,
+    pub stream: Stream,
+    pub captures: &'a std::collections::BTreeMap<String, String>,
+    pub advice: &'a str,
+}
+
+impl<'a> Record<'a> {
+    pub fn new(file: &'a str, finding: &'a Finding) -> Record<'a> {
+        let fault = &finding.fault;
+        Record {
+            file,
+            line: finding.line,
+            end_line: finding.end_line,
+            class: fault.class,
+            rule: &fault.rule,
+            severity: fault.severity,
+            action: fault.action,
+            count: finding.count,
+            text: &fault.line,
+            stream: fault.stream,
+            captures: &fault.captures,
+            advice: &fault.advice,
+        }
+    }
+}
+
+/// What scanning one input found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub lines: usize,
+    pub findings: usize,
+}
+
+/// Scans `input` with `rules` (every rule when `stream` is `None`) and hands each finding to
+/// `found` as soon as it is complete, in the order of its first line.
+pub fn scan(
+    rules: &RuleSet,
+    stream: Option<Stream>,
+    mut input: impl Read,
+    mut found: impl FnMut(&Finding) -> io::Result<()>,
+) -> io::Result<Summary> {
+    let mut grouper = Grouper::new();
+    let mut summary = Summary::default();
+    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
+    // Lines before `buf[0]`; `buf` always starts at the start of a line.
+    let mut lines_before = 0usize;
+    // Inside a line longer than MAX_LINE whose head was already classified.
+    let mut skipping = false;
+    let mut eof = false;
+    while !eof {
+        let filled = buf.len();
+        buf.resize(filled + BLOCK, 0);
+        let n = read_full(&mut input, &mut buf[filled..])?;
+        buf.truncate(filled + n);
+        eof = n == 0;
+        if skipping {
+            match memchr::memchr(b'\n', &buf) {
+                Some(end) => {
+                    // The line was counted when its head was classified.
+                    buf.drain(..=end);
+                    skipping = false;
+                }
+                None => {
+                    buf.clear();
+                    continue;
+                }
+            }
+        }
+        // Search the complete lines; keep the partial last one for the next read.
+        let complete = if eof {
+            buf.len()
+        } else {
+            match memchr::memrchr(b'\n', &buf) {
+                Some(last) => last + 1,
+                None if buf.len() >= MAX_LINE => {
+                    // One line fills the block: classify its head, skip its tail.
+                    let head = &buf[..MAX_LINE];
+                    lines_before += 1;
+                    push_line(&mut grouper, rules, stream, lines_before, head);
+                    emit(&mut grouper, &mut summary, &mut found)?;
+                    buf.clear();
+                    skipping = true;
+                    continue;
+                }
+                None => continue,
+            }
+        };
+        lines_before = search_block(
+            rules,
+            stream,
+            &buf[..complete],
+            lines_before,
+            &mut grouper,
+            &mut summary,
+            &mut found,
+        )?;
+        buf.drain(..complete);
+    }
+    summary.lines = lines_before;
+    for finding in grouper.finish() {
+        summary.findings += 1;
+        found(&finding)?;
+    }
+    Ok(summary)
+}
+
+/// Searches a block of whole lines (the last may lack its newline at the end of the input) and
+/// returns the number of lines counted so far.
+fn search_block(
+    rules: &RuleSet,
+    stream: Option<Stream>,
+    block: &[u8],
+    mut lines_before: usize,
+    grouper: &mut Grouper,
+    summary: &mut Summary,
+    found: &mut impl FnMut(&Finding) -> io::Result<()>,
+) -> io::Result<usize> {
+    let mut pos = 0;
+    while pos < block.len() {
+        let Some(hit) = rules.next_candidate(stream, block, pos) else {
+            break;
+        };
+        let start = memchr::memrchr(b'\n', &block[pos..hit]).map_or(pos, |i| pos + i + 1);
+        let end = memchr::memchr(b'\n', &block[hit..]).map_or(block.len(), |i| hit + i);
+        lines_before += count_newlines(&block[pos..start]) + 1;
+        let line = &block[start..end.min(start + MAX_LINE)];
+        push_line(grouper, rules, stream, lines_before, line);
+        emit(grouper, summary, found)?;
+        pos = end + 1;
+    }
+    if pos < block.len() {
+        lines_before += count_newlines(&block[pos..]);
+        if block.last() != Some(&b'\n') {
+            // The input's last line, without a newline.
+            lines_before += 1;
+        }
+    }
+    Ok(lines_before)
+}
+
+fn push_line(
+    grouper: &mut Grouper,
+    rules: &RuleSet,
+    stream: Option<Stream>,
+    number: usize,
+    line: &[u8],
+) {
+    let text = String::from_utf8_lossy(line);
+    grouper.push(rules, stream, number, &text);
+}
+
+fn emit(
+    grouper: &mut Grouper,
+    summary: &mut Summary,
+    found: &mut impl FnMut(&Finding) -> io::Result<()>,
+) -> io::Result<()> {
+    for finding in grouper.ready() {
+        summary.findings += 1;
+        found(&finding)?;
+    }
+    Ok(())
+}
+
+/// Newlines in `bytes`. A plain counting loop, which the compiler vectorises; it runs over every
+/// byte that the prefilter skipped, so it must keep up with it.
+fn count_newlines(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == b'\n').count()
+}
+
+/// Reads until `buf` is full or the input ends; retries interrupted reads.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Writes a finding for people: where, what, how often, the line, and the advice.
+pub fn write_human(out: &mut impl Write, file: Option<&str>, finding: &Finding) -> io::Result<()> {
+    let fault = &finding.fault;
+    let lines = if finding.end_line > finding.line {
+        format!("{}-{}", finding.line, finding.end_line)
+    } else {
+        finding.line.to_string()
+    };
+    let place = match file {
+        Some(file) => format!("{file}:{lines}"),
+        None => lines,
+    };
+    let count = if finding.count > 1 {
+        format!("  x{}", finding.count)
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "{place:<12} {:<22} {:<8} {}{count}",
+        fault.class.as_str(),
+        fault.severity.as_str(),
+        fault.rule
+    )?;
+    writeln!(out, "{:12} {}", "", Shortened(&fault.line, 160))?;
+    writeln!(out, "{:12} advice: {}", "", fault.advice)
+}
+
+/// A line cut to at most `.1` characters, with an ellipsis.
+struct Shortened<'a>(&'a str, usize);
+
+impl fmt::Display for Shortened<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(self.1) {
+            Some((cut, _)) => write!(f, "{}...", &self.0[..cut]),
+            None => f.write_str(self.0),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn rules() -> RuleSet {
+        RuleSet::builtin().unwrap()
+    }
+
+    fn findings(rules: &RuleSet, text: &[u8]) -> (Vec<(usize, usize, String)>, Summary) {
+        let mut out = Vec::new();
+        let summary = scan(rules, None, text, |f| {
+            out.push((f.line, f.end_line, f.fault.rule.clone()));
+            Ok(())
+        })
+        .unwrap();
+        (out, summary)
+    }
+
+    const FAULT: &str = "Memory access fault by GPU node-1 (Agent handle: 0x1f829860) on address 0x7a8a4be00000. Reason: Page not present or supervisor privilege.";
+
+    #[test]
+    fn line_numbers_count_every_line_with_or_without_a_final_newline() {
+        let rules = rules();
+        let text = format!("epoch 1\nepoch 2\n{FAULT}\nepoch 3\n");
+        let (found, summary) = findings(&rules, text.as_bytes());
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, 3);
+        assert_eq!(
+            summary,
+            Summary {
+                lines: 4,
+                findings: 1
+            }
+        );
+        let text = format!("epoch 1\n{FAULT}");
+        let (found, summary) = findings(&rules, text.as_bytes());
+        assert_eq!((found[0].0, summary.lines), (2, 2));
+        assert_eq!(findings(&rules, b"").1, Summary::default());
+        assert_eq!(findings(&rules, b"a\n\nb").1.lines, 3);
+    }
+
+    #[test]
+    fn lines_split_across_reads_are_found_with_the_right_numbers() {
+        // A reader that returns a few bytes at a time splits lines at every possible place.
+        struct Trickle<'a>(&'a [u8], usize);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.1.min(self.0.len()).min(buf.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let rules = rules();
+        let mut text = String::new();
+        for i in 0..2000 {
+            text.push_str(&format!("step {i} loss 0.{i}\n"));
+            if i % 500 == 7 {
+                text.push_str(FAULT);
+                text.push('\n');
+            }
+        }
+        let whole = findings(&rules, text.as_bytes());
+        let mut out = Vec::new();
+        let summary = scan(&rules, None, Trickle(text.as_bytes(), 7), |f| {
+            out.push((f.line, f.end_line, f.fault.rule.clone()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(out, whole.0);
+        assert_eq!(summary, whole.1);
+        assert_eq!(out.len(), 4);
+        assert_eq!(out[0].0, 9);
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_classified_on_its_head_and_counted_once() {
+        let rules = rules();
+        let mut text = Vec::new();
+        text.extend_from_slice(FAULT.as_bytes());
+        text.extend(std::iter::repeat_n(b'x', 3 * MAX_LINE + 17));
+        text.extend_from_slice(b"\nnext line\n");
+        text.extend_from_slice(FAULT.as_bytes());
+        text.push(b'\n');
+        let (found, summary) = findings(&rules, &text);
+        let lines: Vec<usize> = found.iter().map(|f| f.0).collect();
+        assert_eq!(lines, vec![1], "a storm within the gap: {found:?}");
+        assert_eq!(summary.lines, 3);
+    }
+
+    #[test]
+    fn invalid_utf8_does_not_hide_a_fault() {
+        let rules = rules();
+        let mut text = b"\xff\xfe garbage \xc3\n".to_vec();
+        text.extend_from_slice(b"\xff ");
+        text.extend_from_slice(FAULT.as_bytes());
+        text.push(b'\n');
+        let (found, _) = findings(&rules, &text);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, 2);
+    }
+}
