@@ -27,12 +27,16 @@ use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::attribution::{self, JobTree, Membership};
 use crate::checkpoints;
 use crate::config::Plan;
+use crate::gpu::Gpu;
 use crate::journal::{self, Journal, Record};
 use crate::ladder::{self, Placeholders};
 use crate::process::{self, GroupEvent, Guard, JobSpec};
-use crate::rules::{RuleSet, Stream};
+use crate::rules::{Fault, RuleSet, Stream};
+use crate::sources::kernel::{self, FollowConfig, Follower, KernelEvent, KernelSource};
+use crate::sources::kmsg;
 use crate::sources::output::{self, OutputEvent};
 use crate::supervisor::{
     AttemptSummary, Effect, Event, Outcome, Policy, Sig, Supervisor, TierInfo,
@@ -88,6 +92,38 @@ enum Input {
         event: GroupEvent,
     },
     Signal(Sig),
+    Kernel(KernelEvent<KernelFault>),
+}
+
+/// A kernel-log record that a rule matched, as the follower thread hands it over.
+#[derive(Debug)]
+pub struct KernelFault {
+    fault: Fault,
+    facility: u8,
+    seq: u64,
+}
+
+/// What `run` watches besides the job's own output.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// The kernel log to follow (`/dev/kmsg`), or none (`--no-kernel-log`).
+    pub kernel: Option<KernelSource>,
+    /// This machine's GPUs, for telling whether a device named by a kernel line is one the job
+    /// can use.
+    pub gpus: Vec<Gpu>,
+}
+
+/// How often the job's process tree is re-read for attribution while an attempt runs.
+const TREE_REFRESH: Duration = Duration::from_secs(1);
+
+/// The name of a kernel-log facility: records written into /dev/kmsg from user space (fault
+/// drills, other watchdogs) carry `user`.
+fn facility_name(facility: u8) -> String {
+    match facility {
+        0 => "kernel".to_string(),
+        1 => "user".to_string(),
+        n => format!("facility {n}"),
+    }
 }
 
 /// Bound on queued inputs: a job printing fault lines faster than the journal takes them is
@@ -99,7 +135,16 @@ const QUEUE: usize = 1024;
 /// `explicit_run_dir` tells whether the user named the run directory (then it is used as given,
 /// and must not hold a journal yet) or it is the timestamped default (then a fresh one is made,
 /// with a suffix if a run of the same second has it).
-pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<Outcome, RunError> {
+///
+/// `preflight` is the probe's verdict on where the run starts (`plan.ladder` already begins at
+/// that tier); unless it is silent, it is said and journaled before attempt 1.
+pub fn run(
+    plan: &Plan,
+    rules: Arc<RuleSet>,
+    explicit_run_dir: bool,
+    preflight: Option<&crate::probe::Verdict>,
+    watch: Watch,
+) -> Result<Outcome, RunError> {
     process::block_signals().map_err(RunError::Signals)?;
     process::become_subreaper().map_err(RunError::Signals)?;
     let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
@@ -131,6 +176,12 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<O
         groups: HashMap::new(),
         terminal_warned: HashSet::new(),
         tx,
+        tree: JobTree::new(std::process::id()),
+        usable: HashMap::new(),
+        gpus: watch.gpus,
+        kernel: None,
+        refreshed: Instant::now(),
+        kernel_dropped: 0,
     };
     exec.journal(&Record::RunStarted {
         command: plan
@@ -146,6 +197,15 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<O
         gpuwarden_pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
     })?;
+    if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
+        for message in verdict.messages() {
+            say(&message);
+        }
+        exec.journal(&Record::Preflight(verdict.clone()))?;
+    }
+    if let Some(source) = watch.kernel {
+        exec.follow_kernel(source)?;
+    }
     match Guard::spawn() {
         Ok(g) => exec.guard = Some(g),
         Err(e) => exec.warn(format!(
@@ -184,6 +244,9 @@ pub fn run(plan: &Plan, rules: Arc<RuleSet>, explicit_run_dir: bool) -> Result<O
     if let Some(guard) = exec.guard.take() {
         guard.close();
     }
+    if let Some(follower) = exec.kernel.take() {
+        follower.stop();
+    }
     print_summary(&sup, plan, &outcome, exec.journal.path());
     flush_voice();
     Ok(outcome)
@@ -200,6 +263,16 @@ struct Executor<'a> {
     /// Attempts already warned about a process stopped by the terminal.
     terminal_warned: HashSet<u32>,
     tx: SyncSender<Input>,
+    /// The job's processes, for attributing kernel lines that name a pid.
+    tree: JobTree,
+    /// The PCI slots of the GPUs each live attempt can use (none on a CPU tier).
+    usable: HashMap<u32, Vec<(u32, u8, u8)>>,
+    gpus: Vec<Gpu>,
+    kernel: Option<Follower>,
+    /// When `tree` was last re-read.
+    refreshed: Instant,
+    /// Kernel records dropped so far because the loop fell behind (warned once per burst).
+    kernel_dropped: u64,
 }
 
 impl Executor<'_> {
@@ -219,9 +292,18 @@ impl Executor<'_> {
                     }
                 }
             }
-            let timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
+            let mut timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(Instant::now())
             });
+            if self.kernel.is_some() && !self.groups.is_empty() {
+                // Keep the process tree fresh: a process that faults and dies between two
+                // reads is attributed from memory only if a read saw it.
+                if self.refreshed.elapsed() >= TREE_REFRESH {
+                    let _ = self.tree.refresh();
+                    self.refreshed = Instant::now();
+                }
+                timeout = timeout.min(TREE_REFRESH);
+            }
             match rx.recv_timeout(timeout) {
                 Ok(input) => {
                     if let Some(event) = self.event_of(input)? {
@@ -266,11 +348,13 @@ impl Executor<'_> {
                     group_alive,
                 }),
                 GroupEvent::Empty => {
-                    if let Some(pgid) = self.groups.remove(&attempt)
-                        && let Some(guard) = &mut self.guard
-                    {
+                    self.usable.remove(&attempt);
+                    if let Some(pgid) = self.groups.remove(&attempt) {
                         // The id may now be reused by an unrelated process.
-                        let _ = guard.unwatch(pgid);
+                        self.tree.remove_group(pgid);
+                        if let Some(guard) = &mut self.guard {
+                            let _ = guard.unwatch(pgid);
+                        }
                     }
                     self.reap_strays();
                     Some(Event::GroupEmpty { attempt })
@@ -286,7 +370,129 @@ impl Executor<'_> {
                 }
             },
             Input::Signal(sig) => Some(Event::Signal(sig)),
+            Input::Kernel(event) => self.kernel_event(event)?,
         })
+    }
+
+    /// Starts following the kernel log. A reader that cannot start is a warning, not a reason
+    /// to leave the job unsupervised.
+    fn follow_kernel(&mut self, source: KernelSource) -> Result<(), RunError> {
+        let rules = Arc::clone(&self.rules);
+        rules.prepare(&[Stream::Kernel]);
+        let classify = move |record: kmsg::Record| {
+            rules
+                .classify(Stream::Kernel, &record.text())
+                .map(|fault| KernelFault {
+                    fault,
+                    facility: record.facility,
+                    seq: record.seq,
+                })
+        };
+        match kernel::follow(
+            FollowConfig::new(source),
+            classify,
+            self.tx.clone(),
+            Input::Kernel,
+        ) {
+            Ok(follower) => self.kernel = Some(follower),
+            Err(e) => self.warn(format!(
+                "cannot follow the kernel log ({e}); supervising with the job's output only"
+            ))?,
+        }
+        Ok(())
+    }
+
+    /// A kernel-log event: a fault that concerns the job becomes a supervisor event; a foreign
+    /// one is journaled and shown; troubles of the reader are warnings.
+    fn kernel_event(&mut self, event: KernelEvent<KernelFault>) -> Result<Option<Event>, RunError> {
+        match event {
+            KernelEvent::Record(found) => {
+                let KernelFault {
+                    mut fault,
+                    facility,
+                    seq,
+                } = found;
+                let running = self.groups.keys().max().copied();
+                let usable = running
+                    .and_then(|a| self.usable.get(&a))
+                    .cloned()
+                    .unwrap_or_default();
+                let tree = &mut self.tree;
+                let verdict = attribution::attribute(
+                    &fault.captures,
+                    |pid| {
+                        // A pid the last read did not know may have started since.
+                        if tree.membership(pid) == Membership::Unknown {
+                            let _ = tree.refresh();
+                        }
+                        tree.membership(pid)
+                    },
+                    &usable,
+                );
+                fault.facility = Some(facility_name(facility));
+                match (verdict, running) {
+                    (attribution::Verdict::Job(why), Some(attempt)) => {
+                        fault.attribution = Some(format!("{why} (kernel record {seq})"));
+                        return Ok(Some(Event::Fault { attempt, fault }));
+                    }
+                    (verdict, _) => {
+                        let reason = match verdict {
+                            attribution::Verdict::Foreign(why) => why,
+                            attribution::Verdict::Job(_) => "no attempt is running".to_string(),
+                        };
+                        say(&format!(
+                            "kernel log: {} ({}) not acted on: {reason}: {}",
+                            fault.class,
+                            fault.rule,
+                            fault.line.trim()
+                        ));
+                        self.journal(&Record::ForeignFault {
+                            class: fault.class,
+                            rule: fault.rule,
+                            severity: fault.severity,
+                            line: fault.line,
+                            captures: fault.captures,
+                            facility: facility_name(facility),
+                            seq,
+                            reason,
+                        })?;
+                    }
+                }
+            }
+            KernelEvent::Lost { records } => {
+                self.warn(format!(
+                    "kernel log: {} records were overwritten before they could be read (a flood); faults among them were missed",
+                    records.map_or_else(|| "some".to_string(), |n| n.to_string())
+                ))?;
+            }
+            KernelEvent::Dropped { records } => {
+                if records > self.kernel_dropped {
+                    self.warn(format!(
+                        "kernel log: {} fault records dropped because gpuwarden fell behind",
+                        records - self.kernel_dropped
+                    ))?;
+                    self.kernel_dropped = records;
+                }
+            }
+            // A record the kernel wrote in a form we do not know: nothing to act on.
+            KernelEvent::Malformed { .. } => {}
+            KernelEvent::Unavailable { reason } => {
+                self.warn(format!(
+                    "cannot read the kernel log: {reason}; supervising without it (--no-kernel-log silences this)"
+                ))?;
+            }
+            KernelEvent::Restarted { error, restarts } => {
+                self.warn(format!(
+                    "kernel log reader failed ({error}) and was restarted (restart {restarts})"
+                ))?;
+            }
+            KernelEvent::GaveUp { error } => {
+                self.warn(format!(
+                    "kernel log reader failed too often ({error}); supervising without the kernel log from now on"
+                ))?;
+            }
+        }
+        Ok(None)
     }
 
     /// Carries out one effect. Events it causes at once (the answer to `Spawn`) go to `pending`.
@@ -384,6 +590,15 @@ impl Executor<'_> {
         let pid = child.id();
         // The job leads its own group, so the group id is its pid.
         self.groups.insert(attempt, pid);
+        self.tree.add_group(pid);
+        let _ = self.tree.refresh();
+        self.refreshed = Instant::now();
+        let usable = if tier.uses_gpu {
+            usable_gpus(&self.gpus, &launch)
+        } else {
+            Vec::new()
+        };
+        self.usable.insert(attempt, usable);
         if let Some(guard) = &mut self.guard
             && let Err(e) = guard.watch(pid)
         {
@@ -729,4 +944,24 @@ fn attempt_time(a: &AttemptSummary) -> Duration {
     a.ended
         .unwrap_or_else(Instant::now)
         .saturating_duration_since(a.started)
+}
+
+/// The PCI slots of the GPUs an attempt can use: this machine's GPUs, less those hidden by the
+/// `*_VISIBLE_DEVICES` variables the attempt runs with (inherited, or set or unset by its tier).
+fn usable_gpus(gpus: &[Gpu], launch: &ladder::Launch) -> Vec<(u32, u8, u8)> {
+    let env = crate::probe::read_env(|name| {
+        if launch.unset_env.iter().any(|n| n == name) {
+            return None;
+        }
+        launch
+            .set_env
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os(name))
+    });
+    crate::probe::visible(gpus, &env)
+        .into_iter()
+        .filter_map(|gpu| gpu.pci.as_deref().and_then(attribution::pci_slot))
+        .collect()
 }

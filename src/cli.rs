@@ -47,6 +47,9 @@ pub enum Command {
     /// Inspect and verify the fault rules.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Show this machine's GPUs, GPU software and environment, and which known GPU problems
+    /// (rules/quirks.toml) apply. Exits 0 whatever it finds, "no GPU found" included.
+    Probe(ProbeArgs),
     /// (internal) The guard that kills the job if gpuwarden is killed.
     #[command(name = "__guard", hide = true)]
     Guard,
@@ -81,8 +84,45 @@ pub struct RunArgs {
     /// Start on the GPU even where a known-bad GPU/driver combination says otherwise.
     #[arg(long)]
     pub force_gpu_unsafe: bool,
+    /// Do not follow the kernel log (faults are then seen only in the job's output).
+    #[arg(long)]
+    pub no_kernel_log: bool,
+    /// The kernel log to follow: /dev/kmsg, or a file of records in its format (followed from
+    /// its end, for drills and tests).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kmsg")]
+    pub kernel_log: PathBuf,
+    #[command(flatten)]
+    pub machine: MachineArgs,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+/// Where the pre-flight probe looks. The defaults are the real machine; tests and containers
+/// point them at a simulated tree.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// Where sysfs is mounted.
+    #[arg(long, value_name = "DIR", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// The filesystem root under which /opt/rocm*, /usr/local/cuda, /proc/driver/nvidia and
+    /// amdgpu.ids are looked for.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// A file of known GPU problems, added to the built-in rules/quirks.toml. Repeatable.
+    #[arg(long = "quirks", value_name = "FILE")]
+    pub quirks: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// Print the probe as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub machine: MachineArgs,
+    /// Judge the quirks for this command, as `gpuwarden run` would, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
 }
 

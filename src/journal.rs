@@ -64,6 +64,9 @@ pub enum Record {
         gpuwarden_pid: u32,
         version: &'static str,
     },
+    /// The pre-flight probe's verdict (rules/quirks.toml), when a known GPU problem applies:
+    /// the tier attempt 1 starts on, the tiers skipped, and the problems behind it.
+    Preflight(crate::probe::Verdict),
     /// An incomplete checkpoint that would have been newer than the one resumed from.
     CheckpointSkipped {
         attempt: u32,
@@ -90,6 +93,25 @@ pub enum Record {
         stream: Stream,
         line: String,
         captures: BTreeMap<String, String>,
+        /// Kernel-log faults: the record's facility (`kernel`, or `user` for records written
+        /// into /dev/kmsg by a program).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        facility: Option<String>,
+        /// Kernel-log and health faults: why the fault was judged to concern the job.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attribution: Option<String>,
+    },
+    /// A kernel-log fault that does not concern the job (another process, a device the job
+    /// does not use, or nothing to tell): shown and recorded, never acted on.
+    ForeignFault {
+        class: FaultClass,
+        rule: String,
+        severity: Severity,
+        line: String,
+        captures: BTreeMap<String, String>,
+        facility: String,
+        seq: u64,
+        reason: String,
     },
     /// The leader exited but processes of its group kept the output open and were killed.
     Leftovers { attempt: u32 },

@@ -24,6 +24,7 @@
 //!   when gpuwarden itself is killed.
 
 pub mod app;
+pub mod attribution;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;
@@ -31,7 +32,9 @@ pub mod exit;
 pub mod gpu;
 pub mod journal;
 pub mod ladder;
+pub mod probe;
 pub mod process;
+pub mod quirks;
 pub mod rules;
 pub mod scan;
 pub mod sources;

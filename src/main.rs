@@ -4,17 +4,25 @@ mod cli;
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 
+use gpuwarden::app::Watch;
 use gpuwarden::config::{self, Overrides, Plan};
 use gpuwarden::exit;
+use gpuwarden::gpu::Gpu;
+use gpuwarden::probe::{self, Probe, Verdict};
+use gpuwarden::quirks::QuirkSet;
 use gpuwarden::rules::RuleSet;
+use gpuwarden::sources::health::amd_sysfs::{self, AmdSysfs};
+use gpuwarden::sources::kernel::KernelSource;
 
-use cli::{Cli, Command, DemoArgs, DemoJobArgs, RulesCommand, RunArgs, ScanArgs};
+use cli::{
+    Cli, Command, DemoArgs, DemoJobArgs, MachineArgs, ProbeArgs, RulesCommand, RunArgs, ScanArgs,
+};
 
 fn main() {
     let cli = Cli::parse();
@@ -32,6 +40,7 @@ fn main() {
         Command::Demo(args) => demo(args),
         Command::Scan(args) => scan(args),
         Command::Rules(cmd) => rules(cmd),
+        Command::Probe(args) => probe(args),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::app::GUARD_GRACE),
         Command::DemoJob(args) => demo_job(args),
     };
@@ -65,18 +74,115 @@ fn run(args: RunArgs) -> i32 {
         return exit::USAGE;
     };
     let stamp = gpuwarden::time::compact(SystemTime::now());
-    let plan = match config::plan(args.command, overrides, &cwd, &stamp) {
+    let mut plan = match config::plan(args.command, overrides, &cwd, &stamp) {
         Ok(plan) => plan,
         Err(e) => {
             error(e);
             return exit::USAGE;
         }
     };
-    supervise(&plan, explicit_run_dir)
+    let (gpus, notes) = inventory(&args.machine);
+    let verdict = match preflight(&mut plan, &args.machine, gpus.clone(), notes) {
+        Ok(verdict) => verdict,
+        Err(code) => return code,
+    };
+    let kernel = if args.no_kernel_log {
+        None
+    } else if args.kernel_log.is_file() {
+        // A file of /dev/kmsg-format records (a capture, a drill): followed from its end.
+        Some(KernelSource::File {
+            path: args.kernel_log,
+            from_start: false,
+        })
+    } else {
+        Some(KernelSource::Kmsg(args.kernel_log))
+    };
+    let watch = Watch { kernel, gpus };
+    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
+}
+
+/// The seed's GPU safeguard: asks the probe which tier the run starts on, and drops the tiers
+/// before it from the ladder. `None` when the first tier uses no GPU (nothing to judge).
+fn preflight(
+    plan: &mut Plan,
+    machine: &MachineArgs,
+    gpus: Vec<Gpu>,
+    notes: Vec<String>,
+) -> Result<Option<Verdict>, i32> {
+    let quirks = QuirkSet::load(&machine.quirks).map_err(|e| {
+        error(format_args!("{e}\nthe job was not started"));
+        exit::USAGE
+    })?;
+    if !probe::needed(plan) {
+        return Ok(None);
+    }
+    let found = Probe::gather(gpus, notes, &machine.root, &quirks, None);
+    let verdict = probe::start_tier(plan, &found, &quirks).map_err(|e| {
+        error(e);
+        exit::USAGE
+    })?;
+    plan.ladder.drain(..verdict.start);
+    Ok(Some(verdict))
+}
+
+/// The GPUs of this machine: AMD from sysfs (marketing names from amdgpu.ids under `root`),
+/// NVIDIA from nvidia-smi. The notes say where nothing was found.
+fn inventory(machine: &MachineArgs) -> (Vec<Gpu>, Vec<String>) {
+    let ids: Vec<PathBuf> = amd_sysfs::AMDGPU_IDS_PATHS
+        .iter()
+        .map(|p| {
+            machine
+                .root
+                .join(Path::new(p).strip_prefix("/").unwrap_or(Path::new(p)))
+        })
+        .collect();
+    let gpus = AmdSysfs::discover(&machine.sysfs_root, &ids).gpus();
+    // NVIDIA: extend `gpus` with E's nvidia-smi inventory here (with its deadline).
+    let mut notes = Vec::new();
+    if gpus.is_empty() {
+        notes.push(format!(
+            "looked for AMD GPUs in {} (KFD topology, DRM cards) and for NVIDIA GPUs with nvidia-smi",
+            machine.sysfs_root.display()
+        ));
+    }
+    (gpus, notes)
+}
+
+/// `gpuwarden probe`: the report, or its JSON. A machine without a GPU is not an error.
+fn probe(args: ProbeArgs) -> i32 {
+    let quirks = match QuirkSet::load(&args.machine.quirks) {
+        Ok(q) => q,
+        Err(e) => {
+            error(e);
+            return exit::USAGE;
+        }
+    };
+    let (gpus, notes) = inventory(&args.machine);
+    let job = (!args.command.is_empty()).then(|| probe::command_line(&args.command));
+    let found = Probe::gather(gpus, notes, &args.machine.root, &quirks, job.as_deref());
+    let text = if args.json {
+        match serde_json::to_string_pretty(&found) {
+            Ok(json) => json + "\n",
+            Err(e) => {
+                error(format_args!("cannot write the probe as JSON: {e}"));
+                return exit::INTERNAL;
+            }
+        }
+    } else {
+        found.render()
+    };
+    // A closed stdout (`| head`) is not worth a panic.
+    let _ = std::io::stdout().write_all(text.as_bytes());
+    exit::SUCCESS
 }
 
 /// Loads the rules, checks the command, and runs the plan.
-fn supervise(plan: &Plan, explicit_run_dir: bool) -> i32 {
+fn supervise(
+    plan: &Plan,
+    explicit_run_dir: bool,
+    preflight: Option<&Verdict>,
+    watch: Watch,
+) -> i32 {
     let rules = match RuleSet::load(&plan.rule_dirs) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -88,7 +194,7 @@ fn supervise(plan: &Plan, explicit_run_dir: bool) -> i32 {
         error(e);
         return exit::USAGE;
     }
-    match gpuwarden::app::run(plan, rules, explicit_run_dir) {
+    match gpuwarden::app::run(plan, rules, explicit_run_dir, preflight, watch) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             error(&e);
@@ -139,7 +245,8 @@ fn demo(args: DemoArgs) -> i32 {
          its last checkpoint.\n",
         args.fault_at_step
     );
-    supervise(&plan, explicit_run_dir)
+    // The demo's fault is simulated: the probe has no say in it.
+    supervise(&plan, explicit_run_dir, None, Watch::default())
 }
 
 fn demo_job(args: DemoJobArgs) -> i32 {

@@ -491,6 +491,8 @@ impl Supervisor {
             stream: fault.stream,
             line: fault.line.clone(),
             captures: fault.captures.clone(),
+            facility: fault.facility.clone(),
+            attribution: fault.attribution.clone(),
         });
         if fault.action == Action::Note {
             out.push(record);
@@ -851,6 +853,8 @@ mod tests {
             line: "Memory access fault by GPU node-1".to_string(),
             captures: BTreeMap::new(),
             advice: "advice".to_string(),
+            facility: None,
+            attribution: None,
         }
     }
 

@@ -306,4 +306,11 @@ pub struct Fault {
     pub captures: BTreeMap<String, String>,
     /// What a person can do about it.
     pub advice: String,
+    /// For a kernel-log line: the record's facility (`kernel`, or `user` for a record written
+    /// into /dev/kmsg from user space).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facility: Option<String>,
+    /// For a line from outside the job's own output: why it was judged to concern the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attribution: Option<String>,
 }

@@ -6,7 +6,7 @@
 //! `Rule` with a compiled regex and checked names. This file knows nothing about other files:
 //! duplicate ids across files, and matching, are `RuleSet`'s business in `mod.rs`.
 
-use regex::Regex;
+use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 use toml::Spanned;
 use toml::de::DeTable;
@@ -358,6 +358,17 @@ fn named<T>(
     })
 }
 
+/// Compiles a pattern the way every rule is matched: on bytes, with ASCII classes.
+///
+/// With Unicode classes (the regex crate's default) `\w`, `\d`, `.` and `(?i)` compile to large
+/// UTF-8 automata; a catalog of a few hundred rules then needs hundreds of megabytes, and its
+/// lazy DFA gives up on ordinary lines and falls back to a slow engine (measured: 100 s for a
+/// 1 MB log). Log lines are matched for ASCII words; non-ASCII text in a pattern still matches
+/// as its UTF-8 bytes.
+pub(super) fn ascii_regex(pattern: &str) -> Result<Regex, regex::Error> {
+    RegexBuilder::new(pattern).unicode(false).build()
+}
+
 /// Compiles a rule's regex and checks what it can capture and that it needs some text to match.
 fn compile(pattern: &Spanned<String>, at: &impl Fn(usize) -> Location) -> Result<Regex, RuleError> {
     let offset = pattern.span().start;
@@ -365,8 +376,7 @@ fn compile(pattern: &Spanned<String>, at: &impl Fn(usize) -> Location) -> Result
         at: at(offset),
         message: regex_problem(&err),
     };
-    // Compile the pattern as written first, so that an error speaks of the user's own text.
-    let regex = Regex::new(pattern.get_ref()).map_err(bad)?;
+    let regex = ascii_regex(pattern.get_ref()).map_err(bad)?;
     if let Some(name) = regex
         .capture_names()
         .flatten()
@@ -377,49 +387,11 @@ fn compile(pattern: &Spanned<String>, at: &impl Fn(usize) -> Location) -> Result
             name: name.to_string(),
         });
     }
-    let regex = Regex::new(&ascii_word_boundaries(pattern.get_ref())).map_err(bad)?;
     // A regex that matches the empty line (`.*`, `(foo)?`) matches every line there is.
-    if regex.is_match("") {
+    if regex.is_match(b"") {
         return Err(RuleError::MatchesEmpty { at: at(offset) });
     }
     Ok(regex)
-}
-
-/// Rewrites `\b` and `\B` (and `\b{start}`, `\b{end}`, `\b{start-half}`, `\b{end-half}`) as
-/// ASCII word boundaries, `(?-u:\b)`.
-///
-/// A Unicode word boundary, the regex crate's default, makes its fast lazy DFA give up at the
-/// first non-ASCII byte, and the whole search falls back to a slower engine: measured on an
-/// 8 KB tqdm progress-bar line (`▎`), classify went from 13 µs to 2.6 ms. Log lines are full
-/// of non-ASCII text, and a rule never needs to know whether `é` is a word character.
-pub(super) fn ascii_word_boundaries(pattern: &str) -> String {
-    const SPECIAL: [&str; 4] = ["{start}", "{end}", "{start-half}", "{end-half}"];
-    let mut out = String::with_capacity(pattern.len() + 16);
-    let mut rest = pattern;
-    while let Some(pos) = rest.find('\\') {
-        out.push_str(&rest[..pos]);
-        let escape = &rest[pos..];
-        // Escapes are two characters (`\\` included, which is why `\\b` stays as it is); the
-        // second may be multi-byte.
-        let second = escape[1..].chars().next().map_or(0, char::len_utf8);
-        let (head, tail) = escape.split_at(1 + second);
-        if head == "\\b" || head == "\\B" {
-            let special = SPECIAL
-                .iter()
-                .find(|name| tail.starts_with(*name))
-                .map_or("", |name| &tail[..name.len()]);
-            out.push_str("(?-u:");
-            out.push_str(head);
-            out.push_str(special);
-            out.push(')');
-            rest = &tail[special.len()..];
-        } else {
-            out.push_str(head);
-            rest = tail;
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The short reason from a regex error. The regex crate's syntax errors span several lines (the

@@ -94,11 +94,19 @@ impl Grouper {
         };
         match context.context.joins {
             super::Joins::After => {
-                let joined = self.current.filter(|&i| {
-                    let open = &self.open[i];
-                    number - open.end_line <= CONTEXT_GAP
-                        && context.context.joins_class(open.fault.class)
-                });
+                // The finding it follows most closely among those it may join: usually the
+                // current one, but a detail line of a reset can follow a hang reported in
+                // between.
+                let joined = self
+                    .open
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, open)| {
+                        number - open.end_line <= CONTEXT_GAP
+                            && context.context.joins_class(open.fault.class)
+                    })
+                    .max_by_key(|(i, open)| (open.end_line, self.current == Some(*i)))
+                    .map(|(i, _)| i);
                 let Some(i) = joined else {
                     return false;
                 };

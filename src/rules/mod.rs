@@ -25,9 +25,11 @@
 //! counterexamples = ["a real line that must not"]  # optional
 //! ```
 //!
-//! The regex syntax is the `regex` crate's, with one difference: `\b` and `\B` are ASCII word
-//! boundaries, as if written `(?-u:\b)`, because a Unicode word boundary makes every line with
-//! non-ASCII text (progress bars) take the slow path.
+//! The regex syntax is the `regex` crate's, matched on bytes with Unicode classes off: `\w`, `\d`,
+//! `\s`, `\b` and `(?i)` are ASCII, and `.` matches any byte but a newline. Unicode classes make
+//! a catalog of hundreds of rules huge and slow, and log lines are matched for ASCII words; a
+//! non-ASCII character written in a pattern still matches itself. A pattern is matched against the
+//! message with its prefixes stripped (`prefix::strip`), so `^` means the start of the message.
 //!
 //! Named captures may be `pid`, `process`, `pci`, `node`, `xid` and `address`. When several rules
 //! match a line, the one with the highest severity wins, ties going to the rule defined first
@@ -43,10 +45,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use regex::{Regex, RegexSet, RegexSetBuilder};
+use regex::bytes::{Regex, RegexSet, RegexSetBuilder};
 use regex_automata::meta;
-use regex_syntax::hir::{Hir, HirKind, Look, Repetition};
+use regex_syntax::hir::{
+    Class, ClassBytes, ClassBytesRange, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look,
+    Repetition,
+};
 use serde::Serialize;
 
 pub use error::{Location, Origin, RuleError};
@@ -54,10 +60,22 @@ pub use fault::{Action, Fault, FaultClass, Severity, Stream};
 
 /// The built-in rule files, in the order their rules rank on ties. A test checks that every
 /// `rules/*.toml` is listed here, so a new file cannot be forgotten.
-const BUILTIN: [(&str, &str); 3] = [
+const BUILTIN: [(&str, &str); 9] = [
+    (
+        "rules/amd-kernel.toml",
+        include_str!("../../rules/amd-kernel.toml"),
+    ),
     (
         "rules/amd-runtime.toml",
         include_str!("../../rules/amd-runtime.toml"),
+    ),
+    (
+        "rules/nvidia-xid.toml",
+        include_str!("../../rules/nvidia-xid.toml"),
+    ),
+    (
+        "rules/nvidia-driver.toml",
+        include_str!("../../rules/nvidia-driver.toml"),
     ),
     (
         "rules/cuda-runtime.toml",
@@ -67,6 +85,9 @@ const BUILTIN: [(&str, &str); 3] = [
         "rules/pytorch.toml",
         include_str!("../../rules/pytorch.toml"),
     ),
+    ("rules/nccl.toml", include_str!("../../rules/nccl.toml")),
+    ("rules/host.toml", include_str!("../../rules/host.toml")),
+    ("rules/tools.toml", include_str!("../../rules/tools.toml")),
 ];
 
 /// How much memory one stream's compiled `RegexSet` may take. The regex crate's default (10 MiB)
@@ -88,7 +109,7 @@ pub struct Rule {
     pub origin: Origin,
     /// The regex as written in the rule file.
     pattern: String,
-    /// The regex as matched: `pattern` with ASCII word boundaries (`file::ascii_word_boundaries`).
+    /// The regex as matched, on bytes with ASCII classes (`file::ascii_regex`).
     regex: Regex,
     examples: Vec<String>,
     counterexamples: Vec<String>,
@@ -103,7 +124,8 @@ impl Rule {
     /// Whether this rule's regex matches the line's message (prefixes stripped), whatever its
     /// streams and whatever other rules would say.
     pub fn is_match(&self, line: &str) -> bool {
-        self.regex.is_match(prefix::strip(line_body(line)).body)
+        self.regex
+            .is_match(prefix::strip(line_body(line)).body.as_bytes())
     }
 
     /// Real lines this rule must match.
@@ -168,7 +190,8 @@ impl Context {
 
     /// Whether this context's regex matches the line's message (prefixes stripped).
     pub fn is_match(&self, line: &str) -> bool {
-        self.regex.is_match(prefix::strip(line_body(line)).body)
+        self.regex
+            .is_match(prefix::strip(line_body(line)).body.as_bytes())
     }
 
     /// Whether it may join a finding of this class.
@@ -238,13 +261,13 @@ struct Matcher {
 pub struct RuleSet {
     rules: Vec<Rule>,
     contexts: Vec<Context>,
-    /// One matcher per stream, indexed by `Stream as usize`, then one for every rule of every
-    /// stream (`scan` of a log whose stream is unknown).
-    matchers: [Matcher; 5],
+    /// The matcher for every rule of every stream (`scan` of a log whose stream is unknown).
+    /// Built first: it holds every pattern, so if it fits, every stream's matcher fits.
+    any: Matcher,
+    /// One matcher per stream, indexed by `Stream as usize`, built when first used (`scan`
+    /// needs none of them, `run` three of four).
+    streams: [OnceLock<Matcher>; 4],
 }
-
-/// The index in `RuleSet::matchers` of the matcher for all streams.
-const ANY: usize = 4;
 
 /// An example that a rule does not match, or a counterexample that it does: the rule loads, but
 /// it is wrong about the lines it was written for.
@@ -422,13 +445,32 @@ impl RuleSet {
     /// syslog headers, `[rank3]:`) are stripped before matching (`prefix::strip`); a trailing
     /// `\r` (or `\n`) is ignored.
     pub fn classify(&self, stream: Stream, line: &str) -> Option<Fault> {
-        self.classify_in(&self.matchers[stream as usize], Some(stream), line)
+        self.classify_in(self.matcher(Some(stream)), Some(stream), line)
     }
 
     /// Classifies a line whose stream is unknown (a log file given to `scan`) against every
     /// rule of every stream. The fault's stream is the winning rule's first stream.
     pub fn classify_any(&self, line: &str) -> Option<Fault> {
-        self.classify_in(&self.matchers[ANY], None, line)
+        self.classify_in(&self.any, None, line)
+    }
+
+    /// Compiles the matchers of these streams now, so that the first line of each does not
+    /// wait for it (a few hundred milliseconds for a large catalog).
+    pub fn prepare(&self, streams: &[Stream]) {
+        for &stream in streams {
+            self.matcher(Some(stream));
+        }
+    }
+
+    /// The matcher of one stream (built on first use), or of all of them.
+    fn matcher(&self, stream: Option<Stream>) -> &Matcher {
+        let Some(stream) = stream else {
+            return &self.any;
+        };
+        self.streams[stream as usize].get_or_init(|| {
+            matcher(&self.rules, &self.contexts, Some(stream))
+                .expect("a stream's rules are a subset of the catalog, which compiled")
+        })
     }
 
     fn classify_in(&self, matcher: &Matcher, stream: Option<Stream>, line: &str) -> Option<Fault> {
@@ -439,7 +481,7 @@ impl RuleSet {
         }
         let body = prefix::strip(line).body;
         let mut best: Option<&Rule> = None;
-        for pattern in matcher.set.matches(body).iter() {
+        for pattern in matcher.set.matches(body.as_bytes()).iter() {
             let rule = &self.rules[matcher.rules[pattern]];
             // Strictly greater: on a tie the earlier rule, seen first, stays.
             if best.is_none_or(|best| rule.severity > best.severity) {
@@ -456,6 +498,8 @@ impl RuleSet {
             line: line.to_string(),
             captures: captures(&rule.regex, body),
             advice: rule.advice.clone(),
+            facility: None,
+            attribution: None,
         })
     }
 
@@ -463,13 +507,13 @@ impl RuleSet {
     /// any stream. A line a rule matches is a fault line, so callers ask this only of lines that
     /// `classify` turned down.
     pub fn context(&self, stream: Option<Stream>, line: &str) -> Option<ContextMatch<'_>> {
-        let matcher = &self.matchers[stream.map_or(ANY, |s| s as usize)];
+        let matcher = self.matcher(stream);
         let line = line_body(line);
         if !matcher.prefilter.is_match(line) {
             return None;
         }
         let body = prefix::strip(line).body;
-        let first = matcher.context_set.matches(body).iter().next()?;
+        let first = matcher.context_set.matches(body.as_bytes()).iter().next()?;
         let context = &self.contexts[matcher.contexts[first]];
         Some(ContextMatch {
             context,
@@ -487,7 +531,7 @@ impl RuleSet {
         haystack: &[u8],
         start: usize,
     ) -> Option<usize> {
-        let matcher = &self.matchers[stream.map_or(ANY, |s| s as usize)];
+        let matcher = self.matcher(stream);
         let input = regex_automata::Input::new(haystack).range(start..);
         // The start of the match, not its end: a pattern with `\s` or a negated class can match
         // across a newline, and then the line where it starts is the one to check (checking it
@@ -531,17 +575,12 @@ impl RuleSet {
     fn build(loaded: Loaded) -> Result<RuleSet, RuleError> {
         unique_ids(&loaded)?;
         let Loaded { rules, contexts } = loaded;
-        let matchers = [
-            matcher(&rules, &contexts, Some(Stream::Stdout))?,
-            matcher(&rules, &contexts, Some(Stream::Stderr))?,
-            matcher(&rules, &contexts, Some(Stream::Kernel))?,
-            matcher(&rules, &contexts, Some(Stream::Tool))?,
-            matcher(&rules, &contexts, None)?,
-        ];
+        let any = matcher(&rules, &contexts, None)?;
         Ok(RuleSet {
             rules,
             contexts,
-            matchers,
+            any,
+            streams: Default::default(),
         })
     }
 }
@@ -549,10 +588,11 @@ impl RuleSet {
 /// The named groups of `regex` that took part in its match on `body`.
 fn captures(regex: &Regex, body: &str) -> BTreeMap<String, String> {
     let mut captures = BTreeMap::new();
-    if let Some(found) = regex.captures(body) {
+    if let Some(found) = regex.captures(body.as_bytes()) {
         for name in regex.capture_names().flatten() {
             if let Some(value) = found.name(name) {
-                captures.insert(name.to_string(), value.as_str().to_string());
+                let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+                captures.insert(name.to_string(), value);
             }
         }
     }
@@ -709,7 +749,11 @@ fn matcher(
     };
     let set_of = |patterns: &[&str]| {
         RegexSetBuilder::new(patterns)
+            .unicode(false)
             .size_limit(SET_SIZE_LIMIT)
+            // Its lazy DFA answers "which rules match" for a few hundred rules at once only
+            // with room for its states; with the default 2 MiB it falls back to the PikeVM.
+            .dfa_size_limit(PREFILTER_CACHE)
             .build()
             .map_err(|err| too_large(err.to_string()))
     };
@@ -718,7 +762,10 @@ fn matcher(
     let mut hirs = Vec::with_capacity(rule_patterns.len() + context_patterns.len());
     for pattern in rule_patterns.iter().chain(&context_patterns) {
         // Every pattern compiled with the regex crate already, whose parser this is.
-        let hir = regex_syntax::Parser::new()
+        let hir = regex_syntax::ParserBuilder::new()
+            .unicode(false)
+            .utf8(false)
+            .build()
             .parse(pattern)
             .map_err(|err| too_large(err.to_string()))?;
         hirs.push(unanchored(&hir));
@@ -747,8 +794,9 @@ fn matcher(
 /// The lazy DFA cache of one prefilter.
 const PREFILTER_CACHE: usize = 32 << 20;
 
-/// `hir` without its start and end anchors, and without capture groups: it matches wherever `hir`
-/// matches, and also where `hir` would have matched but for an anchor. Rules match a message
+/// `hir` without its start and end anchors, without capture groups, and with classes that do not
+/// match a newline: on one line it matches wherever `hir` matches, and also where `hir` would have
+/// matched but for an anchor. Rules match a message
 /// after its prefix is stripped, so "start of the message" is not "start of the line"; the
 /// prefilter, which sees whole lines, must not miss those lines.
 fn unanchored(hir: &Hir) -> Hir {
@@ -763,6 +811,19 @@ fn unanchored(hir: &Hir) -> Hir {
             sub: Box::new(unanchored(&rep.sub)),
         }),
         HirKind::Capture(capture) => unanchored(&capture.sub),
+        // Classes never match a newline here: `[^)]*` or `\s+` running across lines would make
+        // a search over a whole block of lines try every line pair (measured: 287 s instead of
+        // 31 s for 200,000 lines). A rule's match lies within one line anyway.
+        HirKind::Class(Class::Bytes(class)) => {
+            let mut class = class.clone();
+            class.difference(&ClassBytes::new([ClassBytesRange::new(b'\n', b'\n')]));
+            Hir::class(Class::Bytes(class))
+        }
+        HirKind::Class(Class::Unicode(class)) => {
+            let mut class = class.clone();
+            class.difference(&ClassUnicode::new([ClassUnicodeRange::new('\n', '\n')]));
+            Hir::class(Class::Unicode(class))
+        }
         HirKind::Concat(subs) => Hir::concat(subs.iter().map(unanchored).collect()),
         HirKind::Alternation(subs) => Hir::alternation(subs.iter().map(unanchored).collect()),
         _ => hir.clone(),
@@ -787,7 +848,11 @@ fn dir_rules(dir: &Path) -> Result<Loaded, RuleError> {
     Ok(rules)
 }
 
-/// The `*.toml` files in `dir`, sorted by name.
+/// The hardware quirks file that lives beside the rule files (`rules/quirks.toml`); it is read
+/// by the pre-flight probe, not as rules.
+pub const QUIRKS_FILE: &str = "quirks.toml";
+
+/// The `*.toml` files in `dir` other than the quirks file, sorted by name.
 fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
     let read_error = |source| RuleError::Read {
         path: dir.to_path_buf(),
@@ -796,7 +861,10 @@ fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir).map_err(read_error)? {
         let path = entry.map_err(read_error)?.path();
-        if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
+        if path.extension().is_some_and(|ext| ext == "toml")
+            && path.file_name().is_some_and(|name| name != QUIRKS_FILE)
+            && path.is_file()
+        {
             files.push(path);
         }
     }

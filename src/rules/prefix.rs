@@ -103,8 +103,13 @@ static FORMS: LazyLock<Vec<Form>> = LazyLock::new(|| {
         ),
         // Talos and similar: `192.168.11.119: kern: warning: [2026-04-22T21:27:51.291Z]: `.
         form(&format!(r"^(?:\S+: )?kern: *\w+: *\[{ISO}\]: ?"), wall),
-        // dmesg -x: `kern  :warn  : ` (facility and level, padded).
-        form(r"^[a-z]{3,8} *:[a-z]{3,6} *: ", no_stamp),
+        // dmesg -x: `kern  :warn  : ` (facility and level, padded), with dmesg's own ISO time
+        // when it has one. Taken together: what follows the time is the message, not a syslog
+        // program name (`pt_main_thread[2536443]: segfault at ...` keeps its pid).
+        form(
+            &format!(r"^[a-z]{{3,8}} *:[a-z]{{3,6}} *: (?:{ISO} )?"),
+            wall,
+        ),
         // syslog / journald short: `Feb  2 08:03:20 host kernel: `, localized month names
         // (`Mär`, `févr.`, `дек`), host optional, any program with an optional `[pid]`.
         form(
@@ -190,6 +195,7 @@ mod tests {
             format!("2024-08-18T01:19:27.141093+00:00 minipc kernel: {MSG}"),
             format!("kernel: [ 2478.486780] {MSG}"),
             format!("kern  :warn  : 2025-01-21T04:41:44,283302+00:00 {MSG}"),
+            format!("kern  :err   : {MSG}"),
             format!("192.168.11.119: kern: warning: [2026-04-22T21:27:51.291660856Z]: {MSG}"),
             format!("2025-11-14T08:52:38.3746210Z {MSG}"),
             format!("ollama  | {MSG}"),
@@ -239,6 +245,20 @@ mod tests {
         let d = strip("2025-11-14T08:52:40.0Z x").stamp.unwrap();
         assert_eq!(d.seconds_since(c), Some(1.5));
         assert_eq!(strip("[  +0.088166] x").stamp, None);
+    }
+
+    #[test]
+    fn a_process_name_after_a_dmesg_time_is_message_not_syslog_header() {
+        assert_eq!(
+            body(
+                "kern  :info  : 2025-01-21T04:41:44,283302+00:00 pt_main_thread[2536443]: segfault at 0 ip 00007f"
+            ),
+            "pt_main_thread[2536443]: segfault at 0 ip 00007f"
+        );
+        assert_eq!(
+            body("kern  :err   : 2025-01-21T04:41:44,283302+00:00 oom_reaper: reaped process 1234"),
+            "oom_reaper: reaped process 1234"
+        );
     }
 
     #[test]

@@ -1,0 +1,750 @@
+//! Attribution: does a process named by a kernel line belong to the job?
+//!
+//! A kernel fault line names a pid (`NVRM: Xid (...): 31, pid=447`, amdgpu's `Process python3
+//! pid 2113 thread python3 pid 2120`). The fault is the job's only if that pid is in the job's
+//! process tree: the process groups of its attempts (each attempt's leader is its own group),
+//! and every descendant of a member, including workers that moved to a group or session of
+//! their own. gpuwarden itself and its other children (tool calls such as `rocm-smi`) are not
+//! the job.
+//!
+//! The faulting process is often gone by the time the kernel line is read (the fault killed
+//! it), so [`JobTree::refresh`] scans `/proc` (cheap enough to call every second) and remembers
+//! every member it sees, with its start time so that a reused pid is not mistaken for it. A
+//! dead pid that was seen is answered from memory; one that never was is
+//! [`Membership::Unknown`], and what to do with that is the supervisor's decision, not this
+//! module's.
+//!
+//! Pids are those of the pid namespace gpuwarden runs in; the kernel logs pids of the initial
+//! namespace, so inside a container with its own pid namespace they do not match, and answers
+//! are `Foreign` or `Unknown`.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Ancestors followed at most when walking up from a pid (real trees are a few deep; the bound
+/// also ends a loop in a corrupt or racing snapshot).
+const MAX_DEPTH: usize = 64;
+
+/// Dead members remembered at most; past it the ones not seen for longest are forgotten. A job
+/// that forks short-lived processes all night must not grow gpuwarden without bound.
+const MAX_REMEMBERED: usize = 65_536;
+
+/// The fields of `/proc/P/stat` attribution needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcStat {
+    pub pid: u32,
+    /// The command name as the kernel keeps it (at most 15 bytes; may hold spaces and
+    /// parentheses).
+    pub comm: String,
+    /// `R`, `S`, `D`, `Z`, ...
+    pub state: char,
+    pub ppid: u32,
+    pub pgid: u32,
+    /// Start time in clock ticks after boot: with the pid, it names one process for good.
+    pub start_time: u64,
+}
+
+/// Why a `/proc/P/stat` line could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "malformed /proc stat line ({0}); this kernel's /proc format is not supported, please report it"
+)]
+pub struct StatError(&'static str);
+
+/// Parses the content of `/proc/P/stat`. The command name sits between the first `(` and the
+/// *last* `)`, because the name itself may contain both, and spaces.
+pub fn parse_stat(line: &[u8]) -> Result<ProcStat, StatError> {
+    let open = memchr::memchr(b'(', line).ok_or(StatError("no `(` before the command name"))?;
+    let close = memchr::memrchr(b')', line).ok_or(StatError("no `)` after the command name"))?;
+    if close < open {
+        return Err(StatError("`)` before `(`"));
+    }
+    let pid = field(&line[..open], "pid")?;
+    let comm = String::from_utf8_lossy(&line[open + 1..close]).into_owned();
+    // Fields after the name, numbered as in proc(5): 3 state, 4 ppid, 5 pgrp, ... 22 starttime.
+    let rest = std::str::from_utf8(&line[close + 1..]).map_err(|_| StatError("not ASCII"))?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let nth = |n: usize| {
+        fields
+            .get(n - 3)
+            .copied()
+            .ok_or(StatError("too few fields"))
+    };
+    let mut state = nth(3)?.chars();
+    let state = match (state.next(), state.next()) {
+        (Some(c), None) => c,
+        _ => return Err(StatError("a state that is not one letter")),
+    };
+    Ok(ProcStat {
+        pid,
+        comm,
+        state,
+        ppid: field(nth(4)?.as_bytes(), "ppid")?,
+        pgid: field(nth(5)?.as_bytes(), "pgrp")?,
+        start_time: field(nth(22)?.as_bytes(), "starttime")?,
+    })
+}
+
+fn field<T: std::str::FromStr>(bytes: &[u8], name: &'static str) -> Result<T, StatError> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .ok_or(StatError(name))
+}
+
+/// Whether a pid belongs to the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    /// A live member, or a dead one that was seen as a member.
+    Job,
+    /// Alive and not in the job's tree (gpuwarden itself included), or a dead pid whose
+    /// number now belongs to another process.
+    Foreign,
+    /// Dead, and never seen: nothing can tell.
+    Unknown,
+}
+
+/// A member seen alive.
+#[derive(Debug, Clone)]
+struct Seen {
+    start_time: u64,
+    /// When it was last seen, in refresh counts, for forgetting the oldest.
+    refresh: u64,
+}
+
+/// The job's process tree, as far as `/proc` shows it and memory keeps it.
+#[derive(Debug)]
+pub struct JobTree {
+    own_pid: u32,
+    groups: HashSet<u32>,
+    seen: HashMap<u32, Seen>,
+    refreshes: u64,
+    proc_root: PathBuf,
+}
+
+impl JobTree {
+    /// A tree with no groups yet; `own_pid` is gpuwarden's pid (`std::process::id()`).
+    pub fn new(own_pid: u32) -> Self {
+        Self::with_proc_root(own_pid, PathBuf::from("/proc"))
+    }
+
+    fn with_proc_root(own_pid: u32, proc_root: PathBuf) -> Self {
+        JobTree {
+            own_pid,
+            groups: HashSet::new(),
+            seen: HashMap::new(),
+            refreshes: 0,
+            proc_root,
+        }
+    }
+
+    /// Adds an attempt's process group (its leader's pid). Groups stay: a late kernel line
+    /// about an earlier attempt is still the job's.
+    pub fn add_group(&mut self, pgid: u32) {
+        self.groups.insert(pgid);
+    }
+
+    /// Forgets an attempt's process group once it is empty: its number may then be reused by
+    /// an unrelated group. The members seen in it stay remembered, so late kernel lines about
+    /// them still count as the job's.
+    pub fn remove_group(&mut self, pgid: u32) {
+        self.groups.remove(&pgid);
+    }
+
+    /// The job's process groups.
+    pub fn groups(&self) -> impl Iterator<Item = u32> + '_ {
+        self.groups.iter().copied()
+    }
+
+    /// Scans `/proc` and remembers every live member. Returns how many are alive. It reads
+    /// one stat line per process, about 40 µs each (5 ms for 130 processes on a small VM):
+    /// fine to call every second while an attempt runs.
+    pub fn refresh(&mut self) -> io::Result<usize> {
+        let procs = snapshot(&self.proc_root)?;
+        let members = members(&procs, &self.groups, self.own_pid);
+        self.refreshes += 1;
+        for &pid in &members {
+            if let Some(stat) = procs.get(&pid) {
+                self.remember(pid, stat.start_time);
+            }
+        }
+        if self.seen.len() > MAX_REMEMBERED {
+            let mut by_age: Vec<(u64, u32)> =
+                self.seen.iter().map(|(&pid, s)| (s.refresh, pid)).collect();
+            by_age.sort_unstable();
+            let excess = self.seen.len() - MAX_REMEMBERED;
+            for &(_, pid) in &by_age[..excess] {
+                self.seen.remove(&pid);
+            }
+        }
+        Ok(members.len())
+    }
+
+    /// Whether `pid` is the job's. A live pid is checked against `/proc` now (and remembered
+    /// when it is a member); a dead one is answered from what [`JobTree::refresh`] saw.
+    pub fn membership(&mut self, pid: u32) -> Membership {
+        if pid == self.own_pid {
+            return Membership::Foreign;
+        }
+        let Some(stat) = self.read_stat(pid) else {
+            return if self.seen.contains_key(&pid) {
+                Membership::Job
+            } else {
+                Membership::Unknown
+            };
+        };
+        if self.is_live_member(&stat) {
+            self.remember(pid, stat.start_time);
+            return Membership::Job;
+        }
+        // Alive but no longer linked to the job (its parent died and it was reparented, and it
+        // had left the group): a member all the same if it is the very process seen before.
+        match self.seen.get(&pid) {
+            Some(seen) if seen.start_time == stat.start_time => Membership::Job,
+            _ => Membership::Foreign,
+        }
+    }
+
+    fn remember(&mut self, pid: u32, start_time: u64) {
+        self.seen.insert(
+            pid,
+            Seen {
+                start_time,
+                refresh: self.refreshes,
+            },
+        );
+    }
+
+    fn was_seen(&self, stat: &ProcStat) -> bool {
+        self.seen
+            .get(&stat.pid)
+            .is_some_and(|s| s.start_time == stat.start_time)
+    }
+
+    /// In a job group, or a descendant of a member (live or remembered).
+    fn is_live_member(&self, stat: &ProcStat) -> bool {
+        if self.groups.contains(&stat.pgid) {
+            return true;
+        }
+        let mut parent = stat.ppid;
+        for _ in 0..MAX_DEPTH {
+            if parent <= 1 || parent == self.own_pid {
+                return false;
+            }
+            let Some(up) = self.read_stat(parent) else {
+                return false;
+            };
+            if self.groups.contains(&up.pgid) || self.was_seen(&up) {
+                return true;
+            }
+            parent = up.ppid;
+        }
+        false
+    }
+
+    fn read_stat(&self, pid: u32) -> Option<ProcStat> {
+        read_stat(&self.proc_root, pid)
+    }
+}
+
+fn read_stat(root: &Path, pid: u32) -> Option<ProcStat> {
+    // A plain open and read into a stack buffer: `fs::read` would also ask for the size (which
+    // /proc does not know), a syscall more per process on every refresh. A stat line is a few
+    // hundred bytes; 4 KiB leaves room for any command name.
+    let mut file = std::fs::File::open(root.join(pid.to_string()).join("stat")).ok()?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    while len < buf.len() {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => {
+                len += n;
+                // /proc hands the whole line to the first read that has room for it: a short
+                // read is the end, and asking again would cost a syscall per process.
+                if len < buf.len() {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    parse_stat(&buf[..len]).ok()
+}
+
+/// Every process in `/proc` now. Processes that end during the scan are simply missing.
+fn snapshot(root: &Path) -> io::Result<HashMap<u32, ProcStat>> {
+    let mut procs = HashMap::new();
+    for entry in std::fs::read_dir(root)? {
+        let Ok(entry) = entry else { continue };
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some(stat) = read_stat(root, pid) {
+            procs.insert(pid, stat);
+        }
+    }
+    Ok(procs)
+}
+
+/// The members among `procs`: those in a job group, and their descendants. gpuwarden
+/// (`own_pid`) and what hangs only from it or from init are not members.
+pub fn members(
+    procs: &HashMap<u32, ProcStat>,
+    groups: &HashSet<u32>,
+    own_pid: u32,
+) -> HashSet<u32> {
+    let mut known: HashMap<u32, bool> = HashMap::new();
+    for &pid in procs.keys() {
+        // Walk up until an answer, then give it to the whole path walked.
+        let mut path = Vec::new();
+        let mut at = pid;
+        let answer = loop {
+            if let Some(&k) = known.get(&at) {
+                break k;
+            }
+            if at == own_pid || path.len() > MAX_DEPTH {
+                break false;
+            }
+            let Some(stat) = procs.get(&at) else {
+                break false;
+            };
+            if groups.contains(&stat.pgid) {
+                path.push(at);
+                break true;
+            }
+            path.push(at);
+            if stat.ppid <= 1 {
+                break false;
+            }
+            at = stat.ppid;
+        };
+        for p in path {
+            known.insert(p, answer);
+        }
+    }
+    known
+        .into_iter()
+        .filter(|&(pid, member)| member && pid != own_pid)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::CommandExt;
+    use std::process::{Child, Command};
+    use std::time::{Duration, Instant};
+
+    fn stat_line(pid: u32, comm: &str, ppid: u32, pgid: u32, start: u64) -> String {
+        // Fields 3..=22 of proc(5), the ones not read set to plausible values.
+        format!(
+            "{pid} ({comm}) S {ppid} {pgid} {pgid} 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 {start} 1000 100 18446744073709551615\n"
+        )
+    }
+
+    fn stat(pid: u32, ppid: u32, pgid: u32) -> ProcStat {
+        parse_stat(stat_line(pid, "p", ppid, pgid, 100 + u64::from(pid)).as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn parses_a_command_name_with_spaces_and_parentheses() {
+        let s = parse_stat(stat_line(4242, "a) b (c)) S 9", 17, 4200, 777).as_bytes()).unwrap();
+        assert_eq!(
+            s,
+            ProcStat {
+                pid: 4242,
+                comm: "a) b (c)) S 9".into(),
+                state: 'S',
+                ppid: 17,
+                pgid: 4200,
+                start_time: 777
+            }
+        );
+    }
+
+    #[test]
+    fn parses_this_process_from_proc() {
+        let me = std::process::id();
+        let s = read_stat(Path::new("/proc"), me).unwrap();
+        assert_eq!(s.pid, me);
+        assert_eq!(s.ppid, nix::unistd::getppid().as_raw() as u32);
+        assert_eq!(s.pgid, nix::unistd::getpgrp().as_raw() as u32);
+    }
+
+    #[test]
+    fn rejects_lines_that_are_not_stat() {
+        assert!(parse_stat(b"").is_err());
+        assert!(parse_stat(b"12 (x S 1 2").is_err());
+        assert!(parse_stat(b"12 (x) S 1 2 3").is_err(), "too few fields");
+        assert!(parse_stat(stat_line(1, "x", 0, 1, 5).replace(" S ", " SS ").as_bytes()).is_err());
+        let e = parse_stat(b"zz (x) S 1 2").unwrap_err();
+        assert!(e.to_string().starts_with("malformed /proc stat line (pid)"));
+    }
+
+    #[test]
+    fn members_are_the_groups_and_their_descendants_only() {
+        let own = 100;
+        let procs: HashMap<u32, ProcStat> = [
+            stat(1, 0, 1),
+            stat(own, 1, own),
+            stat(200, own, 200), // attempt leader (its own group)
+            stat(201, 200, 200), // worker in the group
+            stat(202, 201, 202), // worker that called setsid: left the group, still the job's
+            stat(203, 202, 202), // its child
+            stat(300, own, own), // gpuwarden's rocm-smi call: not the job
+            stat(400, 1, 400),   // someone else's process
+            stat(401, 400, 400),
+            stat(500, 1, 200), // reparented to init but still in the job's group
+        ]
+        .into_iter()
+        .map(|s| (s.pid, s))
+        .collect();
+        let groups = HashSet::from([200]);
+        let mut got: Vec<u32> = members(&procs, &groups, own).into_iter().collect();
+        got.sort();
+        assert_eq!(got, vec![200, 201, 202, 203, 500]);
+    }
+
+    #[test]
+    fn members_survive_a_parent_loop() {
+        // A snapshot taken while pids are recycled can show a loop; the walk must end.
+        let procs: HashMap<u32, ProcStat> = [stat(10, 11, 10), stat(11, 10, 11)]
+            .into_iter()
+            .map(|s| (s.pid, s))
+            .collect();
+        assert!(members(&procs, &HashSet::from([99]), 1).is_empty());
+    }
+
+    /// A fake `/proc` with the given stat lines.
+    fn fake_proc(lines: &[(u32, String)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (pid, line) in lines {
+            write_stat(dir.path(), *pid, line);
+        }
+        std::fs::create_dir(dir.path().join("self")).unwrap();
+        dir
+    }
+
+    fn write_stat(root: &Path, pid: u32, line: &str) {
+        let d = root.join(pid.to_string());
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("stat"), line).unwrap();
+    }
+
+    #[test]
+    fn dead_members_are_remembered_and_reused_pids_are_not_confused() {
+        let own = 100;
+        let root = fake_proc(&[
+            (own, stat_line(own, "gpuwarden", 1, own, 10)),
+            (200, stat_line(200, "python3", own, 200, 20)),
+            (250, stat_line(250, "pt_data_worker", 200, 250, 25)),
+        ]);
+        let mut tree = JobTree::with_proc_root(own, root.path().to_path_buf());
+        tree.add_group(200);
+        assert_eq!(tree.refresh().unwrap(), 2);
+
+        // The worker faults and dies, then the leader: both answered from memory.
+        std::fs::remove_dir_all(root.path().join("250")).unwrap();
+        std::fs::remove_dir_all(root.path().join("200")).unwrap();
+        assert_eq!(tree.membership(250), Membership::Job);
+        assert_eq!(tree.membership(200), Membership::Job);
+        // A pid nobody saw.
+        assert_eq!(tree.membership(777), Membership::Unknown);
+        // Pid 250 comes back as someone else's process (another start time): not the job.
+        write_stat(root.path(), 250, &stat_line(250, "sshd", 1, 250, 99));
+        assert_eq!(tree.membership(250), Membership::Foreign);
+        // gpuwarden is never the job.
+        assert_eq!(tree.membership(own), Membership::Foreign);
+
+        // The attempt's group is empty and removed; an unrelated process that later gets the
+        // leader's number as its group is not the job, while the dead leader still is.
+        tree.remove_group(200);
+        write_stat(root.path(), 300, &stat_line(300, "cron", 1, 200, 300));
+        assert_eq!(tree.membership(300), Membership::Foreign);
+        assert_eq!(tree.membership(200), Membership::Job);
+        assert_eq!(tree.groups().count(), 0);
+    }
+
+    #[test]
+    fn an_orphan_that_left_the_group_stays_the_jobs() {
+        let own = 100;
+        let root = fake_proc(&[
+            (own, stat_line(own, "gpuwarden", 1, own, 10)),
+            (200, stat_line(200, "torchrun", own, 200, 20)),
+            (260, stat_line(260, "worker", 200, 260, 26)),
+        ]);
+        let mut tree = JobTree::with_proc_root(own, root.path().to_path_buf());
+        tree.add_group(200);
+        tree.refresh().unwrap();
+        // torchrun dies; the worker (own session) is reparented to gpuwarden, the subreaper.
+        std::fs::remove_dir_all(root.path().join("200")).unwrap();
+        write_stat(root.path(), 260, &stat_line(260, "worker", own, 260, 26));
+        assert_eq!(tree.membership(260), Membership::Job);
+        // A child it starts now is the job's through it.
+        write_stat(root.path(), 270, &stat_line(270, "worker2", 260, 260, 27));
+        assert_eq!(tree.membership(270), Membership::Job);
+        tree.refresh().unwrap();
+        std::fs::remove_dir_all(root.path().join("270")).unwrap();
+        assert_eq!(tree.membership(270), Membership::Job);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let own = 100;
+        let root = fake_proc(&[(own, stat_line(own, "gpuwarden", 1, own, 10))]);
+        let mut tree = JobTree::with_proc_root(own, root.path().to_path_buf());
+        tree.add_group(200);
+        for pid in 0..(MAX_REMEMBERED as u32 + 10) {
+            tree.seen.insert(
+                1000 + pid,
+                Seen {
+                    start_time: 1,
+                    refresh: u64::from(pid),
+                },
+            );
+        }
+        tree.refresh().unwrap();
+        assert_eq!(tree.seen.len(), MAX_REMEMBERED);
+        // The oldest went first.
+        assert!(!tree.seen.contains_key(&1000));
+        assert!(tree.seen.contains_key(&(1000 + MAX_REMEMBERED as u32 + 9)));
+    }
+
+    /// Kills the child on drop, so a failing test leaves no process behind.
+    struct Reaped(Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn children_of(pid: u32) -> Vec<ProcStat> {
+        snapshot(Path::new("/proc"))
+            .unwrap()
+            .into_values()
+            .filter(|s| s.ppid == pid)
+            .collect()
+    }
+
+    fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
+        let t0 = Instant::now();
+        while !ready() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{what} did not happen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[test]
+    fn real_processes_of_the_job_are_members_others_are_not() {
+        let own = std::process::id();
+        // The job: a shell leading its own group, one worker in the group and one that moved
+        // to a session of its own.
+        let job = Reaped(
+            Command::new("sh")
+                .args(["-c", "sleep 30 & setsid sleep 30 & wait"])
+                .process_group(0)
+                .spawn()
+                .unwrap(),
+        );
+        let leader = job.0.id();
+        // Not the job: another child of "gpuwarden" (this test process), like a tool call.
+        let tool = Reaped(Command::new("sleep").arg("30").spawn().unwrap());
+
+        let mut workers = Vec::new();
+        wait_for("both workers start sleeping", || {
+            workers = children_of(leader);
+            workers.len() == 2 && workers.iter().all(|w| w.comm == "sleep")
+        });
+        let in_group = workers.iter().find(|w| w.pgid == leader).unwrap().pid;
+        let own_session = workers.iter().find(|w| w.pgid != leader).unwrap().pid;
+
+        let mut tree = JobTree::new(own);
+        tree.add_group(leader);
+        let t0 = Instant::now();
+        assert_eq!(tree.refresh().unwrap(), 3);
+        let took = t0.elapsed();
+        assert!(took < Duration::from_millis(500), "a refresh took {took:?}");
+        for pid in [leader, in_group, own_session] {
+            assert_eq!(tree.membership(pid), Membership::Job, "pid {pid}");
+        }
+        assert_eq!(tree.membership(tool.0.id()), Membership::Foreign);
+        assert_eq!(tree.membership(own), Membership::Foreign);
+        assert_eq!(tree.membership(1), Membership::Foreign);
+
+        // The whole job dies (as after a fatal fault): still the job's, from memory.
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(leader as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(own_session as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        drop(job);
+        wait_for("the workers are gone or zombies", || {
+            [in_group, own_session]
+                .iter()
+                .all(|&p| read_stat(Path::new("/proc"), p).is_none_or(|s| s.state == 'Z'))
+        });
+        for pid in [leader, in_group, own_session] {
+            assert_eq!(tree.membership(pid), Membership::Job, "dead pid {pid}");
+        }
+        // A process that lived and died between two refreshes, outside the job: unknown.
+        let mut brief = Command::new("true").spawn().unwrap();
+        let brief_pid = brief.id();
+        brief.wait().unwrap();
+        assert_eq!(tree.membership(brief_pid), Membership::Unknown);
+    }
+}
+
+/// A PCI address as a kernel line or tool spells it (`0000:03:00.0`, `00000000:3B:00.0`, NVRM's
+/// `0000:00:06` without the function), reduced to domain, bus and device. The function is left
+/// out: a GPU is one device, and NVRM does not print it.
+pub fn pci_slot(text: &str) -> Option<(u32, u8, u8)> {
+    let text = text.trim().trim_start_matches("PCI:");
+    let without_function = text.split('.').next()?;
+    let parts: Vec<&str> = without_function.split(':').collect();
+    let (domain, bus, device) = match parts.as_slice() {
+        [domain, bus, device] => (u32::from_str_radix(domain, 16).ok()?, *bus, *device),
+        [bus, device] => (0, *bus, *device),
+        _ => return None,
+    };
+    Some((
+        domain,
+        u8::from_str_radix(bus, 16).ok()?,
+        u8::from_str_radix(device, 16).ok()?,
+    ))
+}
+
+/// Whom a kernel fault line concerns, and so whether the supervisor may act on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// It concerns the job: act on it. The text says why (for the journal).
+    Job(String),
+    /// It concerns something else, or nothing can tell: journal and show it, never act.
+    Foreign(String),
+}
+
+/// Decides whom a kernel fault concerns from what its line captured.
+///
+/// - A line that names a pid concerns the job when that pid is in the job's tree
+///   (`membership`).
+/// - Otherwise a line that names a device concerns the job when the device is one the running
+///   attempt can use (`usable`: the PCI slots of the GPUs visible to its tier; empty on a CPU
+///   tier).
+/// - A line that names neither is not attributed: the machine may run other GPU work, and a
+///   fault that cannot be tied to the job must not kill it.
+pub fn attribute(
+    captures: &std::collections::BTreeMap<String, String>,
+    membership: impl FnOnce(u32) -> Membership,
+    usable: &[(u32, u8, u8)],
+) -> Verdict {
+    if let Some(pid) = captures
+        .get("pid")
+        .and_then(|p| p.trim().parse::<u32>().ok())
+    {
+        return match membership(pid) {
+            Membership::Job => Verdict::Job(format!("pid {pid} is in the job's process tree")),
+            Membership::Foreign => {
+                Verdict::Foreign(format!("pid {pid} is not in the job's process tree"))
+            }
+            Membership::Unknown => Verdict::Foreign(format!(
+                "pid {pid} is gone and was never seen in the job's process tree"
+            )),
+        };
+    }
+    if let Some(pci) = captures.get("pci") {
+        return match pci_slot(pci) {
+            Some(slot) if usable.contains(&slot) => {
+                Verdict::Job(format!("device {pci} is a GPU the job can use"))
+            }
+            Some(_) if usable.is_empty() => Verdict::Foreign(format!(
+                "device {pci}: the job uses no GPU of this machine on its current tier"
+            )),
+            Some(_) => Verdict::Foreign(format!("device {pci} is not a GPU the job can use")),
+            None => Verdict::Foreign(format!("device `{pci}` is not a PCI address")),
+        };
+    }
+    Verdict::Foreign("the line names no process and no device of the job".to_string())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod verdict_tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn caps(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn pci_addresses_of_every_spelling_name_the_same_slot() {
+        let slot = Some((0, 0x3b, 0));
+        assert_eq!(pci_slot("0000:3b:00.0"), slot);
+        assert_eq!(pci_slot("00000000:3B:00.0"), slot);
+        assert_eq!(pci_slot("PCI:0000:3b:00"), slot);
+        assert_eq!(pci_slot("3b:00.1"), slot);
+        assert_eq!(pci_slot("0001:03:00.0"), Some((1, 3, 0)));
+        assert_eq!(pci_slot("card0"), None);
+        assert_eq!(pci_slot("0000:zz:00.0"), None);
+    }
+
+    #[test]
+    fn a_pid_decides_before_a_device() {
+        let usable = [(0, 0x3b, 0)];
+        let job = |_| Membership::Job;
+        let foreign = |_| Membership::Foreign;
+        let line = caps(&[("pid", "447"), ("pci", "0000:3b:00")]);
+        assert!(matches!(attribute(&line, job, &usable), Verdict::Job(_)));
+        // The device is the job's, but the process is not: another user's fault on a shared GPU.
+        assert!(matches!(
+            attribute(&line, foreign, &usable),
+            Verdict::Foreign(why) if why.contains("pid 447")
+        ));
+        assert!(matches!(
+            attribute(&caps(&[("pid", "9")]), |_| Membership::Unknown, &usable),
+            Verdict::Foreign(why) if why.contains("never seen")
+        ));
+    }
+
+    #[test]
+    fn a_device_fault_concerns_the_job_only_on_a_device_it_can_use() {
+        let usable = [(0, 0x3b, 0)];
+        let never = |_| unreachable!("no pid in these lines");
+        let ours = caps(&[("pci", "0000:3b:00.0")]);
+        let theirs = caps(&[("pci", "0000:86:00.0")]);
+        assert!(matches!(attribute(&ours, never, &usable), Verdict::Job(_)));
+        assert!(matches!(
+            attribute(&theirs, never, &usable),
+            Verdict::Foreign(_)
+        ));
+        // On the CPU tier no device is the job's.
+        assert!(matches!(
+            attribute(&ours, never, &[]),
+            Verdict::Foreign(why) if why.contains("no GPU")
+        ));
+        assert!(matches!(
+            attribute(&caps(&[("xid", "79")]), never, &usable),
+            Verdict::Foreign(why) if why.contains("names no process")
+        ));
+    }
+}
