@@ -35,6 +35,7 @@ use crate::journal::{self, Journal, Record};
 use crate::ladder::{self, Placeholders};
 use crate::process::{self, GroupEvent, Guard, JobSpec};
 use crate::rules::{Fault, RuleSet, Stream};
+use crate::sources::health::{self, HealthConfig, HealthEvent, HealthSource};
 use crate::sources::kernel::{self, FollowConfig, Follower, KernelEvent, KernelSource};
 use crate::sources::kmsg;
 use crate::sources::output::{self, OutputEvent};
@@ -93,6 +94,7 @@ enum Input {
     },
     Signal(Sig),
     Kernel(KernelEvent<KernelFault>),
+    Health(HealthEvent),
 }
 
 /// A kernel-log record that a rule matched, as the follower thread hands it over.
@@ -111,6 +113,8 @@ pub struct Watch {
     /// This machine's GPUs, for telling whether a device named by a kernel line is one the job
     /// can use.
     pub gpus: Vec<Gpu>,
+    /// The GPU health sampler's settings, or none (`--no-health`).
+    pub health: Option<HealthConfig>,
 }
 
 /// How often the job's process tree is re-read for attribution while an attempt runs.
@@ -180,6 +184,7 @@ pub fn run(
         usable: HashMap::new(),
         gpus: watch.gpus,
         kernel: None,
+        health: None,
         refreshed: Instant::now(),
         kernel_dropped: 0,
     };
@@ -205,6 +210,14 @@ pub fn run(
     }
     if let Some(source) = watch.kernel {
         exec.follow_kernel(source)?;
+    }
+    if let Some(config) = watch.health {
+        match health::spawn(config, health::channel_sink(exec.tx.clone(), Input::Health)) {
+            Ok(source) => exec.health = Some(source),
+            Err(e) => exec.warn(format!(
+                "cannot start the GPU health sampler ({e}); supervising without it"
+            ))?,
+        }
     }
     match Guard::spawn() {
         Ok(g) => exec.guard = Some(g),
@@ -247,6 +260,9 @@ pub fn run(
     if let Some(follower) = exec.kernel.take() {
         follower.stop();
     }
+    if let Some(source) = exec.health.take() {
+        source.stop();
+    }
     print_summary(&sup, plan, &outcome, exec.journal.path());
     flush_voice();
     Ok(outcome)
@@ -269,6 +285,7 @@ struct Executor<'a> {
     usable: HashMap<u32, Vec<(u32, u8, u8)>>,
     gpus: Vec<Gpu>,
     kernel: Option<Follower>,
+    health: Option<HealthSource>,
     /// When `tree` was last re-read.
     refreshed: Instant,
     /// Kernel records dropped so far because the loop fell behind (warned once per burst).
@@ -371,7 +388,83 @@ impl Executor<'_> {
             },
             Input::Signal(sig) => Some(Event::Signal(sig)),
             Input::Kernel(event) => self.kernel_event(event)?,
+            Input::Health(event) => self.health_event(event)?,
         })
+    }
+
+    /// A health event: a fault of a GPU the running attempt uses becomes a supervisor event.
+    /// Samples are not kept yet (the live view will read them).
+    fn health_event(&mut self, event: HealthEvent) -> Result<Option<Event>, RunError> {
+        match event {
+            HealthEvent::Started { sources, gpus } => {
+                // nvidia-smi's inventory completes the one taken at start (sysfs only).
+                for gpu in gpus {
+                    let known = self.gpus.iter().any(|g| {
+                        g.pci.as_deref().and_then(attribution::pci_slot)
+                            == gpu.pci.as_deref().and_then(attribution::pci_slot)
+                    });
+                    if !known {
+                        self.gpus.push(gpu);
+                    }
+                }
+                let names: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
+                say(&format!(
+                    "GPU health: watching {} GPU(s) through {}",
+                    self.gpus.len(),
+                    names.join(", ")
+                ));
+            }
+            // No GPU and no GPU tool: nothing to watch, and nothing worth a warning on a
+            // machine that has no GPU.
+            HealthEvent::Unavailable { .. } | HealthEvent::Sample { .. } => {}
+            HealthEvent::Note { source, message } => {
+                self.warn(format!("GPU health ({}): {message}", source.as_str()))?;
+            }
+            HealthEvent::Fault(found) => {
+                let mut fault = found.to_fault();
+                let running = self.groups.keys().max().copied();
+                let usable = running
+                    .and_then(|a| self.usable.get(&a))
+                    .cloned()
+                    .unwrap_or_default();
+                let verdict = if fault.captures.contains_key("pci") {
+                    attribution::attribute(&fault.captures, |_| Membership::Foreign, &usable)
+                } else if !usable.is_empty() {
+                    // A tool that hangs or a driver that cannot be reached names no device:
+                    // it concerns every GPU, the job's included.
+                    attribution::Verdict::Job("it concerns every GPU, and the job uses GPUs".into())
+                } else {
+                    attribution::Verdict::Foreign("the job uses no GPU on its current tier".into())
+                };
+                match (verdict, running) {
+                    (attribution::Verdict::Job(why), Some(attempt)) => {
+                        fault.attribution = Some(why);
+                        return Ok(Some(Event::Fault { attempt, fault }));
+                    }
+                    (verdict, _) => {
+                        let reason = match verdict {
+                            attribution::Verdict::Foreign(why) => why,
+                            attribution::Verdict::Job(_) => "no attempt is running".to_string(),
+                        };
+                        say(&format!(
+                            "GPU health: {} not acted on: {reason}: {}",
+                            fault.class, fault.line
+                        ));
+                        self.journal(&Record::ForeignFault {
+                            class: fault.class,
+                            rule: fault.rule,
+                            severity: fault.severity,
+                            line: fault.line,
+                            captures: fault.captures,
+                            facility: "health".to_string(),
+                            seq: 0,
+                            reason,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Starts following the kernel log. A reader that cannot start is a warning, not a reason

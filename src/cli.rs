@@ -47,6 +47,9 @@ pub enum Command {
     /// Inspect and verify the fault rules.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Check checkpoint files: complete? With the `torch` feature, also loadable by libtorch.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
     /// Show this machine's GPUs, GPU software and environment, and which known GPU problems
     /// (rules/quirks.toml) apply. Exits 0 whatever it finds, "no GPU found" included.
     Probe(ProbeArgs),
@@ -91,6 +94,12 @@ pub struct RunArgs {
     /// its end, for drills and tests).
     #[arg(long, value_name = "PATH", default_value = "/dev/kmsg")]
     pub kernel_log: PathBuf,
+    /// Do not sample GPU health (sysfs, nvidia-smi).
+    #[arg(long)]
+    pub no_health: bool,
+    /// Seconds between two GPU health samples.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
+    pub health_interval: f64,
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The command to supervise, after `--`.
@@ -126,11 +135,22 @@ pub struct ProbeArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
+/// A number of seconds, more than 0 and at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!(
+            "`{text}` is not a number of seconds between 0 (exclusive) and 86400"
+        )),
+    }
+}
+
 const SCAN_HELP: &str = "\
 EXAMPLES:
   dmesg | gpuwarden scan
   journalctl -k -b -1 | gpuwarden scan --json
   gpuwarden scan train.log worker-*.log
+  gpuwarden scan --kernel          (the kernel's log buffer; needs permission to read /dev/kmsg)
 
 Timestamps and prefixes (dmesg, dmesg -T, syslog/journald, raw /dev/kmsg records, [rank3]:) are
 stripped before matching. A multi-line fault (an amdgpu page fault block, a CUDA error with its
@@ -161,6 +181,26 @@ pub struct ScanArgs {
     /// Use only the rules of --rules directories, not the built-in ones.
     #[arg(long, requires = "rules")]
     pub no_builtin_rules: bool,
+    /// Scan the kernel's log buffer (/dev/kmsg, every record still in it) instead of files.
+    #[arg(long, conflicts_with = "files")]
+    pub kernel: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Verify one checkpoint file: that it is complete and, in a build with the `torch` feature,
+    /// that libtorch loads it (lists its tensors: names, shapes, dtypes, bytes).
+    #[command(
+        after_help = "EXIT CODES:\n  0  the checkpoint verified\n  1  it did not (torn, \
+unreadable, or libtorch cannot load it)"
+    )]
+    Verify {
+        /// The checkpoint file (.pt, .pth, .ckpt, .bin, .safetensors).
+        file: PathBuf,
+        /// Print the result as JSON (with the `torch` feature).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -101,15 +101,17 @@ pub enum Record {
         #[serde(skip_serializing_if = "Option::is_none")]
         attribution: Option<String>,
     },
-    /// A kernel-log fault that does not concern the job (another process, a device the job
-    /// does not use, or nothing to tell): shown and recorded, never acted on.
+    /// A kernel-log or health fault that does not concern the job (another process, a device
+    /// the job does not use, or nothing to tell): shown and recorded, never acted on.
     ForeignFault {
         class: FaultClass,
         rule: String,
         severity: Severity,
         line: String,
         captures: BTreeMap<String, String>,
+        /// `kernel` or `user` (the kernel record's facility), or `health`.
         facility: String,
+        /// The kernel record's sequence number (0 for health faults).
         seq: u64,
         reason: String,
     },

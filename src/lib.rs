@@ -40,3 +40,5 @@ pub mod scan;
 pub mod sources;
 pub mod supervisor;
 pub mod time;
+#[cfg(feature = "torch")]
+pub mod torch;

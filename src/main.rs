@@ -17,11 +17,13 @@ use gpuwarden::gpu::Gpu;
 use gpuwarden::probe::{self, Probe, Verdict};
 use gpuwarden::quirks::QuirkSet;
 use gpuwarden::rules::RuleSet;
+use gpuwarden::sources::health::HealthConfig;
 use gpuwarden::sources::health::amd_sysfs::{self, AmdSysfs};
 use gpuwarden::sources::kernel::KernelSource;
 
 use cli::{
-    Cli, Command, DemoArgs, DemoJobArgs, MachineArgs, ProbeArgs, RulesCommand, RunArgs, ScanArgs,
+    CheckpointCommand, Cli, Command, DemoArgs, DemoJobArgs, MachineArgs, ProbeArgs, RulesCommand,
+    RunArgs, ScanArgs,
 };
 
 fn main() {
@@ -40,6 +42,9 @@ fn main() {
         Command::Demo(args) => demo(args),
         Command::Scan(args) => scan(args),
         Command::Rules(cmd) => rules(cmd),
+        Command::Checkpoint(CheckpointCommand::Verify { file, json }) => {
+            checkpoint_verify(&file, json)
+        }
         Command::Probe(args) => probe(args),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::app::GUARD_GRACE),
         Command::DemoJob(args) => demo_job(args),
@@ -97,7 +102,16 @@ fn run(args: RunArgs) -> i32 {
     } else {
         Some(KernelSource::Kmsg(args.kernel_log))
     };
-    let watch = Watch { kernel, gpus };
+    let health = (!args.no_health).then(|| HealthConfig {
+        interval: Duration::from_secs_f64(args.health_interval),
+        sysfs_root: args.machine.sysfs_root.clone(),
+        ..HealthConfig::default()
+    });
+    let watch = Watch {
+        kernel,
+        gpus,
+        health,
+    };
     supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
 }
 
@@ -125,6 +139,9 @@ fn preflight(
     Ok(Some(verdict))
 }
 
+/// How long the inventory waits for nvidia-smi (it takes ~20-30 ms a call on a healthy GPU).
+const NVIDIA_SMI_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The GPUs of this machine: AMD from sysfs (marketing names from amdgpu.ids under `root`),
 /// NVIDIA from nvidia-smi. The notes say where nothing was found.
 fn inventory(machine: &MachineArgs) -> (Vec<Gpu>, Vec<String>) {
@@ -136,9 +153,12 @@ fn inventory(machine: &MachineArgs) -> (Vec<Gpu>, Vec<String>) {
                 .join(Path::new(p).strip_prefix("/").unwrap_or(Path::new(p)))
         })
         .collect();
-    let gpus = AmdSysfs::discover(&machine.sysfs_root, &ids).gpus();
-    // NVIDIA: extend `gpus` with E's nvidia-smi inventory here (with its deadline).
+    let mut gpus = AmdSysfs::discover(&machine.sysfs_root, &ids).gpus();
     let mut notes = Vec::new();
+    match gpuwarden::sources::health::nvidia_inventory(NVIDIA_SMI_TIMEOUT) {
+        Ok(nvidia) => gpus.extend(nvidia),
+        Err(e) => notes.push(e),
+    }
     if gpus.is_empty() {
         notes.push(format!(
             "looked for AMD GPUs in {} (KFD topology, DRM cards) and for NVIDIA GPUs with nvidia-smi",
@@ -161,7 +181,13 @@ fn probe(args: ProbeArgs) -> i32 {
     let job = (!args.command.is_empty()).then(|| probe::command_line(&args.command));
     let found = Probe::gather(gpus, notes, &args.machine.root, &quirks, job.as_deref());
     let text = if args.json {
-        match serde_json::to_string_pretty(&found) {
+        let with_torch = serde_json::to_value(&found).map(|mut value| {
+            if let Some(map) = value.as_object_mut() {
+                map.insert("libtorch".to_string(), torch_json());
+            }
+            value
+        });
+        match with_torch.and_then(|v| serde_json::to_string_pretty(&v)) {
             Ok(json) => json + "\n",
             Err(e) => {
                 error(format_args!("cannot write the probe as JSON: {e}"));
@@ -169,7 +195,7 @@ fn probe(args: ProbeArgs) -> i32 {
             }
         }
     } else {
-        found.render()
+        format!("{}\n{}\n", found.render().trim_end(), torch_section())
     };
     // A closed stdout (`| head`) is not worth a panic.
     let _ = std::io::stdout().write_all(text.as_bytes());
@@ -303,6 +329,9 @@ fn scan(args: ScanArgs) -> i32 {
             return scan_exit::ERROR;
         }
     };
+    if args.kernel {
+        return scan_kernel(&rules, stream, args.json);
+    }
     let files: Vec<PathBuf> = if args.files.is_empty() {
         vec![PathBuf::from("-")]
     } else {
@@ -368,6 +397,161 @@ fn scan(args: ScanArgs) -> i32 {
         scan_exit::FOUND
     } else {
         scan_exit::NOTHING
+    }
+}
+
+/// `scan --kernel`: the records still in the kernel's buffer, as dmesg would print them, through
+/// the kernel-log rules (or `stream`'s).
+fn scan_kernel(rules: &RuleSet, stream: Option<gpuwarden::rules::Stream>, json: bool) -> i32 {
+    use gpuwarden::sources::kernel;
+    let backlog = match kernel::read_all(&KernelSource::kmsg()) {
+        Ok(backlog) => backlog,
+        Err(e) => {
+            error(format_args!("cannot read the kernel log: {e}"));
+            return scan_exit::ERROR;
+        }
+    };
+    if backlog.lost > 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "gpuwarden: {} kernel records were overwritten while the buffer was read",
+            backlog.lost
+        );
+    }
+    let mut text = Vec::new();
+    for record in &backlog.records {
+        let _ = writeln!(
+            text,
+            "[{:>5}.{:06}] {}",
+            record.ts_us / 1_000_000,
+            record.ts_us % 1_000_000,
+            record.text()
+        );
+    }
+    let name = kernel::DEV_KMSG;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = gpuwarden::scan::scan(
+        rules,
+        stream.or(Some(gpuwarden::rules::Stream::Kernel)),
+        text.as_slice(),
+        |finding| {
+            if json {
+                let record = gpuwarden::scan::Record::new(name, finding);
+                serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other)?;
+                writeln!(out)
+            } else {
+                gpuwarden::scan::write_human(&mut out, None, finding)
+            }
+        },
+    );
+    let _ = out.flush();
+    match result {
+        Ok(summary) => {
+            if !json {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{name}: {} finding(s) in {} record(s)",
+                    summary.findings,
+                    summary.lines
+                );
+            }
+            if summary.findings > 0 {
+                scan_exit::FOUND
+            } else {
+                scan_exit::NOTHING
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => scan_exit::FOUND,
+        Err(e) => {
+            error(e);
+            scan_exit::ERROR
+        }
+    }
+}
+
+/// `gpuwarden checkpoint verify FILE`: 0 when the file verified, 1 when it did not.
+#[cfg(feature = "torch")]
+fn checkpoint_verify(file: &Path, json: bool) -> i32 {
+    match gpuwarden::torch::verify_checkpoint(file) {
+        Ok(summary) => {
+            if json {
+                match serde_json::to_string_pretty(&summary) {
+                    Ok(text) => println!("{text}"),
+                    Err(e) => {
+                        error(format_args!("cannot write the summary as JSON: {e}"));
+                        return 1;
+                    }
+                }
+            } else {
+                println!("{summary}");
+            }
+            0
+        }
+        Err(e) => {
+            error(e);
+            1
+        }
+    }
+}
+
+/// Without libtorch, `verify` still checks completeness, the way `run` does before resuming.
+#[cfg(not(feature = "torch"))]
+fn checkpoint_verify(file: &Path, json: bool) -> i32 {
+    match gpuwarden::checkpoints::validate(file) {
+        Ok(format) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "complete": true,
+                        "format": format.to_string(),
+                        "loaded_with_libtorch": false,
+                    })
+                );
+            } else {
+                println!(
+                    "{}: complete ({format}); not loaded: this gpuwarden was built without the \
+                     `torch` feature (see docs/torch.md)",
+                    file.display()
+                );
+            }
+            0
+        }
+        Err(e) => {
+            error(format_args!(
+                "{} is not a complete checkpoint: {e}",
+                file.display()
+            ));
+            1
+        }
+    }
+}
+
+/// What libtorch sees, for `probe --json`: its report, or `null` without the `torch` feature.
+fn torch_json() -> serde_json::Value {
+    #[cfg(feature = "torch")]
+    {
+        serde_json::to_value(gpuwarden::torch::report()).unwrap_or(serde_json::Value::Null)
+    }
+    #[cfg(not(feature = "torch"))]
+    {
+        serde_json::Value::Null
+    }
+}
+
+/// The torch section of `gpuwarden probe`. Only `probe` may call it: asking libtorch loads the
+/// CUDA driver into gpuwarden, which must not happen in the supervisor.
+fn torch_section() -> String {
+    #[cfg(feature = "torch")]
+    {
+        gpuwarden::torch::report().to_string()
+    }
+    #[cfg(not(feature = "torch"))]
+    {
+        "libtorch: not built in (build with --features torch to ask libtorch; docs/torch.md)"
+            .to_owned()
     }
 }
 

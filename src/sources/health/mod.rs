@@ -32,7 +32,7 @@ use serde::{Serialize, Serializer};
 use crate::gpu::{Gpu, Vendor};
 use crate::rules::{Action, Fault, FaultClass, Severity, Stream};
 
-pub use sampler::{HealthConfig, HealthSource, spawn};
+pub use sampler::{HealthConfig, HealthSource, channel_sink, nvidia_inventory, spawn};
 pub use tracker::Tracker;
 
 /// Which reader produced a reading.

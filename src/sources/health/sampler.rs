@@ -509,6 +509,32 @@ fn nvidia_in_sysfs(root: &Path) -> bool {
     })
 }
 
+/// The NVIDIA GPUs nvidia-smi lists, asked once with `timeout` (for `probe` and the start of
+/// `run`). No nvidia-smi on `PATH` is an empty list; a call that fails or hangs says why.
+pub fn nvidia_inventory(timeout: Duration) -> Result<Vec<Gpu>, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let Some(program) = find_program(Path::new("nvidia-smi"), &path) else {
+        return Ok(Vec::new());
+    };
+    let mut runner = ToolRunner::new(program, timeout);
+    let args = super::nvidia::query_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match runner.run(&args, &StopFlag::default()) {
+        ToolOutcome::Finished { stdout, stderr, .. } => Ok(super::nvidia::parse_query(
+            &String::from_utf8_lossy(&stdout),
+            &String::from_utf8_lossy(&stderr),
+        )
+        .gpus),
+        ToolOutcome::TimedOut { took } => Err(format!(
+            "nvidia-smi did not answer within {took:.1?} (a hung GPU or driver?)"
+        )),
+        ToolOutcome::StillHung { .. } | ToolOutcome::Stopped => {
+            Err("nvidia-smi did not answer".to_string())
+        }
+        ToolOutcome::SpawnFailed(e) => Err(format!("cannot run nvidia-smi: {e}")),
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
