@@ -234,6 +234,7 @@ pub fn run(
     let policy = Policy {
         max_restarts: plan.max_restarts,
         grace: plan.grace,
+        settle: crate::supervisor::SETTLE,
         backoff_initial: plan.backoff_initial,
         backoff_max: plan.backoff_max,
     };

@@ -24,11 +24,21 @@ use crate::rules::{Action, Fault, FaultClass, Stream};
 /// in a GPU driver call) before the attempt is closed without them.
 pub const KILL_WAIT: Duration = Duration::from_secs(5);
 
+/// The default `Policy::settle`: long enough for a Python job to print its traceback after
+/// its GPU call fails, short beside any training run.
+pub const SETTLE: Duration = Duration::from_millis(500);
+
 /// The knobs of the restart policy, validated by `crate::config`.
 #[derive(Clone, Debug)]
 pub struct Policy {
     pub max_restarts: u32,
     pub grace: Duration,
+    /// How long a fault seen outside the job's own output (a kernel-log line naming the job's
+    /// process, a health fault of its GPU) waits for the job's own report before SIGTERM. The
+    /// job's GPU context is lost already and it is about to fail on its own; its traceback says
+    /// which operation failed, and a signal sent at once would cut it off. A fault line of the
+    /// job's own output ends the wait at once.
+    pub settle: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
 }
@@ -263,6 +273,8 @@ struct Live {
     stop: Option<StopCause>,
     /// When SIGTERM (or the user's signal) went to the group; SIGKILL follows after the grace.
     term_sent: Option<Instant>,
+    /// When SIGTERM is due for a fault seen outside the job's output (see `Policy::settle`).
+    term_due: Option<Instant>,
     killed_at: Option<Instant>,
     exit: Option<JobExit>,
     /// No process of the attempt's group is left (or the survivors were given up on).
@@ -282,6 +294,15 @@ impl Live {
         if !self.group_empty {
             self.group_empty = true;
             self.group_gone_at = Some(now);
+        }
+    }
+
+    /// While SIGTERM waits for the job's own report (`Policy::settle`): a fault line of the
+    /// job's own output is that report, so the wait ends.
+    fn end_settle(&mut self, own_output: bool, now: Instant, out: &mut Vec<Effect>) {
+        if own_output && self.term_due.is_some() && self.term_sent.is_none() {
+            self.term_due = None;
+            self.stop_group(Sig::Terminate, now, out);
         }
     }
 
@@ -352,7 +373,11 @@ impl Supervisor {
                     (Some(killed), false) => Some(killed + KILL_WAIT),
                     _ => None,
                 };
-                kill_at.or(give_up_at)
+                let term_at = match (live.term_due, live.term_sent, live.group_empty) {
+                    (Some(due), None, false) => Some(due),
+                    _ => None,
+                };
+                term_at.or(kill_at).or(give_up_at)
             }
             Phase::Idle | Phase::Done => None,
         }
@@ -438,6 +463,7 @@ impl Supervisor {
             tier,
             stop: None,
             term_sent: None,
+            term_due: None,
             killed_at: None,
             exit: None,
             group_empty: false,
@@ -498,7 +524,24 @@ impl Supervisor {
             out.push(record);
             return;
         }
+        let own_output = matches!(fault.stream, Stream::Stdout | Stream::Stderr);
         match &live.stop {
+            None if !own_output && !self.policy.settle.is_zero() => {
+                let settle = self.policy.settle;
+                out.push(record);
+                out.push(Effect::Say(format!(
+                    "fault in attempt {attempt}: {} ({}) on {}: {}",
+                    fault.class,
+                    fault.rule,
+                    fault.stream,
+                    fault.advice.trim()
+                )));
+                out.push(Effect::Say(format!(
+                    "stopping the job in {settle:.1?} (time for its own error report): SIGTERM to its process group, SIGKILL {grace:.0?} later"
+                )));
+                live.stop = Some(StopCause::Fault(fault));
+                live.term_due = Some(now + settle);
+            }
             None => {
                 let message = format!(
                     "fault in attempt {attempt}: {} ({}) on {}: {}",
@@ -523,8 +566,12 @@ impl Supervisor {
             Some(StopCause::Fault(first)) if fault.action > first.action => {
                 live.stop = Some(StopCause::Fault(fault));
                 out.push(record);
+                live.end_settle(own_output, now, out);
             }
-            Some(_) => out.push(record),
+            Some(_) => {
+                out.push(record);
+                live.end_settle(own_output, now, out);
+            }
         }
     }
 
@@ -612,6 +659,12 @@ impl Supervisor {
             }
             Phase::Live(live) => {
                 let attempt = live.attempt;
+                if let (Some(due), None) = (live.term_due, live.term_sent)
+                    && now >= due
+                {
+                    live.term_due = None;
+                    live.stop_group(Sig::Terminate, now, out);
+                }
                 if let (Some(sent), None, false) =
                     (live.term_sent, live.killed_at, live.group_empty)
                     && now >= sent + grace
@@ -828,6 +881,7 @@ mod tests {
         Policy {
             max_restarts: 5,
             grace: Duration::from_secs(10),
+            settle: SETTLE,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
         }
@@ -983,6 +1037,82 @@ mod tests {
             }
         ));
         assert_eq!(a[1].ending, Ending::Exit(JobExit::Code(0)));
+    }
+
+    fn kernel_fault() -> Fault {
+        Fault {
+            stream: Stream::Kernel,
+            rule: "xid-31".to_string(),
+            ..fault(FaultClass::GpuMemoryFault, Action::Fallback)
+        }
+    }
+
+    #[test]
+    fn a_kernel_fault_waits_for_the_jobs_own_report_then_sigterm() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: kernel_fault(),
+        });
+        assert!(signals(&out).is_empty(), "no signal before the settle time");
+        assert!(
+            out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Fault { .. })))
+        );
+        assert_eq!(r.sup.next_deadline(), Some(r.t0 + SETTLE));
+        assert!(signals(&r.advance(SETTLE - Duration::from_millis(1))).is_empty());
+        assert_eq!(
+            signals(&r.advance(Duration::from_millis(1))),
+            vec![Sig::Terminate]
+        );
+        // SIGKILL still follows the grace, counted from SIGTERM.
+        assert_eq!(
+            r.sup.next_deadline(),
+            Some(r.t0 + SETTLE + Duration::from_secs(10))
+        );
+        r.exit(1, JobExit::Signal(15));
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn the_jobs_own_fault_line_ends_the_wait_and_both_are_journaled() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: kernel_fault(),
+        });
+        r.advance(Duration::from_millis(100));
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        });
+        assert_eq!(signals(&out), vec![Sig::Terminate]);
+        let journaled = r
+            .log
+            .iter()
+            .filter(|e| matches!(e, Effect::Journal(Record::Fault { .. })))
+            .count();
+        assert_eq!(journaled, 2);
+        // No second SIGTERM when the settle time passes.
+        assert!(signals(&r.advance(SETTLE)).is_empty());
+    }
+
+    #[test]
+    fn a_job_that_dies_of_the_fault_during_the_wait_falls_back_unsignalled() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: kernel_fault(),
+        });
+        let out = r.exit(1, JobExit::Code(1));
+        assert!(signals(&out).is_empty());
+        assert!(signals(&r.advance(SETTLE)).is_empty());
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
     }
 
     #[test]
