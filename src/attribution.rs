@@ -612,23 +612,9 @@ mod tests {
     }
 }
 
-/// A PCI address as a kernel line or tool spells it (`0000:03:00.0`, `00000000:3B:00.0`, NVRM's
-/// `0000:00:06` without the function), reduced to domain, bus and device. The function is left
-/// out: a GPU is one device, and NVRM does not print it.
+/// The slot (domain, bus, device) of a PCI address in any spelling (`crate::gpu::PciAddress`).
 pub fn pci_slot(text: &str) -> Option<(u32, u8, u8)> {
-    let text = text.trim().trim_start_matches("PCI:");
-    let without_function = text.split('.').next()?;
-    let parts: Vec<&str> = without_function.split(':').collect();
-    let (domain, bus, device) = match parts.as_slice() {
-        [domain, bus, device] => (u32::from_str_radix(domain, 16).ok()?, *bus, *device),
-        [bus, device] => (0, *bus, *device),
-        _ => return None,
-    };
-    Some((
-        domain,
-        u8::from_str_radix(bus, 16).ok()?,
-        u8::from_str_radix(device, 16).ok()?,
-    ))
+    crate::gpu::PciAddress::parse(text).map(crate::gpu::PciAddress::slot)
 }
 
 /// Whom a kernel fault line concerns, and so whether the supervisor may act on it.
@@ -694,18 +680,6 @@ mod verdict_tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
-    }
-
-    #[test]
-    fn pci_addresses_of_every_spelling_name_the_same_slot() {
-        let slot = Some((0, 0x3b, 0));
-        assert_eq!(pci_slot("0000:3b:00.0"), slot);
-        assert_eq!(pci_slot("00000000:3B:00.0"), slot);
-        assert_eq!(pci_slot("PCI:0000:3b:00"), slot);
-        assert_eq!(pci_slot("3b:00.1"), slot);
-        assert_eq!(pci_slot("0001:03:00.0"), Some((1, 3, 0)));
-        assert_eq!(pci_slot("card0"), None);
-        assert_eq!(pci_slot("0000:zz:00.0"), None);
     }
 
     #[test]

@@ -58,3 +58,107 @@ pub struct Gpu {
     /// The kernel driver's version where the source tells it (NVIDIA driver, amdgpu module).
     pub driver_version: Option<String>,
 }
+
+/// A PCI address as sysfs, tools and kernel lines spell it: `0000:03:00.0`, `00000000:3B:00.0`
+/// (nvidia-smi), `PCI:0000:00:06` (NVRM, without the function), `3b:00.1` (no domain).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PciAddress {
+    pub domain: u32,
+    pub bus: u8,
+    pub device: u8,
+    /// Absent where the spelling leaves it out (NVRM).
+    pub function: Option<u8>,
+}
+
+impl PciAddress {
+    /// Parses any of the spellings above (hex digits in either case); `None` for anything else.
+    pub fn parse(text: &str) -> Option<PciAddress> {
+        let text = text.trim();
+        let text = text.strip_prefix("PCI:").unwrap_or(text);
+        let (head, function) = match text.split_once('.') {
+            Some((head, function)) => (head, Some(u8::from_str_radix(function, 16).ok()?)),
+            None => (text, None),
+        };
+        let hex = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit());
+        let parts: Vec<&str> = head.split(':').collect();
+        let (domain, bus, device) = match parts.as_slice() {
+            [domain, bus, device] if hex(domain) => {
+                (u32::from_str_radix(domain, 16).ok()?, *bus, *device)
+            }
+            [bus, device] => (0, *bus, *device),
+            _ => return None,
+        };
+        if !hex(bus) || !hex(device) {
+            return None;
+        }
+        Some(PciAddress {
+            domain,
+            bus: u8::from_str_radix(bus, 16).ok()?,
+            device: u8::from_str_radix(device, 16).ok()?,
+            function,
+        })
+    }
+
+    /// Domain, bus and device: what names one GPU whatever the spelling (NVRM leaves the
+    /// function out).
+    pub fn slot(self) -> (u32, u8, u8) {
+        (self.domain, self.bus, self.device)
+    }
+}
+
+impl std::fmt::Display for PciAddress {
+    /// The sysfs spelling, lowercase, function 0 where none was given: `0000:03:00.0`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:04x}:{:02x}:{:02x}.{:x}",
+            self.domain,
+            self.bus,
+            self.device,
+            self.function.unwrap_or(0)
+        )
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pci_addresses_of_every_spelling_name_the_same_slot() {
+        let slot = Some((0, 0x3b, 0));
+        for text in [
+            "0000:3b:00.0",
+            "00000000:3B:00.0",
+            "PCI:0000:3b:00",
+            "3b:00.1",
+        ] {
+            assert_eq!(
+                PciAddress::parse(text).map(PciAddress::slot),
+                slot,
+                "{text}"
+            );
+        }
+        assert_eq!(
+            PciAddress::parse("0001:03:00.0").map(PciAddress::slot),
+            Some((1, 3, 0))
+        );
+        let odd = PciAddress::parse("00008ED0:00:00.0").unwrap();
+        assert_eq!(odd.to_string(), "8ed0:00:00.0");
+        assert_eq!(
+            PciAddress::parse("PCI:0000:00:06").unwrap().to_string(),
+            "0000:00:06.0"
+        );
+        for bad in [
+            "card0",
+            "0000:zz:00.0",
+            "GPU0000:07:00.0",
+            "",
+            "0000:03:00.x",
+            "1:2:3:4",
+        ] {
+            assert_eq!(PciAddress::parse(bad), None, "{bad}");
+        }
+    }
+}

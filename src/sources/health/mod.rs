@@ -413,23 +413,17 @@ pub enum HealthEvent {
 /// Parses a PCI address as sysfs or a tool writes it (`0000:0b:00.0`, `00000000:09:00.0`,
 /// `0000:C4:00.0`, `00008ED0:00:00.0`) into `(domain, bus, device, function)`.
 pub fn parse_pci(text: &str) -> Option<(u32, u8, u8, u8)> {
-    let text = text.trim();
-    let (domain, rest) = text.split_once(':')?;
-    let (bus, rest) = rest.split_once(':')?;
-    let (dev, func) = rest.split_once('.')?;
-    Some((
-        u32::from_str_radix(domain, 16).ok()?,
-        u8::from_str_radix(bus, 16).ok()?,
-        u8::from_str_radix(dev, 16).ok()?,
-        u8::from_str_radix(func, 16).ok()?,
-    ))
+    let pci = crate::gpu::PciAddress::parse(text)?;
+    // Sysfs and the tools always give the function; a spelling without it is not theirs.
+    Some((pci.domain, pci.bus, pci.device, pci.function?))
 }
 
 /// A PCI address in sysfs form: lowercase, a 4-digit domain unless it needs more
 /// (`00000000:09:00.0` -> `0000:09:00.0`), so that every source names a GPU the same way.
 pub fn normalize_pci(text: &str) -> Option<String> {
-    let (domain, bus, dev, func) = parse_pci(text)?;
-    Some(format!("{domain:04x}:{bus:02x}:{dev:02x}.{func:x}"))
+    let pci = crate::gpu::PciAddress::parse(text)?;
+    pci.function?;
+    Some(pci.to_string())
 }
 
 /// A number as a tool prints it, or `None` for anything else (`N/A`, empty).
