@@ -3,17 +3,26 @@
 //!
 //! - `latency`: time from the moment the job writes a fault line on its stderr to the moment it
 //!   receives SIGTERM, over 100 runs (p50, p99, max).
+//! - `kmsg-latency`: an NVIDIA Xid 31 record naming the job's pid is written into the real
+//!   `/dev/kmsg`; over 120 runs (p50, p99, max), the time from the write to the fault's journal
+//!   record (the kernel's wakeup of the reader, the rules, the attribution through /proc: the
+//!   decision) and to the moment the job receives SIGTERM (which adds whatever time the
+//!   supervisor leaves the job to report the fault itself before stopping it).
+//!   Needs root (to write and read the kernel log); without it, it says so and skips. Other
+//!   gpuwarden runs on the machine see these records too (as foreign faults, not acted on).
 //! - `passthrough`: 2 GB of training-log lines through gpuwarden to /dev/null: throughput and
 //!   gpuwarden's peak RSS.
 //!
-//! Run with `cargo bench --bench supervisor` (both), or `-- latency` / `-- passthrough`.
+//! Run with `cargo bench --bench supervisor` (all), or `-- latency` / `-- kmsg-latency` /
+//! `-- passthrough`.
 //! The job is this benchmark's own executable, re-run with `GPUWARDEN_BENCH_JOB` set, so the
 //! timestamps on both sides of the pipe are taken in compiled code with the same monotonic clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 
@@ -24,6 +33,7 @@ fn main() {
     match std::env::var("GPUWARDEN_BENCH_JOB").as_deref() {
         Ok("fault") => return fault_job(),
         Ok("flood") => return flood_job(),
+        Ok("kmsg") => return kmsg_job(),
         _ => {}
     }
     let which: Vec<String> = std::env::args()
@@ -33,6 +43,9 @@ fn main() {
     let wants = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
     if wants("latency") {
         latency(100);
+    }
+    if wants("kmsg-latency") {
+        kmsg_latency(120);
     }
     if wants("passthrough") {
         passthrough(2 * 1000 * 1000 * 1000);
@@ -54,6 +67,52 @@ fn fault_job() {
     let nanos = t0.elapsed().as_nanos();
     let out = std::env::var("GPUWARDEN_BENCH_OUT").unwrap();
     std::fs::write(out, nanos.to_string()).unwrap();
+}
+
+/// The Xid 31 of a real illegal-address fault (FACTS.md), naming `pid`, as a `/dev/kmsg` write:
+/// level 4 (warning) keeps it off the console.
+fn xid31_record(pid: u32) -> String {
+    format!(
+        "<12>NVRM: Xid (PCI:0000:03:00): 31, pid={pid}, name=python3, channel 0x0000000a, intr 00000000. MMU Fault: ENGINE GRAPHICS GPC1 GPCCLIENT_T1_8 faulted @ 0x7f7c_9fe00000. Fault is of type FAULT_PDE ACCESS_TYPE_VIRT_WRITE\n"
+    )
+}
+
+/// Writes one record into the kernel log through a fresh descriptor: the kernel's rate limit
+/// (10 records in 5 s) is per descriptor, so a fresh one is never limited.
+fn write_kmsg(record: &str) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open("/dev/kmsg")?
+        .write_all(record.as_bytes())
+}
+
+/// The job of one kernel-log trial: wait until gpuwarden runs it, write an Xid naming itself
+/// into `/dev/kmsg`, wait for SIGTERM; report the nanoseconds in between and the wall-clock time
+/// of the write (to compare with the journal's). The job writes the record itself so that both
+/// ends of the SIGTERM latency are timed in one process with one monotonic clock; for
+/// gpuwarden it is the same as a record written by any other process.
+fn kmsg_job() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let record = xid31_record(std::process::id());
+    let wall = SystemTime::now();
+    let t0 = Instant::now();
+    write_kmsg(&record).unwrap();
+    set.wait().unwrap();
+    let nanos = t0.elapsed().as_nanos();
+    let out = std::env::var("GPUWARDEN_BENCH_OUT").unwrap();
+    std::fs::write(out, format!("{nanos} {}", gpuwarden::time::rfc3339(wall))).unwrap();
+}
+
+/// Seconds since midnight of an RFC 3339 UTC time as the journal writes it
+/// (`2026-11-26T02:36:56.939954Z`).
+fn seconds_of_day(rfc3339: &str) -> f64 {
+    let time = rfc3339.split('T').nth(1).unwrap().trim_end_matches('Z');
+    let mut parts = time.split(':');
+    let mut next = || parts.next().unwrap().parse::<f64>().unwrap();
+    next() * 3600.0 + next() * 60.0 + next()
 }
 
 /// Writes `GPUWARDEN_BENCH_BYTES` bytes of realistic training-log lines to stdout.
@@ -125,6 +184,72 @@ fn latency(trials: usize) {
         samples[samples.len() - 1],
         samples[0]
     );
+}
+
+fn kmsg_latency(trials: usize) {
+    let readable = OpenOptions::new().read(true).open("/dev/kmsg");
+    let probe = write_kmsg("<14>gpuwarden bench: checking /dev/kmsg access\n");
+    if let Err(e) = probe.and(readable.map(drop)) {
+        println!(
+            "kmsg-latency skipped: /dev/kmsg is not writable and readable here ({e}); run the benchmark as root"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let mut to_sigterm = Vec::with_capacity(trials);
+    let mut to_journal = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let out = dir.path().join(format!("kmsg-latency-{i}"));
+        let run_dir = dir.path().join(format!("kmsg-run-{i}"));
+        let status = Command::new(BIN)
+            .args(["run", "--max-restarts", "0", "--kernel-log", "/dev/kmsg"])
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--")
+            .arg(&me)
+            .env("GPUWARDEN_BENCH_JOB", "kmsg")
+            .env("GPUWARDEN_BENCH_OUT", &out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(3),
+            "gpuwarden gives up after 0 restarts"
+        );
+        // The job was stopped by the kernel record, not by anything else.
+        let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
+        let fault: serde_json::Value = journal
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|r| r["event"] == "fault")
+            .unwrap_or_else(|| panic!("trial {i}: no fault in the journal:\n{journal}"));
+        assert_eq!(fault["stream"], "kernel", "trial {i}");
+        assert_eq!(fault["rule"], "xid-31", "trial {i}");
+        let report = std::fs::read_to_string(&out).unwrap();
+        let (nanos, written) = report.split_once(' ').unwrap();
+        to_sigterm.push(nanos.parse::<f64>().unwrap() / 1e6);
+        let journaled = seconds_of_day(fault["at"].as_str().unwrap()) - seconds_of_day(written);
+        to_journal.push(journaled.rem_euclid(86_400.0) * 1e3);
+        // Spaced, so that one trial's teardown does not overlap the next one's measurement.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (what, samples) in [
+        ("fault journaled", &mut to_journal),
+        ("SIGTERM", &mut to_sigterm),
+    ] {
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "Xid record into /dev/kmsg -> {what} ({trials} runs): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, min {:.3} ms",
+            percentile(samples, 50.0),
+            percentile(samples, 99.0),
+            samples[samples.len() - 1],
+            samples[0]
+        );
+    }
 }
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {

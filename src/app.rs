@@ -181,6 +181,7 @@ pub fn run(
         terminal_warned: HashSet::new(),
         tx,
         tree: JobTree::new(std::process::id()),
+        attempt_of_group: HashMap::new(),
         usable: HashMap::new(),
         gpus: watch.gpus,
         kernel: None,
@@ -208,6 +209,9 @@ pub fn run(
         }
         exec.journal(&Record::Preflight(verdict.clone()))?;
     }
+    // Compiled and warmed now, not on the job's first line: a fault that is the first line
+    // must not wait for it.
+    exec.rules.prepare(&[Stream::Stdout, Stream::Stderr]);
     if let Some(source) = watch.kernel {
         exec.follow_kernel(source)?;
     }
@@ -282,6 +286,8 @@ struct Executor<'a> {
     tx: SyncSender<Input>,
     /// The job's processes, for attributing kernel lines that name a pid.
     tree: JobTree,
+    /// The attempt of every process group the job has had, ended ones included.
+    attempt_of_group: HashMap<u32, u32>,
     /// The PCI slots of the GPUs each live attempt can use (none on a CPU tier).
     usable: HashMap<u32, Vec<(u32, u8, u8)>>,
     gpus: Vec<Gpu>,
@@ -524,6 +530,26 @@ impl Executor<'_> {
                     &usable,
                 );
                 fault.facility = Some(facility_name(facility));
+                // A process of an earlier attempt (a late line about it) is not the running
+                // attempt's business.
+                let verdict = match (verdict, fault.captures.get("pid")) {
+                    (attribution::Verdict::Job(why), Some(pid)) => {
+                        let attempt_of_pid = pid
+                            .parse()
+                            .ok()
+                            .and_then(|pid| self.tree.group_of(pid))
+                            .and_then(|group| self.attempt_of_group.get(&group).copied());
+                        match attempt_of_pid {
+                            Some(earlier) if Some(earlier) != running => {
+                                attribution::Verdict::Foreign(format!(
+                                    "pid {pid} belonged to attempt {earlier}, which has ended"
+                                ))
+                            }
+                            _ => attribution::Verdict::Job(why),
+                        }
+                    }
+                    (verdict, _) => verdict,
+                };
                 match (verdict, running) {
                     (attribution::Verdict::Job(why), Some(attempt)) => {
                         fault.attribution = Some(format!("{why} (kernel record {seq})"));
@@ -684,6 +710,7 @@ impl Executor<'_> {
         let pid = child.id();
         // The job leads its own group, so the group id is its pid.
         self.groups.insert(attempt, pid);
+        self.attempt_of_group.insert(pid, attempt);
         self.tree.add_group(pid);
         let _ = self.tree.refresh();
         self.refreshed = Instant::now();

@@ -109,6 +109,8 @@ pub enum Membership {
 #[derive(Debug, Clone)]
 struct Seen {
     start_time: u64,
+    /// The job group (an attempt's process group) it belonged to.
+    group: u32,
     /// When it was last seen, in refresh counts, for forgetting the oldest.
     refresh: u64,
 }
@@ -165,8 +167,10 @@ impl JobTree {
         let members = members(&procs, &self.groups, self.own_pid);
         self.refreshes += 1;
         for &pid in &members {
-            if let Some(stat) = procs.get(&pid) {
-                self.remember(pid, stat.start_time);
+            if let (Some(stat), Some(group)) =
+                (procs.get(&pid), group_in(&procs, &self.groups, pid))
+            {
+                self.remember(pid, stat.start_time, group);
             }
         }
         if self.seen.len() > MAX_REMEMBERED {
@@ -194,8 +198,8 @@ impl JobTree {
                 Membership::Unknown
             };
         };
-        if self.is_live_member(&stat) {
-            self.remember(pid, stat.start_time);
+        if let Some(group) = self.live_group(&stat) {
+            self.remember(pid, stat.start_time, group);
             return Membership::Job;
         }
         // Alive but no longer linked to the job (its parent died and it was reparented, and it
@@ -206,43 +210,47 @@ impl JobTree {
         }
     }
 
-    fn remember(&mut self, pid: u32, start_time: u64) {
+    fn remember(&mut self, pid: u32, start_time: u64, group: u32) {
         self.seen.insert(
             pid,
             Seen {
                 start_time,
+                group,
                 refresh: self.refreshes,
             },
         );
     }
 
-    fn was_seen(&self, stat: &ProcStat) -> bool {
-        self.seen
-            .get(&stat.pid)
-            .is_some_and(|s| s.start_time == stat.start_time)
+    /// The job group (an attempt's process group id) a member was seen in, even after the group
+    /// ended: a kernel line about a process of an earlier attempt is not about the running one.
+    pub fn group_of(&self, pid: u32) -> Option<u32> {
+        self.seen.get(&pid).map(|seen| seen.group)
     }
 
-    /// In a job group, or a descendant of a member (live or remembered).
-    fn is_live_member(&self, stat: &ProcStat) -> bool {
+    /// The job group of a live process: its own group if that is a job group, else the group
+    /// of its nearest ancestor that is a member (live or remembered); `None` if it is not one.
+    fn live_group(&self, stat: &ProcStat) -> Option<u32> {
         if self.groups.contains(&stat.pgid) {
-            return true;
+            return Some(stat.pgid);
         }
         let mut parent = stat.ppid;
         for _ in 0..MAX_DEPTH {
             if parent <= 1 || parent == self.own_pid {
-                return false;
+                return None;
             }
-            let Some(up) = self.read_stat(parent) else {
-                return false;
-            };
-            if self.groups.contains(&up.pgid) || self.was_seen(&up) {
-                return true;
+            let up = self.read_stat(parent)?;
+            if self.groups.contains(&up.pgid) {
+                return Some(up.pgid);
+            }
+            if let Some(seen) = self.seen.get(&up.pid)
+                && seen.start_time == up.start_time
+            {
+                return Some(seen.group);
             }
             parent = up.ppid;
         }
-        false
+        None
     }
-
     fn read_stat(&self, pid: u32) -> Option<ProcStat> {
         read_stat(&self.proc_root, pid)
     }
@@ -294,6 +302,19 @@ fn snapshot(root: &Path) -> io::Result<HashMap<u32, ProcStat>> {
 
 /// The members among `procs`: those in a job group, and their descendants. gpuwarden
 /// (`own_pid`) and what hangs only from it or from init are not members.
+/// The job group a member of a snapshot belongs to: the first job group met walking up from it.
+fn group_in(procs: &HashMap<u32, ProcStat>, groups: &HashSet<u32>, pid: u32) -> Option<u32> {
+    let mut at = pid;
+    for _ in 0..=MAX_DEPTH {
+        let stat = procs.get(&at)?;
+        if groups.contains(&stat.pgid) {
+            return Some(stat.pgid);
+        }
+        at = stat.ppid;
+    }
+    None
+}
+
 pub fn members(
     procs: &HashMap<u32, ProcStat>,
     groups: &HashSet<u32>,
@@ -494,6 +515,11 @@ mod tests {
         tree.refresh().unwrap();
         std::fs::remove_dir_all(root.path().join("270")).unwrap();
         assert_eq!(tree.membership(270), Membership::Job);
+        // Remembered with the job group it was in, even once the group is gone.
+        let group = tree.group_of(270);
+        assert!(group.is_some());
+        tree.remove_group(group.unwrap());
+        assert_eq!(tree.group_of(270), group);
     }
 
     #[test]
@@ -507,6 +533,7 @@ mod tests {
                 1000 + pid,
                 Seen {
                     start_time: 1,
+                    group: 200,
                     refresh: u64::from(pid),
                 },
             );

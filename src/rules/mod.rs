@@ -454,11 +454,22 @@ impl RuleSet {
         self.classify_in(&self.any, None, line)
     }
 
-    /// Compiles the matchers of these streams now, so that the first line of each does not
-    /// wait for it (a few hundred milliseconds for a large catalog).
+    /// Compiles the matchers of these streams now and runs them once over the rules' examples,
+    /// so that the first line of each does not wait for it (tens of milliseconds for a large
+    /// catalog).
     pub fn prepare(&self, streams: &[Stream]) {
         for &stream in streams {
-            self.matcher(Some(stream));
+            // Each rule's first example once: the lazy DFAs build their states for real fault
+            // lines now (a few milliseconds on the first match otherwise).
+            for rule in self.rules.iter().filter(|r| r.streams.contains(&stream)) {
+                if let Some(example) = rule.examples.first() {
+                    self.classify(stream, example);
+                }
+            }
+            self.classify(
+                stream,
+                "an ordinary line of training output: step 1 loss 0.5",
+            );
         }
     }
 
