@@ -597,9 +597,7 @@ impl Executor<'_> {
             // A record the kernel wrote in a form we do not know: nothing to act on.
             KernelEvent::Malformed { .. } => {}
             KernelEvent::Unavailable { reason } => {
-                self.warn(format!(
-                    "cannot read the kernel log: {reason}; supervising without it (--no-kernel-log silences this)"
-                ))?;
+                self.warn(format!("{reason} (--no-kernel-log silences this)"))?;
             }
             KernelEvent::Restarted { error, restarts } => {
                 self.warn(format!(

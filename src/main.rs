@@ -296,6 +296,52 @@ fn demo_job(args: DemoJobArgs) -> i32 {
     }
 }
 
+/// Writes `rules list`: one line per rule, then the context entries.
+fn list_rules(set: &RuleSet) -> std::io::Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    writeln!(
+        out,
+        "{:<36} {:<24} {:<9} {:<9} streams",
+        "id", "class", "severity", "action"
+    )?;
+    for r in set.rules() {
+        let streams: Vec<String> = r.streams.iter().map(|s| s.to_string()).collect();
+        writeln!(
+            out,
+            "{:<36} {:<24} {:<9} {:<9} {}  ({}:{})",
+            r.id,
+            r.class.as_str(),
+            r.severity.to_string(),
+            r.action.to_string(),
+            streams.join(","),
+            r.origin.file,
+            r.origin.line
+        )?;
+    }
+    writeln!(
+        out,
+        "\ncontext entries (lines that join a finding, never start one):"
+    )?;
+    for c in set.contexts() {
+        let classes: Vec<&str> = c.classes.iter().map(|c| c.as_str()).collect();
+        writeln!(
+            out,
+            "{:<36} joins {:<6} {:<24} ({}:{})",
+            c.id,
+            c.joins.as_str(),
+            if classes.is_empty() {
+                "any class".to_string()
+            } else {
+                classes.join(",")
+            },
+            c.origin.file,
+            c.origin.line
+        )?;
+    }
+    out.flush()
+}
+
 /// Exit codes of `scan`, like grep's.
 mod scan_exit {
     pub const NOTHING: i32 = 0;
@@ -520,6 +566,17 @@ fn checkpoint_verify(file: &Path, json: bool) -> i32 {
             0
         }
         Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": file.display().to_string(),
+                        "complete": false,
+                        "problem": e.to_string(),
+                        "loaded_with_libtorch": false,
+                    })
+                );
+            }
             error(format_args!(
                 "{} is not a complete checkpoint: {e}",
                 file.display()
@@ -570,7 +627,8 @@ fn rules(cmd: RulesCommand) -> i32 {
             }
             if check.passed() {
                 println!(
-                    "{} rules in {} files: every example matches its rule, no counterexample does",
+                    "{} rules and context entries in {} files: every example matches, no \
+                     counterexample does",
                     check.rules, check.files
                 );
                 exit::SUCCESS
@@ -587,23 +645,8 @@ fn rules(cmd: RulesCommand) -> i32 {
         }
         RulesCommand::List { rules } => match RuleSet::load(&rules) {
             Ok(set) => {
-                println!(
-                    "{:<36} {:<24} {:<9} {:<9} streams",
-                    "id", "class", "severity", "action"
-                );
-                for r in set.rules() {
-                    let streams: Vec<String> = r.streams.iter().map(|s| s.to_string()).collect();
-                    println!(
-                        "{:<36} {:<24} {:<9} {:<9} {}  ({}:{})",
-                        r.id,
-                        r.class.as_str(),
-                        r.severity.to_string(),
-                        r.action.to_string(),
-                        streams.join(","),
-                        r.origin.file,
-                        r.origin.line
-                    );
-                }
+                // `rules list | head` closes the pipe: stop quietly, not with a panic.
+                let _ = list_rules(&set);
                 exit::SUCCESS
             }
             Err(e) => {

@@ -374,7 +374,7 @@ where
             Ok(opened) => input = Some(opened),
             Err(e) if is_unavailable(&e) => {
                 let reason = format!(
-                    "cannot open the kernel log {path}: {e}; {}; going on without it",
+                    "cannot open the kernel log {path}: {e}; {}; supervising without it",
                     open_hint(&e)
                 );
                 self.notice(KernelEvent::Unavailable { reason });
