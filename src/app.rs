@@ -16,7 +16,7 @@
 //! parent-death signal is tied to the forking thread. This file does I/O and nothing clever; a
 //! decision that appears here belongs in `crate::supervisor`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
@@ -188,6 +188,7 @@ pub fn run(
         health: None,
         refreshed: Instant::now(),
         kernel_dropped: 0,
+        foreign: BTreeMap::new(),
     };
     exec.journal(&Record::RunStarted {
         command: plan
@@ -262,6 +263,7 @@ pub fn run(
     if let Some(guard) = exec.guard.take() {
         guard.close();
     }
+    exec.report_foreign_repeats()?;
     if let Some(follower) = exec.kernel.take() {
         follower.stop();
     }
@@ -295,6 +297,9 @@ struct Executor<'a> {
     health: Option<HealthSource>,
     /// When `tree` was last re-read.
     refreshed: Instant,
+    /// Foreign faults seen, by rule and the process or device they name: the first of each
+    /// is journaled, the rest counted.
+    foreign: BTreeMap<(String, String), u64>,
     /// Kernel records dropped so far because the loop fell behind (warned once per burst).
     kernel_dropped: u64,
 }
@@ -328,9 +333,17 @@ impl Executor<'_> {
                 }
                 timeout = timeout.min(TREE_REFRESH);
             }
+            if timeout.is_zero() {
+                // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
+                // the kernel log), and a Tick only on an empty channel would never come: the
+                // SIGTERM after the settle time, SIGKILL after the grace and the backoff would
+                // all wait for the flood to end.
+                pending.push(Event::Tick);
+            }
             match rx.recv_timeout(timeout) {
                 Ok(input) => {
-                    if let Some(event) = self.event_of(input)? {
+                    let live = sup.live_attempt();
+                    if let Some(event) = self.event_of(input, live)? {
                         pending.push(event);
                     }
                 }
@@ -341,7 +354,9 @@ impl Executor<'_> {
         }
     }
 
-    fn event_of(&mut self, input: Input) -> Result<Option<Event>, RunError> {
+    /// Turns an input into a supervisor event. `live` is the supervisor's running attempt
+    /// (kept until the attempt has ended, after its process group is gone).
+    fn event_of(&mut self, input: Input, live: Option<u32>) -> Result<Option<Event>, RunError> {
         Ok(match input {
             Input::Output {
                 attempt,
@@ -372,7 +387,6 @@ impl Executor<'_> {
                     group_alive,
                 }),
                 GroupEvent::Empty => {
-                    self.usable.remove(&attempt);
                     if let Some(pgid) = self.groups.remove(&attempt) {
                         // The id may now be reused by an unrelated process.
                         self.tree.remove_group(pgid);
@@ -394,14 +408,18 @@ impl Executor<'_> {
                 }
             },
             Input::Signal(sig) => Some(Event::Signal(sig)),
-            Input::Kernel(event) => self.kernel_event(event)?,
-            Input::Health(event) => self.health_event(event)?,
+            Input::Kernel(event) => self.kernel_event(event, live)?,
+            Input::Health(event) => self.health_event(event, live)?,
         })
     }
 
     /// A health event: a fault of a GPU the running attempt uses becomes a supervisor event.
     /// Samples are not kept yet (the live view will read them).
-    fn health_event(&mut self, event: HealthEvent) -> Result<Option<Event>, RunError> {
+    fn health_event(
+        &mut self,
+        event: HealthEvent,
+        running: Option<u32>,
+    ) -> Result<Option<Event>, RunError> {
         match event {
             HealthEvent::Started { sources, gpus } => {
                 // nvidia-smi's inventory completes the one taken at start (sysfs only).
@@ -428,8 +446,7 @@ impl Executor<'_> {
                 self.warn(format!("GPU health ({}): {message}", source.as_str()))?;
             }
             HealthEvent::Fault(found) => {
-                let mut fault = found.to_fault();
-                let running = self.groups.keys().max().copied();
+                let fault = found.to_fault();
                 let usable = running
                     .and_then(|a| self.usable.get(&a))
                     .cloned()
@@ -443,35 +460,90 @@ impl Executor<'_> {
                 } else {
                     attribution::Verdict::Foreign("the job uses no GPU on its current tier".into())
                 };
-                match (verdict, running) {
-                    (attribution::Verdict::Job(why), Some(attempt)) => {
-                        fault.attribution = Some(why);
-                        return Ok(Some(Event::Fault { attempt, fault }));
-                    }
-                    (verdict, _) => {
-                        let reason = match verdict {
-                            attribution::Verdict::Foreign(why) => why,
-                            attribution::Verdict::Job(_) => "no attempt is running".to_string(),
-                        };
-                        say(&format!(
-                            "GPU health: {} not acted on: {reason}: {}",
-                            fault.class, fault.line
-                        ));
-                        self.journal(&Record::ForeignFault {
-                            class: fault.class,
-                            rule: fault.rule,
-                            severity: fault.severity,
-                            line: fault.line,
-                            captures: fault.captures,
-                            facility: "health".to_string(),
-                            seq: 0,
-                            reason,
-                        })?;
-                    }
-                }
+                return self.outside_fault(
+                    fault,
+                    verdict,
+                    running,
+                    "GPU health",
+                    "health".into(),
+                    0,
+                );
             }
         }
         Ok(None)
+    }
+
+    /// A fault from outside the job's output (kernel log, GPU health), with the verdict on
+    /// whom it concerns: the job's becomes a supervisor event for `running`; any other is shown
+    /// and journaled once per rule and process or device, and its repeats are counted (a
+    /// neighbour's GPU can log thousands a second; each journal line is an fsync).
+    fn outside_fault(
+        &mut self,
+        mut fault: Fault,
+        verdict: attribution::Verdict,
+        running: Option<u32>,
+        source: &str,
+        facility: String,
+        seq: u64,
+    ) -> Result<Option<Event>, RunError> {
+        let reason = match (verdict, running) {
+            (attribution::Verdict::Job(why), Some(attempt)) => {
+                fault.attribution = Some(why);
+                return Ok(Some(Event::Fault { attempt, fault }));
+            }
+            (attribution::Verdict::Job(_), None) => "no attempt is running".to_string(),
+            (attribution::Verdict::Foreign(why), _) => why,
+        };
+        let whom = ["pid", "pci", "gpu"]
+            .iter()
+            .find_map(|k| fault.captures.get(*k).map(|v| format!("{k} {v}")))
+            .unwrap_or_default();
+        let count = self.foreign.entry((fault.rule.clone(), whom)).or_insert(0);
+        *count += 1;
+        if *count > 1 {
+            return Ok(None);
+        }
+        say(&format!(
+            "{source}: {} ({}) not acted on: {reason}: {}",
+            fault.class,
+            fault.rule,
+            fault.line.trim()
+        ));
+        self.journal(&Record::ForeignFault {
+            class: fault.class,
+            rule: fault.rule,
+            severity: fault.severity,
+            line: fault.line,
+            captures: fault.captures,
+            facility,
+            seq,
+            reason,
+        })?;
+        Ok(None)
+    }
+
+    /// Journals how often foreign faults repeated after the first of each was journaled.
+    fn report_foreign_repeats(&mut self) -> Result<(), RunError> {
+        let repeats: Vec<String> = self
+            .foreign
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|((rule, whom), n)| {
+                let whom = if whom.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({whom})")
+                };
+                format!("{rule}{whom} x{n}")
+            })
+            .collect();
+        if repeats.is_empty() {
+            return Ok(());
+        }
+        self.warn(format!(
+            "faults that did not concern the job repeated (journaled once each): {}",
+            repeats.join(", ")
+        ))
     }
 
     /// Starts following the kernel log. A reader that cannot start is a warning, not a reason
@@ -504,7 +576,11 @@ impl Executor<'_> {
 
     /// A kernel-log event: a fault that concerns the job becomes a supervisor event; a foreign
     /// one is journaled and shown; troubles of the reader are warnings.
-    fn kernel_event(&mut self, event: KernelEvent<KernelFault>) -> Result<Option<Event>, RunError> {
+    fn kernel_event(
+        &mut self,
+        event: KernelEvent<KernelFault>,
+        running: Option<u32>,
+    ) -> Result<Option<Event>, RunError> {
         match event {
             KernelEvent::Record(found) => {
                 let KernelFault {
@@ -512,23 +588,13 @@ impl Executor<'_> {
                     facility,
                     seq,
                 } = found;
-                let running = self.groups.keys().max().copied();
                 let usable = running
                     .and_then(|a| self.usable.get(&a))
                     .cloned()
                     .unwrap_or_default();
                 let tree = &mut self.tree;
-                let verdict = attribution::attribute(
-                    &fault.captures,
-                    |pid| {
-                        // A pid the last read did not know may have started since.
-                        if tree.membership(pid) == Membership::Unknown {
-                            let _ = tree.refresh();
-                        }
-                        tree.membership(pid)
-                    },
-                    &usable,
-                );
+                let verdict =
+                    attribution::attribute(&fault.captures, |pid| tree.membership(pid), &usable);
                 fault.facility = Some(facility_name(facility));
                 // A process of an earlier attempt (a late line about it) is not the running
                 // attempt's business.
@@ -545,39 +611,16 @@ impl Executor<'_> {
                                     "pid {pid} belonged to attempt {earlier}, which has ended"
                                 ))
                             }
-                            _ => attribution::Verdict::Job(why),
+                            _ => attribution::Verdict::Job(format!("{why} (kernel record {seq})")),
                         }
+                    }
+                    (attribution::Verdict::Job(why), None) => {
+                        attribution::Verdict::Job(format!("{why} (kernel record {seq})"))
                     }
                     (verdict, _) => verdict,
                 };
-                match (verdict, running) {
-                    (attribution::Verdict::Job(why), Some(attempt)) => {
-                        fault.attribution = Some(format!("{why} (kernel record {seq})"));
-                        return Ok(Some(Event::Fault { attempt, fault }));
-                    }
-                    (verdict, _) => {
-                        let reason = match verdict {
-                            attribution::Verdict::Foreign(why) => why,
-                            attribution::Verdict::Job(_) => "no attempt is running".to_string(),
-                        };
-                        say(&format!(
-                            "kernel log: {} ({}) not acted on: {reason}: {}",
-                            fault.class,
-                            fault.rule,
-                            fault.line.trim()
-                        ));
-                        self.journal(&Record::ForeignFault {
-                            class: fault.class,
-                            rule: fault.rule,
-                            severity: fault.severity,
-                            line: fault.line,
-                            captures: fault.captures,
-                            facility: facility_name(facility),
-                            seq,
-                            reason,
-                        })?;
-                    }
-                }
+                let facility = facility_name(facility);
+                return self.outside_fault(fault, verdict, running, "kernel log", facility, seq);
             }
             KernelEvent::Lost { records } => {
                 self.warn(format!(

@@ -354,6 +354,15 @@ impl Supervisor {
         }
     }
 
+    /// The attempt that is running or being stopped: until it has ended (its group gone and its
+    /// output drained), faults that come late still belong to it.
+    pub fn live_attempt(&self) -> Option<u32> {
+        match &self.phase {
+            Phase::Live(live) => Some(live.attempt),
+            _ => None,
+        }
+    }
+
     /// The attempts so far, for the summary and the views.
     pub fn attempts(&self) -> &[AttemptSummary] {
         &self.attempts

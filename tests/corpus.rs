@@ -179,3 +179,65 @@ fn the_corpus_scorer_agrees_over_scan_json() {
     assert!(right * 100.0 >= runs * 98.0, "{text}");
     assert_eq!(number_after("false positives"), 0.0, "{text}");
 }
+
+/// The real GPU tool outputs (tests/data/tools, each from a public report or a real machine):
+/// the outputs of tools in bad states are findings of the right class, and every ordinary
+/// output (tables, JSON, CSV, rocminfo) is none.
+#[test]
+fn tool_outputs_in_bad_states_are_findings_and_ordinary_outputs_are_not() {
+    let rules = RuleSet::builtin().expect("built-in rules load");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/tools");
+    let expected: BTreeMap<&str, &[&str]> = BTreeMap::from([
+        (
+            "nvidia-smi-bad-state-messages.txt",
+            &["gpu_unavailable", "gpu_lost", "gpu_driver_error"][..],
+        ),
+        (
+            "nvidia-smi-table-err-power-v100-partial.txt",
+            &["gpu_driver_error"][..],
+        ),
+        (
+            "rocm-smi-bad-state-w7800.txt",
+            &["gpu_driver_error", "gpu_oom"][..],
+        ),
+    ]);
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("tools fixtures") {
+        let path = entry.expect("dir entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        if !name.ends_with(".txt") || name.starts_with("amdgpu-ids") {
+            continue;
+        }
+        let text = std::fs::read(&path).expect("read fixture");
+        let mut classes = Vec::new();
+        scan::scan(&rules, None, text.as_slice(), |f| {
+            classes.push(f.fault.class.as_str().to_string());
+            Ok(())
+        })
+        .expect("scan a file in memory");
+        match expected.get(name.as_str()) {
+            Some(wanted) => {
+                for class in *wanted {
+                    assert!(
+                        classes.iter().any(|c| c == class),
+                        "{name}: no {class} in {classes:?}"
+                    );
+                }
+            }
+            None => assert!(
+                classes.is_empty(),
+                "{name}: ordinary output gave {classes:?}"
+            ),
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 45,
+        "only {checked} tool outputs found in {}",
+        dir.display()
+    );
+}

@@ -11,7 +11,7 @@
 //! This is for reading logs (`gpuwarden scan`). The supervisor acts on the first fault line at
 //! once and counts repeats itself; it does not wait for a finding to be complete.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use super::prefix::{self, Stamp};
 use super::{Fault, FaultClass, RuleSet, Stream};
@@ -62,8 +62,12 @@ pub struct Grouper {
     current: Option<usize>,
     /// Recent "before" context lines, oldest first.
     leads: VecDeque<Lead>,
-    /// Findings that can no longer grow, in the order they closed.
-    closed: Vec<Finding>,
+    /// Findings that can no longer grow, by first line (then last line, then closing order):
+    /// `ready` takes them from the front, so an old storm that stays open for a million lines
+    /// does not make each call look at every finding closed meanwhile.
+    closed: BTreeMap<(usize, usize, u64), Finding>,
+    /// How many findings have closed, to keep keys of `closed` unique.
+    closings: u64,
 }
 
 impl Grouper {
@@ -196,7 +200,11 @@ impl Grouper {
             .into_iter()
             .partition(|open| number.saturating_sub(open.end_line) > STORM_GAP);
         self.open = open;
-        self.closed.extend(closing);
+        for finding in closing {
+            self.closings += 1;
+            self.closed
+                .insert((finding.line, finding.end_line, self.closings), finding);
+        }
         // `current` pointed into the old list; find it again by its first line, if it is open.
         self.current = current.and_then(|line| self.open.iter().position(|o| o.line == line));
     }
@@ -205,17 +213,18 @@ impl Grouper {
     /// order of their first line. What it returns is not returned again.
     pub fn ready(&mut self) -> Vec<Finding> {
         let first_open = self.open.iter().map(|o| o.line).min();
-        let (mut ready, rest): (Vec<Finding>, Vec<Finding>) = std::mem::take(&mut self.closed)
-            .into_iter()
-            .partition(|f| first_open.is_none_or(|first| f.line < first));
-        self.closed = rest;
-        ready.sort_by_key(|f| (f.line, f.end_line));
+        let mut ready = Vec::new();
+        while let Some(entry) = self.closed.first_entry() {
+            if first_open.is_some_and(|first| entry.key().0 >= first) {
+                break;
+            }
+            ready.push(entry.remove());
+        }
         ready
     }
-
     /// Every finding not yet returned, in the order of their first line.
     pub fn finish(mut self) -> Vec<Finding> {
-        let mut all = std::mem::take(&mut self.closed);
+        let mut all: Vec<Finding> = std::mem::take(&mut self.closed).into_values().collect();
         all.append(&mut self.open);
         all.sort_by_key(|f| (f.line, f.end_line));
         all
@@ -391,6 +400,33 @@ examples = ["NVRM: The NVIDIA GPU 0000:3b:00.0 (PCI ID: 10de:1eb8)"]
         );
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
         assert_eq!(spans(&group(&refs)), vec![(1, 1, "cuda-illegal", 1)]);
+    }
+
+    #[test]
+    fn findings_closed_behind_a_long_storm_wait_for_it_and_keep_line_order() {
+        // One fault on every line (a storm that never closes) and an error every 100 lines.
+        let rules = rules();
+        let mut grouper = Grouper::new();
+        let storm = "amdgpu 0000:c4:00.0: amdgpu: [gfxhub] page fault (src_id:0 ring:153 vmid:8 pasid:32786)";
+        let error = "RuntimeError: CUDA error: an illegal memory access was encountered";
+        let mut early = 0;
+        for n in 1..=20_000 {
+            let line = if n % 100 == 0 { error } else { storm };
+            grouper.push(&rules, None, n, line);
+            early += grouper.ready().len();
+        }
+        assert_eq!(
+            early, 0,
+            "nothing is ready while the storm that started first is open"
+        );
+        let all = grouper.finish();
+        assert_eq!(
+            all.len(),
+            1 + 200,
+            "the storm, and each error (100 lines apart)"
+        );
+        assert_eq!((all[0].line, all[0].count), (1, 20_000 - 200));
+        assert!(all.windows(2).all(|w| w[0].line < w[1].line));
     }
 
     #[test]
