@@ -282,6 +282,11 @@ fn read_stat(root: &Path, pid: u32) -> Option<ProcStat> {
 }
 
 /// Every process in `/proc` now. Processes that end during the scan are simply missing.
+/// Every process of this machine's `/proc`, by pid.
+pub fn processes() -> io::Result<HashMap<u32, ProcStat>> {
+    snapshot(Path::new("/proc"))
+}
+
 fn snapshot(root: &Path) -> io::Result<HashMap<u32, ProcStat>> {
     let mut procs = HashMap::new();
     for entry in std::fs::read_dir(root)? {

@@ -216,33 +216,16 @@ pub fn become_subreaper() -> io::Result<()> {
 /// (the guard). Reads `/proc`; call it when an attempt ends, not on a hot path.
 pub fn reap_strays(keep_groups: &[u32], keep_pids: &[u32]) {
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(procs) = crate::attribution::processes() else {
         return;
     };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // After the command name in parentheses: state, ppid, pgrp.
-        let mut fields = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace());
-        let (Some(state), Some(ppid), Some(pgrp)) = (
-            fields.as_mut().and_then(|f| f.next()),
-            fields.as_mut().and_then(|f| f.next()?.parse::<u32>().ok()),
-            fields.as_mut().and_then(|f| f.next()?.parse::<u32>().ok()),
-        ) else {
-            continue;
-        };
-        if state == "Z" && ppid == me && !keep_groups.contains(&pgrp) && !keep_pids.contains(&pid) {
-            let _ = waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG));
+    for stat in procs.values() {
+        if stat.state == 'Z'
+            && stat.ppid == me
+            && !keep_groups.contains(&stat.pgid)
+            && !keep_pids.contains(&stat.pid)
+        {
+            let _ = waitpid(Pid::from_raw(stat.pid as i32), Some(WaitPidFlag::WNOHANG));
         }
     }
 }

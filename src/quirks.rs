@@ -728,12 +728,7 @@ struct Lines<'a> {
 
 impl Lines<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        crate::rules::line_number(self.text, offset)
     }
 
     fn at(&self, offset: usize, quirk: Option<&str>) -> At {

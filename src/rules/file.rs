@@ -90,6 +90,17 @@ struct RawRule {
     counterexamples: Vec<String>,
 }
 
+/// The 1-based line of byte `offset` of `text` (TOML spans are byte offsets). Rule files and
+/// the quirks file both name lines in their errors this way.
+pub(crate) fn line_number(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
 /// Turns byte offsets into 1-based line numbers for one file.
 struct Lines<'a> {
     file: &'a str,
@@ -98,12 +109,7 @@ struct Lines<'a> {
 
 impl Lines<'_> {
     fn line_of(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        line_number(self.text, offset)
     }
 
     fn at(&self, offset: usize, rule: Option<&str>) -> Location {
