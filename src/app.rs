@@ -103,6 +103,18 @@ pub struct KernelFault {
     fault: Fault,
     facility: u8,
     seq: u64,
+    /// Records of the same fault about the same process or device that the reader held back
+    /// since the last one it forwarded (see `REPEAT_WINDOW`).
+    repeats: u64,
+}
+
+/// The process or device a fault line names, for telling repeats of one fault apart from a
+/// different one: `pid 447`, `pci 0000:03:00.0`, or nothing.
+fn outside_whom(fault: &Fault) -> String {
+    ["pid", "pci", "node", "gpu"]
+        .iter()
+        .find_map(|k| fault.captures.get(*k).map(|v| format!("{k} {v}")))
+        .unwrap_or_default()
 }
 
 /// What `run` watches besides the job's own output.
@@ -116,6 +128,12 @@ pub struct Watch {
     /// The GPU health sampler's settings, or none (`--no-health`).
     pub health: Option<HealthConfig>,
 }
+
+/// A kernel fault line repeating about the same process or device is forwarded once per window.
+const REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// Distinct repeating kernel faults remembered at most before the stale ones are forgotten.
+const MAX_REPEAT_KEYS: usize = 4096;
 
 /// How often the job's process tree is re-read for attribution while an attempt runs.
 const TREE_REFRESH: Duration = Duration::from_secs(1);
@@ -300,7 +318,7 @@ struct Executor<'a> {
     /// Foreign faults seen, by rule and the process or device they name: the first of each
     /// is journaled, the rest counted.
     foreign: BTreeMap<(String, String), u64>,
-    /// Kernel records dropped so far because the loop fell behind (warned once per burst).
+    /// Kernel fault records dropped so far because the loop fell behind.
     kernel_dropped: u64,
 }
 
@@ -465,7 +483,7 @@ impl Executor<'_> {
                     verdict,
                     running,
                     "GPU health",
-                    "health".into(),
+                    ("health".to_string(), 0),
                     0,
                 );
             }
@@ -483,8 +501,8 @@ impl Executor<'_> {
         verdict: attribution::Verdict,
         running: Option<u32>,
         source: &str,
-        facility: String,
-        seq: u64,
+        (facility, seq): (String, u64),
+        repeats: u64,
     ) -> Result<Option<Event>, RunError> {
         let reason = match (verdict, running) {
             (attribution::Verdict::Job(why), Some(attempt)) => {
@@ -494,13 +512,13 @@ impl Executor<'_> {
             (attribution::Verdict::Job(_), None) => "no attempt is running".to_string(),
             (attribution::Verdict::Foreign(why), _) => why,
         };
-        let whom = ["pid", "pci", "gpu"]
-            .iter()
-            .find_map(|k| fault.captures.get(*k).map(|v| format!("{k} {v}")))
-            .unwrap_or_default();
-        let count = self.foreign.entry((fault.rule.clone(), whom)).or_insert(0);
-        *count += 1;
-        if *count > 1 {
+        let count = self
+            .foreign
+            .entry((fault.rule.clone(), outside_whom(&fault)))
+            .or_insert(0);
+        let first = *count == 0;
+        *count += 1 + repeats;
+        if !first {
             return Ok(None);
         }
         say(&format!(
@@ -524,6 +542,12 @@ impl Executor<'_> {
 
     /// Journals how often foreign faults repeated after the first of each was journaled.
     fn report_foreign_repeats(&mut self) -> Result<(), RunError> {
+        if self.kernel_dropped > 0 {
+            let dropped = self.kernel_dropped;
+            self.warn(format!(
+                "kernel log: {dropped} fault records were dropped in all because gpuwarden fell behind"
+            ))?;
+        }
         let repeats: Vec<String> = self
             .foreign
             .iter()
@@ -551,14 +575,32 @@ impl Executor<'_> {
     fn follow_kernel(&mut self, source: KernelSource) -> Result<(), RunError> {
         let rules = Arc::clone(&self.rules);
         rules.prepare(&[Stream::Kernel]);
+        // The same fault about the same process or device is forwarded at most once per
+        // REPEAT_WINDOW: a flood of one line (a neighbour's wedged GPU logs thousands a second)
+        // must not crowd out a different record, such as the one naming the job's process.
+        // The repeats held back ride along with the next one forwarded.
+        let mut forwarded: HashMap<(String, String), (Instant, u64)> = HashMap::new();
         let classify = move |record: kmsg::Record| {
-            rules
-                .classify(Stream::Kernel, &record.text())
-                .map(|fault| KernelFault {
-                    fault,
-                    facility: record.facility,
-                    seq: record.seq,
-                })
+            let fault = rules.classify(Stream::Kernel, &record.text())?;
+            let whom = outside_whom(&fault);
+            let now = Instant::now();
+            let key = (fault.rule.clone(), whom);
+            if let Some((last, held)) = forwarded.get_mut(&key)
+                && now.duration_since(*last) < REPEAT_WINDOW
+            {
+                *held += 1;
+                return None;
+            }
+            if forwarded.len() >= MAX_REPEAT_KEYS {
+                forwarded.retain(|_, (last, _)| now.duration_since(*last) < REPEAT_WINDOW);
+            }
+            let repeats = forwarded.insert(key, (now, 0)).map_or(0, |(_, held)| held);
+            Some(KernelFault {
+                fault,
+                facility: record.facility,
+                seq: record.seq,
+                repeats,
+            })
         };
         match kernel::follow(
             FollowConfig::new(source),
@@ -587,6 +629,7 @@ impl Executor<'_> {
                     mut fault,
                     facility,
                     seq,
+                    repeats,
                 } = found;
                 let usable = running
                     .and_then(|a| self.usable.get(&a))
@@ -620,7 +663,14 @@ impl Executor<'_> {
                     (verdict, _) => verdict,
                 };
                 let facility = facility_name(facility);
-                return self.outside_fault(fault, verdict, running, "kernel log", facility, seq);
+                return self.outside_fault(
+                    fault,
+                    verdict,
+                    running,
+                    "kernel log",
+                    (facility, seq),
+                    repeats,
+                );
             }
             KernelEvent::Lost { records } => {
                 self.warn(format!(
@@ -629,13 +679,13 @@ impl Executor<'_> {
                 ))?;
             }
             KernelEvent::Dropped { records } => {
-                if records > self.kernel_dropped {
-                    self.warn(format!(
-                        "kernel log: {} fault records dropped because gpuwarden fell behind",
-                        records - self.kernel_dropped
-                    ))?;
-                    self.kernel_dropped = records;
+                // Warned once; the total is reported when the run ends.
+                if self.kernel_dropped == 0 {
+                    self.warn(
+                        "kernel log: fault records are being dropped because gpuwarden fell behind (a flood); the total comes at the end of the run".to_string(),
+                    )?;
                 }
+                self.kernel_dropped += records;
             }
             // A record the kernel wrote in a form we do not know: nothing to act on.
             KernelEvent::Malformed { .. } => {}

@@ -22,9 +22,11 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::*;
+use gpuwarden::time::rfc3339;
 use serde_json::Value;
 
 /// The variables that decide which GPUs a job sees: unset for every run, so the caller's
@@ -794,9 +796,7 @@ fn assert_supervised_without_the_kernel_log(
     let warning = one(&journal, "warning");
     let message = warning["message"].as_str().unwrap();
     assert!(
-        message.starts_with(&format!(
-            "cannot read the kernel log: cannot open the kernel log {path}: "
-        )),
+        message.starts_with(&format!("cannot open the kernel log {path}: ")),
         "{message}"
     );
     assert!(
@@ -805,7 +805,7 @@ fn assert_supervised_without_the_kernel_log(
     );
     assert_eq!(
         stderr
-            .matches("gpuwarden: warning: cannot read the kernel log")
+            .matches("gpuwarden: warning: cannot open the kernel log")
             .count(),
         1,
         "stderr:\n{stderr}"
@@ -1002,4 +1002,336 @@ fn with_no_kernel_log_an_xid_in_dev_kmsg_is_not_acted_on() {
     assert_eq!(scene.starts().len(), 1);
     assert!(attempt_stdout(&scene, 1).contains("step 24/24"));
     assert!(!stderr.contains("kernel log"), "stderr:\n{stderr}");
+}
+
+/// A neighbour's job faulting on another GPU of the machine (Xid 13, naming pid 1): foreign to
+/// every job here.
+const NEIGHBOUR_XID13: &str =
+    "NVRM: Xid (PCI:0000:07:00): 13, pid=1, name=init, Graphics SM Warp Exception";
+
+/// The flood's pace: a burst of records every [`PAUSE`]. [`GENTLE`] (about 10,000 records a
+/// second) is a pace gpuwarden keeps up with, so a record of the job's finds room in its queue;
+/// [`HEAVY`] (about 100,000 a second) is more than it can attribute, so its input channel never
+/// empties.
+const GENTLE: u64 = 50;
+const HEAVY: u64 = 500;
+const PAUSE: Duration = Duration::from_millis(5);
+
+/// How long a flood lasts, and when in it the job's Xid 31 is written.
+const FLOOD: Duration = Duration::from_secs(6);
+const XID31_AFTER: Duration = Duration::from_millis(500);
+
+/// What the flood writer did, in wall-clock time (the journal's clock).
+struct Flood {
+    /// Records written, the Xid 31 included.
+    records: u64,
+    /// Just before the Xid 31 naming the job was written.
+    xid31_at: SystemTime,
+    /// Just after the last record was written.
+    ended_at: SystemTime,
+}
+
+/// Appends [`NEIGHBOUR_XID13`] records to `kmsg` for [`FLOOD`], bursts of `before` records until
+/// the Xid 31 naming `pid` is written ([`XID31_AFTER`] in), bursts of `after` records from then
+/// on. Sequence numbers are consecutive (a gap would be reported as lost records).
+fn flood(kmsg: &KernelLog, pid: i64, before: u64, after: u64) -> JoinHandle<Flood> {
+    let mut file = OpenOptions::new().append(true).open(&kmsg.path).unwrap();
+    let mut seq = kmsg.seq;
+    std::thread::spawn(move || {
+        let record = |seq: &mut u64, message: &str, into: &mut Vec<u8>| {
+            *seq += 1;
+            writeln!(into, "4,{seq},{},-;{message}", 6_137_826_155 + *seq * 10).unwrap();
+        };
+        let start = Instant::now();
+        let mut xid31_at = None;
+        let mut batch = Vec::new();
+        let mut records = 0;
+        while start.elapsed() < FLOOD {
+            if xid31_at.is_none() && start.elapsed() >= XID31_AFTER {
+                let mut one = Vec::new();
+                record(&mut seq, &xid31(pid), &mut one);
+                xid31_at = Some(SystemTime::now());
+                file.write_all(&one).unwrap();
+                records += 1;
+            }
+            let burst = if xid31_at.is_some() { after } else { before };
+            batch.clear();
+            for _ in 0..burst {
+                record(&mut seq, NEIGHBOUR_XID13, &mut batch);
+            }
+            file.write_all(&batch).unwrap();
+            records += burst;
+            std::thread::sleep(PAUSE);
+        }
+        Flood {
+            records,
+            xid31_at: xid31_at.expect("the flood outlasts the moment of the Xid 31"),
+            ended_at: SystemTime::now(),
+        }
+    })
+}
+
+/// Starts a 60-step job on the gpu tier (checkpoints every 2 steps) following `kmsg`, waits
+/// for its first checkpoint and floods `kmsg` (see [`flood`]). Returns gpuwarden's status and
+/// stderr, what the flood did, and the job's pid.
+fn run_through_a_flood(
+    scene: &Scene,
+    kmsg: &KernelLog,
+    before: u64,
+    after: u64,
+) -> (ExitStatus, String, Flood, i64) {
+    let config = fast_config(scene);
+    let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
+    let machine = bare_machine(scene);
+    extra.extend(machine.iter().map(String::as_str));
+    let run = Running::start(
+        scene.command(
+            &extra,
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--sleep",
+                "0.05",
+                "--steps",
+                "60",
+            ],
+        ),
+        scene,
+    );
+    let pid = trainer_pid(scene, 1);
+    wait_for("the first checkpoint", || {
+        scene
+            .ckpt()
+            .join("ckpt-step00002.safetensors")
+            .exists()
+            .then_some(())
+    });
+    let writer = flood(kmsg, pid, before, after);
+    let (status, stderr) = run.finish();
+    (status, stderr, writer.join().unwrap(), pid)
+}
+
+/// A warning that the kernel follower dropped records because gpuwarden fell behind.
+fn is_drop_warning(record: &Value) -> bool {
+    record["event"] == "warning"
+        && record["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("records dropped because gpuwarden fell behind"))
+}
+
+#[test]
+fn a_flood_of_foreign_kernel_faults_does_not_delay_stopping_the_job() {
+    // A neighbour's GPU logs an Xid 13 for its own process without pause. Half a second in, the
+    // job's own GPU faults, and the flood grows past what gpuwarden can attribute. The
+    // supervisor's deadlines (SIGTERM after the settle time, the backoff) must come due in the
+    // flood, not after it; each foreign record is journaled once, not thousands of times.
+    let scene = Scene::new();
+    let kmsg = KernelLog::new(&scene);
+    let (status, stderr, flood, pid) = run_through_a_flood(&scene, &kmsg, GENTLE, HEAVY);
+
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(flood.records > 10_000, "only {} records", flood.records);
+    let journal = scene.journal();
+    let ended = attempt_record(&journal, "attempt_ended", 1);
+    assert_eq!(
+        ended["ended_by"], "gpu_memory_fault (xid-31)",
+        "{journal:#?}\nstderr:\n{stderr}"
+    );
+    // Stopped by gpuwarden, not left to run to its end.
+    assert_eq!(ended["status"]["name"], "SIGTERM", "{ended}");
+    // The settle time (0.5 s), then the trainer's exit on SIGTERM, with room for a loaded
+    // machine: a stop that waited for the flood would come 5.5 s after the Xid.
+    let ended_at = ended["at"].as_str().unwrap();
+    let by = rfc3339(flood.xid31_at + Duration::from_millis(3500));
+    assert!(
+        ended_at < by.as_str(),
+        "attempt 1 ended at {ended_at}, after {by} (the Xid 31 was written at {})",
+        rfc3339(flood.xid31_at)
+    );
+    let second = attempt_record(&journal, "attempt_started", 2);
+    assert_eq!(second["tier"], "cpu");
+    let started_at = second["at"].as_str().unwrap();
+    let flood_end = rfc3339(flood.ended_at);
+    assert!(
+        started_at < flood_end.as_str(),
+        "attempt 2 started at {started_at}, not before the flood ended at {flood_end}"
+    );
+    let fault = one(&journal, "fault");
+    assert_eq!(fault["rule"], "xid-31");
+    assert_eq!(fault["captures"]["pid"], pid.to_string());
+
+    // The neighbour's fault: journaled and shown once, its repeats counted at the end.
+    let foreign = one(&journal, "foreign_fault");
+    assert_eq!(foreign["rule"], "xid-13");
+    assert_eq!(foreign["captures"]["pid"], "1");
+    assert_eq!(foreign["line"], NEIGHBOUR_XID13);
+    assert_eq!(
+        stderr
+            .matches("kernel log: gpu_exception (xid-13) not acted on: pid 1 ")
+            .count(),
+        1,
+        "stderr:\n{stderr}"
+    );
+    let last = journal.last().unwrap();
+    assert_eq!(last["event"], "warning", "{last}");
+    let message = last["message"].as_str().unwrap();
+    let repeats: u64 = message
+        .split_once("xid-13 (pid 1) x")
+        .and_then(|(_, rest)| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no repeat count of xid-13 (pid 1) in {message:?}"));
+    assert!(repeats > 1000 && repeats < flood.records, "{message}");
+    assert!(stderr.contains(message), "stderr:\n{stderr}");
+    // Nothing else: ten records for a run of two attempts and a flood of 100,000 lines. (The
+    // follower's warnings that it dropped records are left out: how many bursts of them come
+    // depends on the machine's load.)
+    let kept: Vec<Value> = journal
+        .iter()
+        .filter(|r| !is_drop_warning(r))
+        .cloned()
+        .collect();
+    assert_eq!(
+        events(&kept),
+        [
+            "run_started",
+            "attempt_started",
+            "foreign_fault",
+            "fault",
+            "attempt_ended",
+            "restart_scheduled",
+            "attempt_started",
+            "attempt_ended",
+            "run_finished",
+            "warning",
+        ],
+        "{journal:#?}"
+    );
+    assert_eq!(one(&journal, "run_finished")["outcome"], "succeeded");
+}
+
+#[test]
+fn a_jobs_fault_is_not_lost_in_a_flood_that_outruns_gpuwarden() {
+    // The same flood, heavy from its start: by the time the job's Xid 31 comes, gpuwarden's
+    // queue is full of the neighbour's Xid 13, repeats that will only be counted.
+    let scene = Scene::new();
+    let kmsg = KernelLog::new(&scene);
+    let (status, stderr, _, _) = run_through_a_flood(&scene, &kmsg, HEAVY, HEAVY);
+
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let journal = scene.journal();
+    let ended = attempt_record(&journal, "attempt_ended", 1);
+    assert_eq!(
+        ended["ended_by"], "gpu_memory_fault (xid-31)",
+        "the job's fault was lost in the flood: {journal:#?}"
+    );
+    // Falling behind is said when it starts and with its total at the end, not once per
+    // burst.
+    let drops = journal.iter().filter(|r| is_drop_warning(r)).count();
+    assert!(
+        drops <= 2,
+        "{drops} warnings of dropped records: {journal:#?}"
+    );
+}
+
+#[test]
+fn a_device_fault_read_after_the_job_died_still_belongs_to_its_attempt() {
+    // The job's main process finishes, but its worker (which ignores SIGTERM) keeps the attempt
+    // alive for the 2 s grace. The driver's Xid about the main process is read only after it
+    // has died and been reaped: it is still attempt 1's fault (the process was seen in its
+    // tree), so attempt 1 ends by it and the job goes on on the cpu tier, instead of the run
+    // calling a job whose GPU faulted a success.
+    let scene = Scene::new();
+    let mut kmsg = KernelLog::new(&scene);
+    let config = fast_config(&scene);
+    let mut extra = vec![
+        "--config",
+        &config,
+        "--grace",
+        "2",
+        "--kernel-log",
+        kmsg.arg(),
+    ];
+    let machine = bare_machine(&scene);
+    extra.extend(machine.iter().map(String::as_str));
+    let steps = 8;
+    let run = Running::start(
+        scene.command(
+            &extra,
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--worker",
+                "--sleep",
+                "0.05",
+                "--steps",
+                &steps.to_string(),
+            ],
+        ),
+        &scene,
+    );
+    let leader = trainer_pid(&scene, 1);
+    // Journaled when gpuwarden has reaped the main process and found its worker still there.
+    let leftovers = wait_for_records(&scene, "leftovers", 1);
+    assert_eq!(leftovers[0]["attempt"], 1);
+    assert!(
+        dead(leader as i32),
+        "the main process of attempt 1 still runs"
+    );
+    kmsg.append(&xid31(leader));
+    let (status, stderr) = run.finish();
+
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let journal = scene.journal();
+    assert!(
+        records(&journal, "foreign_fault").is_empty(),
+        "{journal:#?}"
+    );
+    let fault = one(&journal, "fault");
+    assert_eq!(fault["attempt"], 1);
+    assert_eq!(fault["stream"], "kernel");
+    assert_eq!(fault["rule"], "xid-31");
+    assert_eq!(fault["captures"]["pid"], leader.to_string());
+    assert_eq!(
+        fault["attribution"],
+        format!(
+            "pid {leader} is in the job's process tree (kernel record {})",
+            kmsg.seq
+        )
+    );
+    let ended = attempt_record(&journal, "attempt_ended", 1);
+    assert_eq!(ended["ended_by"], "gpu_memory_fault (xid-31)", "{ended}");
+    // The main process had exited 0; the worker was killed after the grace.
+    assert_eq!(ended["status"]["code"], 0, "{ended}");
+    assert!(
+        stderr.contains("fault in attempt 1: gpu_memory_fault (xid-31) on kernel"),
+        "stderr:\n{stderr}"
+    );
+    let second = attempt_record(&journal, "attempt_started", 2);
+    assert_eq!(second["tier"], "cpu");
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(arg_after(&starts[1], "--device"), Some("cpu"));
+    let checkpoint = second["checkpoint"].as_str().unwrap();
+    assert_eq!(checkpoint_step(checkpoint), steps);
+    let finished = one(&journal, "run_finished");
+    assert_eq!(finished["outcome"], "succeeded");
+    assert_eq!(finished["attempts"], 2);
+    // Both attempts' workers were killed with their groups.
+    let workers: Vec<i64> = scene
+        .records()
+        .iter()
+        .filter_map(|r| r["worker"].as_i64())
+        .collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    for worker in workers {
+        assert!(dead(worker as i32), "worker {worker} survived");
+    }
 }
