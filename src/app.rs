@@ -206,6 +206,7 @@ pub fn run(
         health: None,
         refreshed: Instant::now(),
         kernel_dropped: 0,
+        kernel_lost: None,
         foreign: BTreeMap::new(),
     };
     exec.journal(&Record::RunStarted {
@@ -318,6 +319,8 @@ struct Executor<'a> {
     /// Foreign faults seen, by rule and the process or device they name: the first of each
     /// is journaled, the rest counted.
     foreign: BTreeMap<(String, String), u64>,
+    /// Kernel records overwritten before the reader got them (`Some` once any were).
+    kernel_lost: Option<u64>,
     /// Kernel fault records dropped so far because the loop fell behind.
     kernel_dropped: u64,
 }
@@ -540,8 +543,14 @@ impl Executor<'_> {
         Ok(None)
     }
 
-    /// Journals how often foreign faults repeated after the first of each was journaled.
+    /// Journals, at the end of the run, the kernel records lost or dropped in all and how often
+    /// foreign faults repeated after the first of each was journaled.
     fn report_foreign_repeats(&mut self) -> Result<(), RunError> {
+        if let Some(lost) = self.kernel_lost {
+            self.warn(format!(
+                "kernel log: {lost} records were overwritten before they could be read, in all"
+            ))?;
+        }
         if self.kernel_dropped > 0 {
             let dropped = self.kernel_dropped;
             self.warn(format!(
@@ -673,10 +682,15 @@ impl Executor<'_> {
                 );
             }
             KernelEvent::Lost { records } => {
-                self.warn(format!(
-                    "kernel log: {} records were overwritten before they could be read (a flood); faults among them were missed",
-                    records.map_or_else(|| "some".to_string(), |n| n.to_string())
-                ))?;
+                // Warned once; the total is reported when the run ends (an overrun can repeat
+                // many times a second in a flood, and each journal line is an fsync).
+                if self.kernel_lost.is_none() {
+                    self.warn(format!(
+                        "kernel log: {} records were overwritten before they could be read (a flood); faults among them were missed; the total comes at the end of the run",
+                        records.map_or_else(|| "some".to_string(), |n| n.to_string())
+                    ))?;
+                }
+                *self.kernel_lost.get_or_insert(0) += records.unwrap_or(0);
             }
             KernelEvent::Dropped { records } => {
                 // Warned once; the total is reported when the run ends.
