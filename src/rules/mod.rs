@@ -493,8 +493,17 @@ impl RuleSet {
         }
         let body = prefix::strip(line).body;
         let mut best: Option<&Rule> = None;
-        for pattern in matcher.set.matches(body.as_bytes()).iter() {
-            let rule = &self.rules[matcher.rules[pattern]];
+        // The set answers "any rule?" in one pass. Which rules, though, is asked of each
+        // rule's own regex: the set's answer to that is an overlapping search of an automaton
+        // of every rule, which on a fault line (where many rules match partway) falls back to
+        // its slowest engine (measured: 0.5 ms a line, against 0.1 ms rule by rule).
+        if !matcher.set.is_match(body.as_bytes()) {
+            return None;
+        }
+        for rule in matcher.rules.iter().map(|&i| &self.rules[i]) {
+            if !rule.regex.is_match(body.as_bytes()) {
+                continue;
+            }
             // Strictly greater: on a tie the earlier rule, seen first, stays.
             if best.is_none_or(|best| rule.severity > best.severity) {
                 best = Some(rule);
