@@ -474,6 +474,20 @@ impl RuleSet {
         }
     }
 
+    /// Makes the calling thread's search caches for `stream` (a few megabytes for a catalog
+    /// of hundreds of rules), so that the thread's first real line does not wait for them.
+    pub fn prepare_thread(&self, stream: Stream) {
+        for rule in self.rules.iter().filter(|r| r.streams.contains(&stream)) {
+            if let Some(example) = rule.examples.first() {
+                self.classify(stream, example);
+            }
+        }
+        self.classify(
+            stream,
+            "an ordinary line of training output: step 1 loss 0.5",
+        );
+    }
+
     /// The matcher of one stream (built on first use), or of all of them.
     fn matcher(&self, stream: Option<Stream>) -> &Matcher {
         let Some(stream) = stream else {

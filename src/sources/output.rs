@@ -105,6 +105,9 @@ where
             // A bigger pipe than the default 64 KiB: a job printing fast blocks less often, and
             // each wakeup moves more. Best effort: the limit for unprivileged users may refuse.
             let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            // The regex engines keep a search cache per thread, sized by the whole catalog:
+            // made now, while the job starts up, not on its first fault line (milliseconds).
+            rules.prepare_thread(stream);
             let mut buf = vec![0u8; CHUNK];
             let mut splitter = LineSplitter::default();
             let mut passing = true;
