@@ -477,10 +477,15 @@ impl RuleSet {
     /// Makes the calling thread's search caches for `stream` (a few megabytes for a catalog
     /// of hundreds of rules), so that the thread's first real line does not wait for them.
     pub fn prepare_thread(&self, stream: Stream) {
-        for rule in self.rules.iter().filter(|r| r.streams.contains(&stream)) {
-            if let Some(example) = rule.examples.first() {
-                self.classify(stream, example);
-            }
+        // One fault line and one ordinary line: enough to make the caches; the states for
+        // every rule were built by `prepare` and are shared.
+        if let Some(example) = self
+            .rules
+            .iter()
+            .find(|r| r.streams.contains(&stream))
+            .and_then(|r| r.examples.first())
+        {
+            self.classify(stream, example);
         }
         self.classify(
             stream,
