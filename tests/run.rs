@@ -123,7 +123,13 @@ fn fault_classes_reach_the_journal() {
         .into_iter()
         .find(|r| r["event"] == "attempt_ended")
         .unwrap();
-    assert_eq!(ended["status"]["name"], "SIGABRT");
+    // The trainer aborts right after printing the fault, and gpuwarden's SIGTERM (sent within
+    // a millisecond of the line) races with it: either signal may be the one that ended it.
+    let signal = ended["status"]["name"].as_str().unwrap_or_default();
+    assert!(
+        ["SIGABRT", "SIGTERM"].contains(&signal),
+        "the job ended by a signal: {ended}"
+    );
 }
 
 #[test]
