@@ -468,10 +468,7 @@ impl Executor<'_> {
             }
             HealthEvent::Fault(found) => {
                 let fault = found.to_fault();
-                let usable = running
-                    .and_then(|a| self.usable.get(&a))
-                    .cloned()
-                    .unwrap_or_default();
+                let usable = self.usable_by(running);
                 let verdict = if fault.captures.contains_key("pci") {
                     attribution::attribute(&fault.captures, |_| Membership::Foreign, &usable)
                 } else if !usable.is_empty() {
@@ -492,6 +489,14 @@ impl Executor<'_> {
             }
         }
         Ok(None)
+    }
+
+    /// The PCI slots of the GPUs `attempt` can use (none without an attempt, or on a CPU tier).
+    fn usable_by(&self, attempt: Option<u32>) -> Vec<(u32, u8, u8)> {
+        attempt
+            .and_then(|a| self.usable.get(&a))
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// A fault from outside the job's output (kernel log, GPU health), with the verdict on
@@ -594,11 +599,13 @@ impl Executor<'_> {
         // the whole catalog again (about 100 µs a fault line, which a flood would outrun).
         let mut previous: Option<(Vec<u8>, Option<Fault>)> = None;
         let classify = move |record: kmsg::Record| {
+            let (facility, seq) = (record.facility, record.seq);
             let fault = match &previous {
                 Some((message, known)) if *message == record.message => known.clone()?,
                 _ => {
                     let fault = rules.classify(Stream::Kernel, &record.text());
-                    previous = Some((record.message.clone(), fault.clone()));
+                    // The record is ours: its message is kept, not copied.
+                    previous = Some((record.message, fault.clone()));
                     fault?
                 }
             };
@@ -617,8 +624,8 @@ impl Executor<'_> {
             let repeats = forwarded.insert(key, (now, 0)).map_or(0, |(_, held)| held);
             Some(KernelFault {
                 fault,
-                facility: record.facility,
-                seq: record.seq,
+                facility,
+                seq,
                 repeats,
             })
         };
@@ -651,10 +658,7 @@ impl Executor<'_> {
                     seq,
                     repeats,
                 } = found;
-                let usable = running
-                    .and_then(|a| self.usable.get(&a))
-                    .cloned()
-                    .unwrap_or_default();
+                let usable = self.usable_by(running);
                 let tree = &mut self.tree;
                 let verdict =
                     attribution::attribute(&fault.captures, |pid| tree.membership(pid), &usable);

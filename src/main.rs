@@ -403,13 +403,7 @@ fn scan(args: ScanArgs) -> i32 {
             }
         };
         let result = scan::scan(&rules, stream, input, |finding| {
-            if args.json {
-                let record = scan::Record::new(&name, finding);
-                serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other)?;
-                writeln!(out)
-            } else {
-                scan::write_human(&mut out, many.then_some(name.as_str()), finding)
-            }
+            scan::write_finding(&mut out, args.json, &name, many, finding)
         });
         match result {
             Ok(summary) => {
@@ -481,15 +475,7 @@ fn scan_kernel(rules: &RuleSet, stream: Option<gpuwarden::rules::Stream>, json: 
         rules,
         stream.or(Some(gpuwarden::rules::Stream::Kernel)),
         text.as_slice(),
-        |finding| {
-            if json {
-                let record = gpuwarden::scan::Record::new(name, finding);
-                serde_json::to_writer(&mut out, &record).map_err(std::io::Error::other)?;
-                writeln!(out)
-            } else {
-                gpuwarden::scan::write_human(&mut out, None, finding)
-            }
-        },
+        |finding| gpuwarden::scan::write_finding(&mut out, json, name, false, finding),
     );
     let _ = out.flush();
     match result {

@@ -773,11 +773,7 @@ pub fn parse(file: &str, text: &str) -> Result<Vec<Quirk>, QuirkError> {
 
     let raw: RawFile = toml::from_str(text).map_err(|err| {
         let offset = err.span().map_or(0, |s| s.start);
-        let quirk = starts
-            .iter()
-            .rev()
-            .find(|(start, _)| *start <= offset)
-            .and_then(|(_, id)| id.as_deref());
+        let quirk = crate::rules::table_at(&starts, offset);
         QuirkError::Malformed {
             at: lines.at(offset, quirk),
             message: err.message().trim_end().to_string(),

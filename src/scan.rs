@@ -222,6 +222,23 @@ fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(filled)
 }
 
+/// Writes one finding as `scan` prints it: one JSON object on a line (`json`), or for people.
+/// `file` names the input; people see it only when `show_file` (several inputs).
+pub fn write_finding(
+    out: &mut impl Write,
+    json: bool,
+    file: &str,
+    show_file: bool,
+    finding: &Finding,
+) -> io::Result<()> {
+    if json {
+        serde_json::to_writer(&mut *out, &Record::new(file, finding)).map_err(io::Error::other)?;
+        writeln!(out)
+    } else {
+        write_human(out, show_file.then_some(file), finding)
+    }
+}
+
 /// Writes a finding for people: where, what, how often, the line, and the advice.
 pub fn write_human(out: &mut impl Write, file: Option<&str>, finding: &Finding) -> io::Result<()> {
     let fault = &finding.fault;

@@ -101,6 +101,16 @@ pub(crate) fn line_number(text: &str, offset: usize) -> usize {
         + 1
 }
 
+/// The id of the table that holds byte `offset`, given where each table starts (sorted) and its
+/// id: a type error of the typed pass is reported with the rule or quirk it is in.
+pub(crate) fn table_at(starts: &[(usize, Option<String>)], offset: usize) -> Option<&str> {
+    starts
+        .iter()
+        .rev()
+        .find(|(start, _)| *start <= offset)
+        .and_then(|(_, id)| id.as_deref())
+}
+
 /// Turns byte offsets into 1-based line numbers for one file.
 struct Lines<'a> {
     file: &'a str,
@@ -136,11 +146,7 @@ pub(super) fn parse(file: &str, text: &str) -> Result<Loaded, RuleError> {
     // what remains are missing fields and values of the wrong type.
     let raw: RawFile = toml::from_str(text).map_err(|err| {
         let offset = err.span().map_or(0, |s| s.start);
-        let rule = starts
-            .iter()
-            .rev()
-            .find(|(start, _)| *start <= offset)
-            .and_then(|(_, id)| id.as_deref());
+        let rule = table_at(&starts, offset);
         RuleError::Malformed {
             at: lines.at(offset, rule),
             message: err.message().to_string(),

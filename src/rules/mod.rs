@@ -57,7 +57,7 @@ use serde::Serialize;
 
 pub use error::{Location, Origin, RuleError};
 pub use fault::{Action, Fault, FaultClass, Severity, Stream};
-pub(crate) use file::line_number;
+pub(crate) use file::{line_number, table_at};
 
 /// The built-in rule files, in the order their rules rank on ties. A test checks that every
 /// `rules/*.toml` is listed here, so a new file cannot be forgotten.
