@@ -31,6 +31,7 @@ use crate::attribution::{self, JobTree, Membership};
 use crate::checkpoints;
 use crate::config::Plan;
 use crate::gpu::Gpu;
+use crate::job::Sig;
 use crate::journal::{self, Journal, Record};
 use crate::ladder::{self, Placeholders};
 use crate::process::{self, GroupEvent, Guard, JobSpec};
@@ -39,9 +40,7 @@ use crate::sources::health::{self, HealthConfig, HealthEvent, HealthSource};
 use crate::sources::kernel::{self, FollowConfig, Follower, KernelEvent, KernelSource};
 use crate::sources::kmsg;
 use crate::sources::output::{self, OutputEvent};
-use crate::supervisor::{
-    AttemptSummary, Effect, Event, Outcome, Policy, Sig, Supervisor, TierInfo,
-};
+use crate::supervisor::{AttemptSummary, Effect, Event, Outcome, Policy, Supervisor, TierInfo};
 
 /// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
 pub const GUARD_GRACE: Duration = Duration::from_secs(1);
@@ -422,7 +421,7 @@ impl Executor<'_> {
                     if self.terminal_warned.insert(attempt) {
                         self.warn(format!(
                             "attempt {attempt}: process {pid} of the job was stopped by {} because it used the terminal while the job runs in the background; give it input from a file (`< /dev/null`) or a non-interactive setting",
-                            crate::supervisor::signal_name(signal)
+                            crate::job::signal_name(signal)
                         ))?;
                     }
                     None

@@ -18,8 +18,8 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use crate::job::JobExit;
 use crate::rules::{Action, FaultClass, Severity, Stream};
-use crate::supervisor::JobExit;
 
 /// An exit status as the journal writes it: `{"code": 1}` or `{"signal": 6, "name": "SIGABRT"}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -35,7 +35,7 @@ impl From<JobExit> for ExitRecord {
             JobExit::Code(code) => ExitRecord::Code { code },
             JobExit::Signal(signal) => ExitRecord::Signal {
                 signal,
-                name: crate::supervisor::signal_name(signal),
+                name: crate::job::signal_name(signal),
             },
         }
     }

@@ -536,7 +536,7 @@ fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>, keep: usize) -> mpsc:
 fn end_group(child: &mut Child) -> std::io::Result<ExitStatus> {
     // An already empty group is the good case. Any other failure leaves nothing better to
     // do: bash itself still gets killed and reaped below.
-    let _ = crate::process::signal_group(child.id(), crate::supervisor::Sig::Kill);
+    let _ = crate::process::signal_group(child.id(), crate::job::Sig::Kill);
     // Bash may have left the group (`set -m` in the script); it must not outlive us either.
     // On an exited, unreaped bash this does nothing.
     let _ = child.kill();

@@ -30,6 +30,7 @@ pub mod config;
 pub mod demo;
 pub mod exit;
 pub mod gpu;
+pub mod job;
 pub mod journal;
 pub mod ladder;
 pub mod probe;

@@ -26,7 +26,7 @@ use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::supervisor::{JobExit, Sig};
+use crate::job::{JobExit, Sig};
 
 /// The signals gpuwarden turns into events (and forwards to the job): SIGINT, SIGTERM and SIGHUP,
 /// except those gpuwarden was started with ignored. `nohup gpuwarden run ...` ignores SIGHUP and

@@ -15,8 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
-
+use crate::job::{JobExit, Sig};
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
 
@@ -48,64 +47,6 @@ pub struct Policy {
 pub struct TierInfo {
     pub name: String,
     pub uses_gpu: bool,
-}
-
-/// A signal gpuwarden received (and forwards), or sends to the job.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sig {
-    Interrupt,
-    Terminate,
-    Hangup,
-    Kill,
-}
-
-impl Sig {
-    /// The signal number on Linux.
-    pub fn number(self) -> i32 {
-        match self {
-            Sig::Hangup => 1,
-            Sig::Interrupt => 2,
-            Sig::Kill => 9,
-            Sig::Terminate => 15,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Sig::Hangup => "SIGHUP",
-            Sig::Interrupt => "SIGINT",
-            Sig::Kill => "SIGKILL",
-            Sig::Terminate => "SIGTERM",
-        }
-    }
-}
-
-/// How a job's leader process ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum JobExit {
-    Code(i32),
-    Signal(i32),
-}
-
-impl JobExit {
-    pub fn success(self) -> bool {
-        self == JobExit::Code(0)
-    }
-}
-
-impl fmt::Display for JobExit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            JobExit::Code(c) => write!(f, "exit status {c}"),
-            JobExit::Signal(s) => write!(f, "killed by signal {s} ({})", signal_name(s)),
-        }
-    }
-}
-
-/// The conventional name of a signal number, for messages.
-pub fn signal_name(n: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(n).map_or("signal", |s| s.as_str())
 }
 
 /// Everything the supervisor reacts to.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, poll};
 
 use super::sampler::StopFlag;
+use crate::job::Sig;
 use crate::process::signal_group;
-use crate::supervisor::Sig;
 
 /// The longest the runner goes without looking at the stop flag and the deadline.
 const SLICE: Duration = Duration::from_millis(20);
