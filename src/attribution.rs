@@ -22,6 +22,9 @@ use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use crate::rules::Fault;
+use crate::supervisor::outside::{Facts, Membership, PidFacts, Slot};
+
 /// Ancestors followed at most when walking up from a pid (real trees are a few deep; the bound
 /// also ends a loop in a corrupt or racing snapshot).
 const MAX_DEPTH: usize = 64;
@@ -91,18 +94,6 @@ fn field<T: std::str::FromStr>(bytes: &[u8], name: &'static str) -> Result<T, St
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .ok_or(StatError(name))
-}
-
-/// Whether a pid belongs to the job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Membership {
-    /// A live member, or a dead one that was seen as a member.
-    Job,
-    /// Alive and not in the job's tree (gpuwarden itself included), or a dead pid whose
-    /// number now belongs to another process.
-    Foreign,
-    /// Dead, and never seen: nothing can tell.
-    Unknown,
 }
 
 /// A member seen alive.
@@ -358,6 +349,118 @@ pub fn members(
         .into_iter()
         .filter(|&(pid, member)| member && pid != own_pid)
         .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The slot (domain, bus, device) of a PCI address in any spelling (`crate::gpu::PciAddress`).
+pub fn pci_slot(text: &str) -> Option<(u32, u8, u8)> {
+    crate::gpu::PciAddress::parse(text).map(crate::gpu::PciAddress::slot)
+}
+
+/// What gpuwarden knows of the job's processes and GPUs, for answering "whose fault is it".
+///
+/// Shared (behind a mutex) between the executor, which keeps it current as attempts start and
+/// end, and the kernel reader thread, which must gather a record's facts and have it judged
+/// before its bounded queue can drop anything (a neighbour's flood must not push out the job's
+/// own fault). It only gathers; `crate::supervisor::outside` decides.
+#[derive(Debug)]
+pub struct JobView {
+    tree: JobTree,
+    /// The attempt of every process group the job has had, ended ones included.
+    attempt_of_group: HashMap<u32, u32>,
+    /// The PCI slots of the GPUs each attempt can use (none on a CPU tier).
+    usable: HashMap<u32, Vec<Slot>>,
+    /// The attempt that is running or being stopped.
+    live: Option<u32>,
+}
+
+impl JobView {
+    /// A view with no attempt yet; `own_pid` is gpuwarden's pid.
+    pub fn new(own_pid: u32) -> JobView {
+        JobView {
+            tree: JobTree::new(own_pid),
+            attempt_of_group: HashMap::new(),
+            usable: HashMap::new(),
+            live: None,
+        }
+    }
+
+    /// An attempt started as the process group `pgid`, able to use the GPUs `usable`.
+    pub fn attempt_started(&mut self, attempt: u32, pgid: u32, usable: Vec<Slot>) {
+        self.attempt_of_group.insert(pgid, attempt);
+        self.usable.insert(attempt, usable);
+        self.tree.add_group(pgid);
+        let _ = self.tree.refresh();
+    }
+
+    /// The process group of an attempt is empty: its number may be reused by someone else.
+    pub fn group_ended(&mut self, pgid: u32) {
+        self.tree.remove_group(pgid);
+    }
+
+    /// The supervisor's live attempt changed (or not).
+    pub fn set_live(&mut self, live: Option<u32>) {
+        self.live = live;
+    }
+
+    pub fn live(&self) -> Option<u32> {
+        self.live
+    }
+
+    /// Re-reads the job's processes from `/proc` (a process that faults and dies between two
+    /// reads is attributed from memory only if a read saw it).
+    pub fn refresh(&mut self) {
+        let _ = self.tree.refresh();
+    }
+
+    /// The PCI slots of the GPUs the live attempt can use.
+    pub fn usable_now(&self) -> Vec<Slot> {
+        self.live
+            .and_then(|a| self.usable.get(&a))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The facts about what `fault` names, as of now. `health` marks a GPU health fault.
+    pub fn facts(&mut self, fault: &Fault, health: bool) -> Facts {
+        let pid = fault
+            .captures
+            .get("pid")
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .map(|pid| PidFacts {
+                pid,
+                membership: self.tree.membership(pid),
+                attempt: self
+                    .tree
+                    .group_of(pid)
+                    .and_then(|group| self.attempt_of_group.get(&group).copied()),
+            });
+        Facts {
+            live: self.live,
+            pid,
+            usable: self.usable_now(),
+            health,
+        }
+    }
+}
+
+/// The PCI slots of the GPUs an attempt can use: this machine's GPUs, less those hidden by the
+/// `*_VISIBLE_DEVICES` variables the attempt runs with (inherited, or set or unset by its tier).
+pub fn usable_gpus(gpus: &[crate::gpu::Gpu], launch: &crate::ladder::Launch) -> Vec<Slot> {
+    let env = crate::probe::read_env(|name| {
+        if launch.unset_env.iter().any(|n| n == name) {
+            return None;
+        }
+        launch
+            .set_env
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os(name))
+    });
+    crate::probe::visible(gpus, &env)
+        .into_iter()
+        .filter_map(|gpu| gpu.pci.as_deref().and_then(pci_slot))
         .collect()
 }
 
@@ -641,116 +744,5 @@ mod tests {
         let brief_pid = brief.id();
         brief.wait().unwrap();
         assert_eq!(tree.membership(brief_pid), Membership::Unknown);
-    }
-}
-
-/// The slot (domain, bus, device) of a PCI address in any spelling (`crate::gpu::PciAddress`).
-pub fn pci_slot(text: &str) -> Option<(u32, u8, u8)> {
-    crate::gpu::PciAddress::parse(text).map(crate::gpu::PciAddress::slot)
-}
-
-/// Whom a kernel fault line concerns, and so whether the supervisor may act on it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// It concerns the job: act on it. The text says why (for the journal).
-    Job(String),
-    /// It concerns something else, or nothing can tell: journal and show it, never act.
-    Foreign(String),
-}
-
-/// Decides whom a kernel fault concerns from what its line captured.
-///
-/// - A line that names a pid concerns the job when that pid is in the job's tree
-///   (`membership`).
-/// - Otherwise a line that names a device concerns the job when the device is one the running
-///   attempt can use (`usable`: the PCI slots of the GPUs visible to its tier; empty on a CPU
-///   tier).
-/// - A line that names neither is not attributed: the machine may run other GPU work, and a
-///   fault that cannot be tied to the job must not kill it.
-pub fn attribute(
-    captures: &std::collections::BTreeMap<String, String>,
-    membership: impl FnOnce(u32) -> Membership,
-    usable: &[(u32, u8, u8)],
-) -> Verdict {
-    if let Some(pid) = captures
-        .get("pid")
-        .and_then(|p| p.trim().parse::<u32>().ok())
-    {
-        return match membership(pid) {
-            Membership::Job => Verdict::Job(format!("pid {pid} is in the job's process tree")),
-            Membership::Foreign => {
-                Verdict::Foreign(format!("pid {pid} is not in the job's process tree"))
-            }
-            Membership::Unknown => Verdict::Foreign(format!(
-                "pid {pid} is gone and was never seen in the job's process tree"
-            )),
-        };
-    }
-    if let Some(pci) = captures.get("pci") {
-        return match pci_slot(pci) {
-            Some(slot) if usable.contains(&slot) => {
-                Verdict::Job(format!("device {pci} is a GPU the job can use"))
-            }
-            Some(_) if usable.is_empty() => Verdict::Foreign(format!(
-                "device {pci}: the job uses no GPU of this machine on its current tier"
-            )),
-            Some(_) => Verdict::Foreign(format!("device {pci} is not a GPU the job can use")),
-            None => Verdict::Foreign(format!("device `{pci}` is not a PCI address")),
-        };
-    }
-    Verdict::Foreign("the line names no process and no device of the job".to_string())
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod verdict_tests {
-    use super::*;
-    use std::collections::BTreeMap;
-
-    fn caps(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
-
-    #[test]
-    fn a_pid_decides_before_a_device() {
-        let usable = [(0, 0x3b, 0)];
-        let job = |_| Membership::Job;
-        let foreign = |_| Membership::Foreign;
-        let line = caps(&[("pid", "447"), ("pci", "0000:3b:00")]);
-        assert!(matches!(attribute(&line, job, &usable), Verdict::Job(_)));
-        // The device is the job's, but the process is not: another user's fault on a shared GPU.
-        assert!(matches!(
-            attribute(&line, foreign, &usable),
-            Verdict::Foreign(why) if why.contains("pid 447")
-        ));
-        assert!(matches!(
-            attribute(&caps(&[("pid", "9")]), |_| Membership::Unknown, &usable),
-            Verdict::Foreign(why) if why.contains("never seen")
-        ));
-    }
-
-    #[test]
-    fn a_device_fault_concerns_the_job_only_on_a_device_it_can_use() {
-        let usable = [(0, 0x3b, 0)];
-        let never = |_| unreachable!("no pid in these lines");
-        let ours = caps(&[("pci", "0000:3b:00.0")]);
-        let theirs = caps(&[("pci", "0000:86:00.0")]);
-        assert!(matches!(attribute(&ours, never, &usable), Verdict::Job(_)));
-        assert!(matches!(
-            attribute(&theirs, never, &usable),
-            Verdict::Foreign(_)
-        ));
-        // On the CPU tier no device is the job's.
-        assert!(matches!(
-            attribute(&ours, never, &[]),
-            Verdict::Foreign(why) if why.contains("no GPU")
-        ));
-        assert!(matches!(
-            attribute(&caps(&[("xid", "79")]), never, &usable),
-            Verdict::Foreign(why) if why.contains("names no process")
-        ));
     }
 }

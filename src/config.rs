@@ -723,6 +723,54 @@ fn seconds(what: &'static str, secs: f64, at: Origin) -> Result<Duration, Config
     Duration::try_from_secs_f64(secs).map_err(|_| bad())
 }
 
+/// Checks that the command can be started before anything else happens, so a typo is a usage
+/// error (exit 2) rather than a failed attempt. Uses the first tier's PATH when it sets one.
+pub fn check_command(plan: &Plan) -> Result<(), String> {
+    let Some(program) = plan.command.first() else {
+        return Err("no command given: put the command to supervise after `--`".into());
+    };
+    let path_var: Option<OsString> = plan
+        .ladder
+        .first()
+        .and_then(|t| t.set_env.get("PATH").map(OsString::from))
+        .or_else(|| std::env::var_os("PATH"));
+    let program_path = Path::new(program);
+    if program.to_string_lossy().contains('/') {
+        return if is_executable(program_path) {
+            Ok(())
+        } else {
+            Err(if program_path.is_file() {
+                format!(
+                    "cannot run `{}`: the file is not executable; `chmod +x` it or run it through its interpreter (`python3 {}`)",
+                    program_path.display(),
+                    program_path.display()
+                )
+            } else {
+                format!("cannot run `{}`: no such file", program_path.display())
+            })
+        };
+    }
+    let found = path_var
+        .as_ref()
+        .map(|p| std::env::split_paths(p).any(|dir| is_executable(&dir.join(program_path))))
+        .unwrap_or(false);
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot run `{}`: command not found in PATH; check the spelling or give its full path",
+            program_path.display()
+        ))
+    }
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

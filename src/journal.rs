@@ -114,6 +114,20 @@ pub enum Record {
         /// The kernel record's sequence number (0 for health faults).
         seq: u64,
         reason: String,
+        /// For a late line about a process of an attempt that has ended: that attempt.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        attempt: Option<u32>,
+    },
+    /// Foreign faults of one rule counted in a window after the first few were journaled in
+    /// full (a neighbour's flood is a few lines, not one per record).
+    ForeignRepeats {
+        rule: String,
+        class: FaultClass,
+        /// Faults counted in the window.
+        count: u64,
+        /// How many different processes or devices they named (at most 1000 are told apart).
+        whom: usize,
+        seconds: f64,
     },
     /// The leader exited but processes of its group kept the output open and were killed.
     Leftovers { attempt: u32 },

@@ -23,11 +23,11 @@
 //! - [`process`] holds every signal and process-group call, and the guard that kills the job
 //!   when gpuwarden itself is killed.
 
-pub mod app;
 pub mod attribution;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;
+pub mod executor;
 pub mod exit;
 pub mod gpu;
 pub mod job;
@@ -38,8 +38,11 @@ pub mod process;
 pub mod quirks;
 pub mod rules;
 pub mod scan;
+pub mod snapshot;
 pub mod sources;
+pub mod summary;
 pub mod supervisor;
 pub mod time;
 #[cfg(feature = "torch")]
 pub mod torch;
+pub mod voice;

@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use clap::Parser;
 
-use gpuwarden::app::Watch;
 use gpuwarden::config::{self, Overrides, Plan};
+use gpuwarden::executor::Watch;
 use gpuwarden::exit;
 use gpuwarden::gpu::Gpu;
 use gpuwarden::probe::{self, Probe, Verdict};
@@ -46,7 +46,7 @@ fn main() {
             checkpoint_verify(&file, json)
         }
         Command::Probe(args) => probe(args),
-        Command::Guard => gpuwarden::process::guard_main(gpuwarden::app::GUARD_GRACE),
+        Command::Guard => gpuwarden::process::guard_main(gpuwarden::executor::GUARD_GRACE),
         Command::DemoJob(args) => demo_job(args),
     };
     std::process::exit(code);
@@ -111,6 +111,7 @@ fn run(args: RunArgs) -> i32 {
         kernel,
         gpus,
         health,
+        ..Watch::default()
     };
     supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
 }
@@ -216,11 +217,11 @@ fn supervise(
             return exit::USAGE;
         }
     };
-    if let Err(e) = gpuwarden::app::check_command(plan) {
+    if let Err(e) = gpuwarden::config::check_command(plan) {
         error(e);
         return exit::USAGE;
     }
-    match gpuwarden::app::run(plan, rules, explicit_run_dir, preflight, watch) {
+    match gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch) {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             error(&e);

@@ -235,7 +235,7 @@ impl Drop for Follower {
 /// The error is for what prevents starting at all (no pipe, no thread).
 pub fn follow<T, E, C, W>(
     config: FollowConfig,
-    classify: C,
+    mut classify: C,
     tx: SyncSender<E>,
     wrap: W,
 ) -> io::Result<Follower>
@@ -243,6 +243,39 @@ where
     T: 'static,
     E: Send + 'static,
     C: FnMut(Record) -> Option<T> + Send + 'static,
+    W: Fn(KernelEvent<T>) -> E + Send + 'static,
+{
+    follow_kept(
+        config,
+        move |record| classify(record).map(Kept::May),
+        tx,
+        wrap,
+    )
+}
+
+/// What a classifier keeps of a record, and whether it may be dropped when the consumer falls
+/// behind.
+#[derive(Debug)]
+pub enum Kept<T> {
+    /// Must reach the consumer: it waits in the outbox (beside notices) however long the
+    /// consumer is away. For the few records that concern the job: the classifier decided whose
+    /// they are before the queue, so only foreign ones can ever be dropped.
+    Must(T),
+    /// May be dropped (and counted) when the outbox is full.
+    May(T),
+}
+
+/// Like [`follow`], with a classifier that says which records must not be dropped.
+pub fn follow_kept<T, E, C, W>(
+    config: FollowConfig,
+    classify: C,
+    tx: SyncSender<E>,
+    wrap: W,
+) -> io::Result<Follower>
+where
+    T: 'static,
+    E: Send + 'static,
+    C: FnMut(Record) -> Option<Kept<T>> + Send + 'static,
     W: Fn(KernelEvent<T>) -> E + Send + 'static,
 {
     let stop = Arc::new(AtomicBool::new(false));
@@ -363,7 +396,7 @@ struct Worker<T, E, C, W> {
 
 impl<T, E, C, W> Worker<T, E, C, W>
 where
-    C: FnMut(Record) -> Option<T>,
+    C: FnMut(Record) -> Option<Kept<T>>,
     W: Fn(KernelEvent<T>) -> E,
 {
     fn run(mut self, first: io::Result<Input>) {
@@ -578,8 +611,10 @@ where
             self.outbox.lost(records);
             self.flush();
         }
-        if let Some(kept) = (self.classify)(record) {
-            self.forward(KernelEvent::Record(kept));
+        match (self.classify)(record) {
+            Some(Kept::Must(kept)) => self.notice(KernelEvent::Record(kept)),
+            Some(Kept::May(kept)) => self.forward(KernelEvent::Record(kept)),
+            None => {}
         }
     }
 

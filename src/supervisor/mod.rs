@@ -16,6 +16,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::job::{JobExit, Sig};
+
+pub mod outside;
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
 
@@ -302,6 +304,16 @@ impl Supervisor {
             Phase::Live(live) => Some(live.attempt),
             _ => None,
         }
+    }
+
+    /// Restarts used so far.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Whether the live attempt is being stopped (a fault or a signal).
+    pub fn stopping(&self) -> bool {
+        matches!(&self.phase, Phase::Live(live) if live.stop.is_some())
     }
 
     /// The attempts so far, for the summary and the views.

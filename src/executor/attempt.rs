@@ -1,0 +1,214 @@
+//! Starting an attempt: the newest complete checkpoint, the tier's argv and environment, the
+//! logs, the process group, its output pumps and its waiter.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+use std::time::Instant;
+
+use super::{Executor, Input, RunError, lock};
+use crate::attribution;
+use crate::checkpoints;
+use crate::job::Sig;
+use crate::journal::Record;
+use crate::ladder::{self, Placeholders};
+use crate::process::{self, JobSpec};
+use crate::rules::Stream;
+use crate::sources::output;
+use crate::supervisor::Event;
+use crate::voice::say;
+
+impl Executor<'_> {
+    /// Starts an attempt; returns the answer to `Spawn`. Streams whose reader could not be
+    /// started are reported closed through `closed`.
+    pub(super) fn spawn(
+        &mut self,
+        attempt: u32,
+        tier_index: usize,
+        closed: &mut Vec<Event>,
+    ) -> Result<Event, RunError> {
+        let plan = self.plan;
+        let Some(tier) = plan.ladder.get(tier_index) else {
+            return Ok(Event::SpawnFailed {
+                attempt,
+                error: format!("no tier #{tier_index} on the ladder"),
+            });
+        };
+        let checkpoint = match self.find_checkpoint(attempt)? {
+            Ok(c) => c,
+            Err(error) => return Ok(Event::SpawnFailed { attempt, error }),
+        };
+        let placeholders = Placeholders {
+            device: &tier.device,
+            checkpoint: checkpoint.as_deref(),
+            tier: &tier.name,
+            attempt,
+            run_dir: &self.run_dir,
+        };
+        let launch = ladder::launch(
+            &plan.command,
+            tier,
+            &placeholders,
+            std::env::var_os("PYTHONUNBUFFERED").is_some(),
+        );
+        let stdout_log = self.run_dir.join(format!("attempt-{attempt}.stdout.log"));
+        let stderr_log = self.run_dir.join(format!("attempt-{attempt}.stderr.log"));
+        // `create_new`: a log is never overwritten, whatever is in the run directory.
+        let open = |path: &PathBuf| {
+            File::options()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|source| RunError::Log {
+                    path: path.clone(),
+                    source,
+                })
+        };
+        let (out_log, err_log) = (open(&stdout_log)?, open(&stderr_log)?);
+        let spec = JobSpec {
+            argv: &launch.argv,
+            set_env: &launch.set_env,
+            unset_env: &launch.unset_env,
+        };
+        let mut child = match process::spawn_job(&spec) {
+            Ok(child) => child,
+            Err(e) => {
+                let program = launch.argv.first().cloned().unwrap_or_default();
+                return Ok(Event::SpawnFailed {
+                    attempt,
+                    error: format!("{}: {e}", program.to_string_lossy()),
+                });
+            }
+        };
+        let pid = child.id();
+        // The job leads its own group, so the group id is its pid.
+        self.groups.insert(attempt, pid);
+        let usable = if tier.uses_gpu {
+            attribution::usable_gpus(&self.gpus, &launch)
+        } else {
+            Vec::new()
+        };
+        lock(&self.view).attempt_started(attempt, pid, usable);
+        self.refreshed = Instant::now();
+        if let Some(guard) = &mut self.guard
+            && let Err(e) = guard.watch(pid)
+        {
+            self.guard = None;
+            self.warn(format!(
+                "the guard process is gone ({e}): if gpuwarden is killed, the job may survive it"
+            ))?;
+        }
+        // As plain files: one type for both pipes, readable and pollable.
+        let pumps = [
+            (
+                child.stdout.take().map(|p| File::from(OwnedFd::from(p))),
+                Stream::Stdout,
+                out_log,
+            ),
+            (
+                child.stderr.take().map(|p| File::from(OwnedFd::from(p))),
+                Stream::Stderr,
+                err_log,
+            ),
+        ];
+        for (pipe, stream, log) in pumps {
+            let started = pipe.map(|pipe| {
+                output::spawn(
+                    pipe,
+                    stream,
+                    log,
+                    Arc::clone(&self.rules),
+                    self.tx.clone(),
+                    move |event| Input::Output {
+                        attempt,
+                        stream,
+                        event,
+                    },
+                )
+            });
+            if !matches!(started, Some(Ok(_))) {
+                // Without a reader the supervisor would wait for this stream forever.
+                // Queued directly: the loop must never block sending into its own channel.
+                closed.push(Event::StreamClosed { attempt, stream });
+            }
+        }
+        // The std handle is not waited on: `wait_group` reaps the leader and its orphans.
+        drop(child);
+        let tx = self.tx.clone();
+        let waiter = thread::Builder::new()
+            .name(format!("wait-{attempt}"))
+            .spawn(move || {
+                process::wait_group(pid, |event| {
+                    let _ = tx.send(Input::Group { attempt, event });
+                });
+            });
+        if let Err(e) = waiter {
+            // Without a waiter the exit would never be seen: stop this attempt now.
+            let _ = process::signal_group(pid, Sig::Kill);
+            return Ok(Event::SpawnFailed {
+                attempt,
+                error: format!("cannot start a thread to wait for the job: {e}"),
+            });
+        }
+        say(&format!(
+            "attempt {attempt} on tier `{}` (device {}){}",
+            tier.name,
+            tier.device,
+            match &checkpoint {
+                Some(c) => format!(", resuming from {}", c.display()),
+                None => String::new(),
+            }
+        ));
+        self.journal(&Record::AttemptStarted {
+            attempt,
+            tier: tier.name.clone(),
+            device: tier.device.clone(),
+            checkpoint: checkpoint.clone(),
+            argv: launch.argv.clone(),
+            pid,
+            stdout_log,
+            stderr_log,
+        })?;
+        Ok(Event::Spawned {
+            attempt,
+            checkpoint,
+        })
+    }
+
+    /// The newest complete checkpoint, journaling the incomplete ones it skipped. The inner
+    /// error says why the checkpoints could not be looked at; the attempt is then not started,
+    /// since starting from scratch could overwrite the progress that is there.
+    fn find_checkpoint(
+        &mut self,
+        attempt: u32,
+    ) -> Result<Result<Option<PathBuf>, String>, RunError> {
+        let Some(spec) = &self.plan.checkpoints else {
+            return Ok(Ok(None));
+        };
+        // Relative specs are relative to gpuwarden's (and so the job's) working directory.
+        let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
+            .and_then(|s| s.discover());
+        match found {
+            Ok(found) => {
+                for skipped in found.skipped {
+                    say(&format!(
+                        "skipping checkpoint {}: {}",
+                        skipped.path.display(),
+                        skipped.reason
+                    ));
+                    self.journal(&Record::CheckpointSkipped {
+                        attempt,
+                        path: skipped.path,
+                        reason: skipped.reason,
+                    })?;
+                }
+                Ok(Ok(found.newest.map(|c| c.path)))
+            }
+            Err(e) => Ok(Err(format!(
+                "cannot look for checkpoints in `{spec}`: {e:#}; not starting from scratch over them"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The executor: one loop that turns the outside world into supervisor events and carries out
+//! the supervisor's effects.
+//!
+//! ```text
+//!  output pumps (per attempt, per stream) ─┐
+//!  waiter thread (per attempt)            ─┤
+//!  signal thread                          ─┼─ Input ──> loop: Supervisor::step ──> Effect
+//!  kernel reader (judged: outside::whose) ─┤   (mpsc)          │
+//!  health sampler                         ─┘                   ├─ Spawn:   start an attempt (attempt.rs)
+//!                                                              ├─ Signal:  killpg(attempt's group)
+//!                                                              ├─ Journal: append + fsync
+//!                                                              ├─ Say:     one line on stderr
+//!                                                              └─ Finish:  summary, exit code
+//! ```
+//!
+//! The loop runs on the main thread on purpose: the job is forked from here, and the kernel's
+//! parent-death signal is tied to the forking thread. This room does I/O and gathers facts; a
+//! decision belongs in `crate::supervisor` (whose fault a kernel or health line is:
+//! `crate::supervisor::outside`). It publishes what views read into a [`Board`].
+
+mod attempt;
+mod outside;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::attribution::JobView;
+use crate::config::Plan;
+use crate::gpu::Gpu;
+use crate::job::Sig;
+use crate::journal::{self, Journal, Record};
+use crate::process::{self, GroupEvent, Guard};
+use crate::rules::{RuleSet, Stream};
+use crate::snapshot::{Board, JobInfo, JobState};
+use crate::sources::health::{self, HealthConfig, HealthEvent, HealthSource};
+use crate::sources::kernel::{Follower, KernelEvent, KernelSource};
+use crate::sources::output::OutputEvent;
+use crate::supervisor::outside::Outside;
+use crate::supervisor::{Effect, Event, Outcome, Policy, Supervisor, TierInfo};
+use crate::voice::say;
+
+pub use outside::KernelFault;
+
+/// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
+pub const GUARD_GRACE: Duration = Duration::from_secs(1);
+
+/// Errors that end a run before or outside the supervisor's control.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot create the run directory {path}: {source}; pick another with --run-dir")]
+    RunDir { path: PathBuf, source: io::Error },
+    #[error(
+        "the run directory {0} already holds a journal; give a new --run-dir (or move the old run away)"
+    )]
+    RunDirInUse(PathBuf),
+    #[error(
+        "cannot create the job's log {path}: {source}; check the space and permissions of the run directory"
+    )]
+    Log { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot write the journal {path}: {source}; the run was stopped because it could not be recorded"
+    )]
+    Journal { path: PathBuf, source: io::Error },
+    #[error(
+        "cannot set up signal handling or process reaping: {0}; this is a bug or a very unusual system, please report it"
+    )]
+    Signals(io::Error),
+}
+
+impl RunError {
+    /// The documented exit code: a run directory that is already taken is a usage error, the
+    /// rest are failures of gpuwarden itself.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            RunError::RunDirInUse(_) => crate::exit::USAGE,
+            _ => crate::exit::INTERNAL,
+        }
+    }
+}
+
+/// What reaches the loop from the threads.
+#[derive(Debug)]
+enum Input {
+    Output {
+        attempt: u32,
+        stream: Stream,
+        event: OutputEvent,
+    },
+    Group {
+        attempt: u32,
+        event: GroupEvent,
+    },
+    Signal(Sig),
+    Kernel(KernelEvent<KernelFault>),
+    Health(HealthEvent),
+}
+
+/// What `run` watches besides the job's own output, and where it publishes its state.
+#[derive(Debug, Default)]
+pub struct Watch {
+    /// The kernel log to follow (`/dev/kmsg`), or none (`--no-kernel-log`).
+    pub kernel: Option<KernelSource>,
+    /// This machine's GPUs, for telling whether a device named by a kernel line is one the job
+    /// can use.
+    pub gpus: Vec<Gpu>,
+    /// The GPU health sampler's settings, or none (`--no-health`).
+    pub health: Option<HealthConfig>,
+    /// Where the run's state is published for views (the live display, metrics).
+    pub board: Board,
+}
+
+/// How often the job's process tree is re-read for attribution while an attempt runs.
+const TREE_REFRESH: Duration = Duration::from_secs(1);
+
+/// How often foreign-fault windows that are over are journaled.
+const FOREIGN_CHECK: Duration = Duration::from_secs(1);
+
+/// Bound on queued inputs: a job printing fault lines faster than the journal takes them is
+/// slowed down (its pipe fills) instead of growing gpuwarden's memory.
+const QUEUE: usize = 1024;
+
+/// Supervises `plan` until the job finishes or gpuwarden gives up.
+///
+/// `explicit_run_dir` tells whether the user named the run directory (then it is used as given,
+/// and must not hold a journal yet) or it is the timestamped default (then a fresh one is made,
+/// with a suffix if a run of the same second has it).
+///
+/// `preflight` is the probe's verdict on where the run starts (`plan.ladder` already begins at
+/// that tier); unless it is silent, it is said and journaled before attempt 1.
+pub fn run(
+    plan: &Plan,
+    rules: Arc<RuleSet>,
+    explicit_run_dir: bool,
+    preflight: Option<&crate::probe::Verdict>,
+    watch: Watch,
+) -> Result<Outcome, RunError> {
+    process::block_signals().map_err(RunError::Signals)?;
+    process::become_subreaper().map_err(RunError::Signals)?;
+    let run_dir = journal::create_run_dir(&plan.run_dir, explicit_run_dir).map_err(|source| {
+        RunError::RunDir {
+            path: plan.run_dir.clone(),
+            source,
+        }
+    })?;
+    let journal = Journal::create(&run_dir).map_err(|source| {
+        if source.kind() == io::ErrorKind::AlreadyExists {
+            RunError::RunDirInUse(run_dir.clone())
+        } else {
+            RunError::Journal {
+                path: run_dir.join("journal.jsonl"),
+                source,
+            }
+        }
+    })?;
+    crate::voice::start();
+    let (tx, rx) = mpsc::sync_channel(QUEUE);
+    process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
+
+    let mut exec = Executor {
+        plan,
+        rules,
+        run_dir: run_dir.clone(),
+        journal,
+        guard: None,
+        groups: HashMap::new(),
+        terminal_warned: HashSet::new(),
+        tx,
+        view: Arc::new(Mutex::new(JobView::new(std::process::id()))),
+        outside: Arc::new(Mutex::new(Outside::new())),
+        gpus: watch.gpus,
+        kernel: None,
+        health: None,
+        refreshed: Instant::now(),
+        foreign_checked: Instant::now(),
+        kernel_dropped: 0,
+        kernel_lost: None,
+        board: watch.board,
+    };
+    exec.board.update(|s| {
+        s.job = Some(JobInfo {
+            command: exec.command_words(),
+            max_restarts: plan.max_restarts,
+            run_dir: run_dir.clone(),
+            ..JobInfo::default()
+        })
+    });
+    exec.journal(&Record::RunStarted {
+        command: exec.command_words(),
+        ladder: plan.ladder.iter().map(|t| t.name.clone()).collect(),
+        checkpoints: plan.checkpoints.clone(),
+        max_restarts: plan.max_restarts,
+        grace_seconds: plan.grace.as_secs_f64(),
+        rules: exec.rules.rules().len(),
+        gpuwarden_pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION"),
+    })?;
+    if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
+        for message in verdict.messages() {
+            say(&message);
+        }
+        exec.journal(&Record::Preflight(verdict.clone()))?;
+    }
+    // Compiled and warmed now, not on the job's first line: a fault that is the first line
+    // must not wait for it.
+    exec.rules.prepare(&[Stream::Stdout, Stream::Stderr]);
+    if let Some(source) = watch.kernel {
+        exec.follow_kernel(source)?;
+    }
+    if let Some(config) = watch.health {
+        match health::spawn(config, health::channel_sink(exec.tx.clone(), Input::Health)) {
+            Ok(source) => exec.health = Some(source),
+            Err(e) => exec.warn(format!(
+                "cannot start the GPU health sampler ({e}); supervising without it"
+            ))?,
+        }
+    }
+    match Guard::spawn() {
+        Ok(g) => exec.guard = Some(g),
+        Err(e) => exec.warn(format!(
+            "could not start the guard process ({e}): if gpuwarden is killed with SIGKILL, the job's grandchildren may survive it"
+        ))?,
+    }
+    say(&format!(
+        "supervising `{}`; run directory {}",
+        exec.command_words().join(" "),
+        run_dir.display()
+    ));
+
+    let policy = Policy {
+        max_restarts: plan.max_restarts,
+        grace: plan.grace,
+        settle: crate::supervisor::SETTLE,
+        backoff_initial: plan.backoff_initial,
+        backoff_max: plan.backoff_max,
+    };
+    let tiers = plan
+        .ladder
+        .iter()
+        .map(|t| TierInfo {
+            name: t.name.clone(),
+            uses_gpu: t.uses_gpu,
+        })
+        .collect();
+    let mut sup = Supervisor::new(policy, tiers);
+    let outcome = match exec.drive(&mut sup, &rx) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            exec.stop_jobs();
+            crate::voice::flush();
+            return Err(e);
+        }
+    };
+    if let Some(guard) = exec.guard.take() {
+        guard.close();
+    }
+    if let Some(follower) = exec.kernel.take() {
+        follower.stop();
+    }
+    exec.report_outside_totals()?;
+    if let Some(source) = exec.health.take() {
+        source.stop();
+    }
+    exec.board.update(|s| {
+        if let Some(job) = &mut s.job {
+            job.state = JobState::Finished(outcome.to_string());
+        }
+    });
+    crate::summary::print(&sup, plan, &outcome, exec.journal.path());
+    crate::voice::flush();
+    Ok(outcome)
+}
+
+struct Executor<'a> {
+    plan: &'a Plan,
+    rules: Arc<RuleSet>,
+    run_dir: PathBuf,
+    journal: Journal,
+    guard: Option<Guard>,
+    /// Process group of each attempt whose group still has processes.
+    groups: HashMap<u32, u32>,
+    /// Attempts already warned about a process stopped by the terminal.
+    terminal_warned: HashSet<u32>,
+    tx: SyncSender<Input>,
+    /// The facts about the job's processes and GPUs, shared with the kernel reader thread.
+    view: Arc<Mutex<JobView>>,
+    /// The repeat and foreign-fault windows (pure state), shared with the kernel reader thread.
+    outside: Arc<Mutex<Outside>>,
+    gpus: Vec<Gpu>,
+    kernel: Option<Follower>,
+    health: Option<HealthSource>,
+    /// When the job's processes were last re-read.
+    refreshed: Instant,
+    /// When foreign-fault windows were last looked at.
+    foreign_checked: Instant,
+    /// Kernel records overwritten before the reader got them (`Some` once any were).
+    kernel_lost: Option<u64>,
+    /// Foreign kernel fault records dropped so far because the loop fell behind.
+    kernel_dropped: u64,
+    board: Board,
+}
+
+/// Locks shared state; a panic elsewhere while holding it leaves data that is still usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Executor<'_> {
+    /// The event loop. Returns when the supervisor finishes the run.
+    fn drive(&mut self, sup: &mut Supervisor, rx: &Receiver<Input>) -> Result<Outcome, RunError> {
+        // A signal that came while the plan was made (an env_script can take seconds) ends
+        // the run before the job starts.
+        let mut pending = vec![Event::Start];
+        if let Some(sig) = process::take_pending_signal() {
+            pending.push(Event::Signal(sig));
+        }
+        loop {
+            while let Some(event) = pending.pop() {
+                for effect in sup.step(event, Instant::now()) {
+                    if let Some(outcome) = self.apply(effect, &mut pending)? {
+                        return Ok(outcome);
+                    }
+                }
+            }
+            self.publish(sup);
+            let now = Instant::now();
+            let mut timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
+                d.saturating_duration_since(now)
+            });
+            if self.kernel.is_some() && !self.groups.is_empty() {
+                // Keep the process tree fresh: a process that faults and dies between two
+                // reads is attributed from memory only if a read saw it.
+                if now.saturating_duration_since(self.refreshed) >= TREE_REFRESH {
+                    lock(&self.view).refresh();
+                    self.refreshed = now;
+                }
+                timeout = timeout.min(TREE_REFRESH);
+            }
+            if now.saturating_duration_since(self.foreign_checked) >= FOREIGN_CHECK {
+                self.foreign_checked = now;
+                self.journal_foreign_repeats(now)?;
+            }
+            timeout = timeout.min(FOREIGN_CHECK);
+            if timeout.is_zero() {
+                // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
+                // the kernel log), and a Tick only on an empty channel would never come: the
+                // SIGTERM after the settle time, SIGKILL after the grace and the backoff would
+                // all wait for the flood to end.
+                pending.push(Event::Tick);
+            }
+            match rx.recv_timeout(timeout) {
+                Ok(input) => {
+                    if let Some(event) = self.event_of(input, sup.live_attempt())? {
+                        pending.push(event);
+                    }
+                }
+                // The loop holds a sender itself, so the channel cannot disconnect.
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    pending.push(Event::Tick)
+                }
+            }
+        }
+    }
+
+    /// Tells the kernel reader and the views where the supervisor stands.
+    fn publish(&mut self, sup: &Supervisor) {
+        let live = sup.live_attempt();
+        lock(&self.view).set_live(live);
+        let last = sup.attempts().last();
+        let tier = last.and_then(|a| self.plan.ladder.get(a.tier));
+        let pid = live.and_then(|a| self.groups.get(&a).copied());
+        let state = match (live, sup.stopping()) {
+            (Some(_), true) => JobState::Stopping,
+            (Some(_), false) => JobState::Running,
+            (None, _) if sup.next_deadline().is_some() => JobState::Backoff,
+            (None, _) => JobState::Starting,
+        };
+        let restarts = sup.restarts();
+        self.board.update(|s| {
+            let Some(job) = &mut s.job else { return };
+            job.state = state;
+            job.restarts = restarts;
+            if let (Some(a), Some(tier)) = (last, tier) {
+                if job.attempt != a.attempt {
+                    job.started = Some(SystemTime::now());
+                }
+                job.attempt = a.attempt;
+                job.tier = tier.name.clone();
+                job.device = tier.device.clone();
+                job.resumed_from = a.checkpoint.clone();
+            }
+            if pid.is_some() {
+                job.pid = pid;
+            }
+        });
+    }
+
+    /// Turns an input into a supervisor event. `live` is the supervisor's running attempt
+    /// (kept until the attempt has ended, after its process group is gone).
+    fn event_of(&mut self, input: Input, live: Option<u32>) -> Result<Option<Event>, RunError> {
+        Ok(match input {
+            Input::Output {
+                attempt,
+                stream,
+                event,
+            } => match event {
+                OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
+                OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
+                OutputEvent::Idle { at } => Some(Event::OutputIdle {
+                    attempt,
+                    stream,
+                    at,
+                }),
+                OutputEvent::LogFailed(e) => {
+                    self.warn(format!(
+                        "attempt {attempt}: writing the {stream} log failed ({e}); the output is still passed through"
+                    ))?;
+                    None
+                }
+            },
+            Input::Group { attempt, event } => self.group_event(attempt, event)?,
+            Input::Signal(sig) => Some(Event::Signal(sig)),
+            Input::Kernel(event) => self.kernel_event(event, live)?,
+            Input::Health(event) => self.health_event(event, live)?,
+        })
+    }
+
+    fn group_event(&mut self, attempt: u32, event: GroupEvent) -> Result<Option<Event>, RunError> {
+        Ok(match event {
+            GroupEvent::LeaderExited {
+                status,
+                group_alive,
+            } => Some(Event::Exited {
+                attempt,
+                status,
+                group_alive,
+            }),
+            GroupEvent::Empty => {
+                if let Some(pgid) = self.groups.remove(&attempt) {
+                    // The id may now be reused by an unrelated process.
+                    lock(&self.view).group_ended(pgid);
+                    if let Some(guard) = &mut self.guard {
+                        let _ = guard.unwatch(pgid);
+                    }
+                }
+                self.reap_strays();
+                Some(Event::GroupEmpty { attempt })
+            }
+            GroupEvent::TerminalStop { pid, signal } => {
+                if self.terminal_warned.insert(attempt) {
+                    self.warn(format!(
+                        "attempt {attempt}: process {pid} of the job was stopped by {} because it used the terminal while the job runs in the background; give it input from a file (`< /dev/null`) or a non-interactive setting",
+                        crate::job::signal_name(signal)
+                    ))?;
+                }
+                None
+            }
+        })
+    }
+
+    /// Carries out one effect. Events it causes at once (the answer to `Spawn`) go to `pending`.
+    fn apply(
+        &mut self,
+        effect: Effect,
+        pending: &mut Vec<Event>,
+    ) -> Result<Option<Outcome>, RunError> {
+        match effect {
+            Effect::Spawn { attempt, tier } => {
+                let mut closed = Vec::new();
+                let answer = self.spawn(attempt, tier, &mut closed)?;
+                // `pending` is a stack: the answer to Spawn must come out first.
+                pending.extend(closed);
+                pending.push(answer);
+            }
+            Effect::Signal { attempt, sig } => {
+                if let Some(&pgid) = self.groups.get(&attempt)
+                    && let Err(e) = process::signal_group(pgid, sig)
+                {
+                    self.warn(format!(
+                        "could not send {} to the job (process group {pgid}): {e}",
+                        sig.name()
+                    ))?;
+                }
+            }
+            Effect::Journal(record) => {
+                if let Record::Fault {
+                    attempt,
+                    class,
+                    rule,
+                    severity,
+                    stream,
+                    line,
+                    ..
+                } = &record
+                {
+                    self.board.update(|s| {
+                        s.add_fault(crate::snapshot::FaultNote {
+                            at: SystemTime::now(),
+                            class: *class,
+                            rule: rule.clone(),
+                            severity: *severity,
+                            source: stream.to_string(),
+                            line: line.clone(),
+                            attempt: Some(*attempt),
+                            reason: None,
+                            count: 1,
+                        })
+                    });
+                }
+                self.journal(&record)?
+            }
+            Effect::Say(message) => say(&message),
+            Effect::Finish(outcome) => return Ok(Some(outcome)),
+        }
+        Ok(None)
+    }
+
+    /// Reaps orphans adopted from finished attempts that left their process group (daemons
+    /// started with `setsid`), so they do not pile up as zombies over a long run.
+    fn reap_strays(&self) {
+        let groups: Vec<u32> = self.groups.values().copied().collect();
+        let guard: Vec<u32> = self.guard.iter().map(Guard::pid).collect();
+        process::reap_strays(&groups, &guard);
+    }
+
+    /// After a failure of gpuwarden itself mid-run: stop what is running as a fault would,
+    /// with the configured grace, rather than leave it to the guard's short one.
+    fn stop_jobs(&mut self) {
+        let groups: Vec<u32> = self.groups.values().copied().collect();
+        if groups.is_empty() {
+            return;
+        }
+        say("stopping the job because gpuwarden cannot go on");
+        for &g in &groups {
+            let _ = process::signal_group(g, Sig::Terminate);
+        }
+        let deadline = Instant::now() + self.plan.grace;
+        while Instant::now() < deadline && groups.iter().any(|&g| process::group_alive(g)) {
+            thread::sleep(Duration::from_millis(50));
+        }
+        for &g in &groups {
+            let _ = process::signal_group(g, Sig::Kill);
+        }
+    }
+
+    fn journal(&mut self, record: &Record) -> Result<(), RunError> {
+        self.journal
+            .write(record, SystemTime::now())
+            .map_err(|source| RunError::Journal {
+                path: self.journal.path().to_path_buf(),
+                source,
+            })
+    }
+
+    fn warn(&mut self, message: String) -> Result<(), RunError> {
+        say(&format!("warning: {message}"));
+        self.journal(&Record::Warning { message })
+    }
+
+    /// The command as the user gave it, one string an argument.
+    fn command_words(&self) -> Vec<String> {
+        self.plan
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+}
