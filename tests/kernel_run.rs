@@ -839,7 +839,8 @@ fn without_permission_for_dev_kmsg_the_run_warns_once_and_goes_on() {
     let mut extra = vec!["--config", &config];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let mut cmd = scene.command(
+    // The checkout may lie where nobody cannot enter (a clone under /root): nobody runs copies.
+    let mut cmd = scene.command_for_another_user(
         &extra,
         &[
             "--device",

@@ -450,9 +450,17 @@ fn without_permission_the_follower_says_so_once_and_nothing_more() {
         println!("skipping: /dev/kmsg is readable here and only root can drop to `nobody`");
         return;
     }
-    // Run this very test again as `nobody`, where the kernel refuses the read.
+    // Run this very test again as `nobody`, where the kernel refuses the read. From a copy: the
+    // checkout may lie where nobody cannot enter (a clone under /root).
+    use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
-    let out = std::process::Command::new(std::env::current_exe().expect("the test binary"))
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    let copy = dir.path().join("kmsg-test");
+    std::fs::copy(std::env::current_exe().expect("the test binary"), &copy).expect("copy it");
+    for (path, mode) in [(dir.path(), 0o755), (copy.as_path(), 0o755)] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let out = std::process::Command::new(&copy)
         .args([
             "without_permission_the_follower_says_so_once_and_nothing_more",
             "--exact",

@@ -42,7 +42,26 @@ impl Scene {
     /// `gpuwarden run --run-dir RUN --checkpoints CKPT <extra> -- python3 trainer.py <job>`,
     /// with the trainer recording each start.
     pub fn command(&self, extra: &[&str], job: &[&str]) -> Command {
-        let mut cmd = Command::new(BIN);
+        self.command_with(Path::new(BIN), &trainer(), extra, job)
+    }
+
+    /// Like [`Scene::command`], with the binary and the trainer copied into the scene first, so
+    /// that another user can run them when the checkout lies where only root may enter (a clone
+    /// under `/root`). The scene directory must be opened to that user by the caller.
+    pub fn command_for_another_user(&self, extra: &[&str], job: &[&str]) -> Command {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = self.path("gpuwarden");
+        let script = self.path("trainer.py");
+        std::fs::copy(BIN, &bin).unwrap();
+        std::fs::copy(trainer(), &script).unwrap();
+        for (file, mode) in [(&bin, 0o755), (&script, 0o644)] {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        self.command_with(&bin, &script, extra, job)
+    }
+
+    fn command_with(&self, bin: &Path, trainer: &Path, extra: &[&str], job: &[&str]) -> Command {
+        let mut cmd = Command::new(bin);
         cmd.current_dir(self.dir.path())
             .arg("run")
             .arg("--run-dir")
@@ -52,7 +71,7 @@ impl Scene {
             .args(extra)
             .arg("--")
             .arg("python3")
-            .arg(trainer())
+            .arg(trainer)
             .arg("--record")
             .arg(self.path("record.jsonl"))
             .arg("--ckpt-dir")
