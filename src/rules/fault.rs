@@ -24,6 +24,9 @@ pub enum Stream {
     Kernel,
     /// The output of a GPU tool such as `rocm-smi` or `nvidia-smi`.
     Tool,
+    /// Not a rule stream: the job's exit status itself (a crash signal is evidence of a fault
+    /// whatever the logs said). No rule names it; `ALL` leaves it out.
+    Exit,
 }
 
 impl Stream {
@@ -37,6 +40,7 @@ impl Stream {
             Stream::Stderr => "stderr",
             Stream::Kernel => "kernel",
             Stream::Tool => "tool",
+            Stream::Exit => "exit",
         }
     }
 

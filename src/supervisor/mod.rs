@@ -470,18 +470,7 @@ impl Supervisor {
             return;
         }
         live.seen.insert(fault.rule.clone(), 1);
-        let record = Effect::Journal(Record::Fault {
-            attempt,
-            class: fault.class,
-            rule: fault.rule.clone(),
-            severity: fault.severity,
-            action: fault.action,
-            stream: fault.stream,
-            line: fault.line.clone(),
-            captures: fault.captures.clone(),
-            facility: fault.facility.clone(),
-            attribution: fault.attribution.clone(),
-        });
+        let record = Effect::Journal(fault_record(attempt, &fault));
         if fault.action == Action::Note {
             out.push(record);
             return;
@@ -672,10 +661,28 @@ impl Supervisor {
 
     /// The leader exited and the output is closed (or given up on): decide what comes next.
     fn end_attempt(&mut self, now: Instant, out: &mut Vec<Effect>) {
-        let Phase::Live(live) = std::mem::replace(&mut self.phase, Phase::Idle) else {
+        let Phase::Live(mut live) = std::mem::replace(&mut self.phase, Phase::Idle) else {
             return;
         };
         let status = live.exit;
+        // A crash is a fault whether or not a log line said so: the kernel's `segfault at` line
+        // may be read before or after the exit, and the output is all read by now. Classified
+        // from the exit itself, the outcome does not depend on which thread was faster; a
+        // kernel line that comes later is journaled with this attempt.
+        if live.stop.is_none()
+            && let Some(fault) = status.and_then(crash_fault)
+        {
+            out.push(Effect::Journal(fault_record(live.attempt, &fault)));
+            out.push(Effect::Say(format!(
+                "fault in attempt {}: {} ({}): {}",
+                live.attempt,
+                fault.class,
+                fault.rule,
+                fault.advice.trim()
+            )));
+            live.seen.insert(fault.rule.clone(), 1);
+            live.stop = Some(StopCause::Fault(fault));
+        }
         let ending = match &live.stop {
             Some(StopCause::Fault(f)) => Ending::Fault {
                 class: f.class,
@@ -833,6 +840,53 @@ impl Supervisor {
     }
 }
 
+/// The journal record of a fault acted on in `attempt`.
+fn fault_record(attempt: u32, fault: &Fault) -> Record {
+    Record::Fault {
+        attempt,
+        class: fault.class,
+        rule: fault.rule.clone(),
+        severity: fault.severity,
+        action: fault.action,
+        stream: fault.stream,
+        line: fault.line.clone(),
+        captures: fault.captures.clone(),
+        facility: fault.facility.clone(),
+        attribution: fault.attribution.clone(),
+    }
+}
+
+/// The fault a job's exit status is evidence of: death by SIGSEGV, SIGBUS, SIGILL, SIGFPE or
+/// SIGABRT is a crash (`process_crash`), whatever the logs said or when they were read.
+pub fn crash_fault(status: JobExit) -> Option<Fault> {
+    let JobExit::Signal(signal) = status else {
+        return None;
+    };
+    let (rule, what) = match signal {
+        11 => ("exit-sigsegv", "a segmentation fault"),
+        7 => ("exit-sigbus", "a bus error"),
+        4 => ("exit-sigill", "an illegal instruction"),
+        8 => ("exit-sigfpe", "an arithmetic exception"),
+        6 => ("exit-sigabrt", "an abort"),
+        _ => return None,
+    };
+    let name = crate::job::signal_name(signal);
+    Some(Fault {
+        rule: rule.to_string(),
+        class: FaultClass::ProcessCrash,
+        severity: crate::rules::Severity::Error,
+        action: FaultClass::ProcessCrash.default_action(),
+        stream: Stream::Exit,
+        line: format!("the job's main process was killed by signal {signal} ({name})"),
+        captures: std::collections::BTreeMap::from([("signal".to_string(), signal.to_string())]),
+        advice: format!(
+            "The job crashed with {what} ({name}) and no fault line came before it. A crash inside a GPU library often follows a GPU fault the kernel log tells of; otherwise rerun with `python -X faulthandler` (or under gdb) to see where. gpuwarden restarts, and falls back if it repeats."
+        ),
+        facility: None,
+        attribution: None,
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -963,6 +1017,62 @@ mod tests {
     }
 
     #[test]
+    fn a_crash_signal_is_a_fault_whether_the_kernel_line_comes_first_or_not() {
+        // Twice the same SIGSEGV, once with the kernel's segfault line read before the exit
+        // (`a`), once with nothing read (`b`): the same ladder either way.
+        let segfault = || Fault {
+            rule: "segfault".into(),
+            ..kernel_fault_of(FaultClass::ProcessCrash, Action::Restart)
+        };
+        let ladder_of = |kernel_first: bool| {
+            let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+            r.feed(Event::Start);
+            for attempt in 1..=2 {
+                if kernel_first {
+                    r.feed(Event::Fault {
+                        attempt,
+                        fault: segfault(),
+                    });
+                }
+                r.exit(attempt, JobExit::Signal(11));
+                r.advance(Duration::from_secs(60));
+            }
+            let endings: Vec<String> = r
+                .sup
+                .attempts()
+                .iter()
+                .map(|a| match &a.ending {
+                    Ending::Fault { class, .. } => class.to_string(),
+                    other => other.to_string(),
+                })
+                .collect();
+            (r.spawns(), endings)
+        };
+        let (a, b) = (ladder_of(true), ladder_of(false));
+        assert_eq!(a, b);
+        // Restarted once on the GPU, then (the same crash again) fallen back to the CPU.
+        assert_eq!(a.0, vec![(1, 0), (2, 0), (3, 1)]);
+        assert_eq!(a.1[..2], ["process_crash", "process_crash"]);
+    }
+
+    #[test]
+    fn only_crash_signals_are_crash_faults() {
+        for (sig, rule) in [
+            (11, "exit-sigsegv"),
+            (7, "exit-sigbus"),
+            (6, "exit-sigabrt"),
+        ] {
+            let f = crash_fault(JobExit::Signal(sig)).unwrap();
+            assert_eq!(f.rule, rule);
+            assert_eq!(f.class, FaultClass::ProcessCrash);
+            assert_eq!(f.stream, Stream::Exit);
+        }
+        for status in [JobExit::Signal(15), JobExit::Signal(9), JobExit::Code(139)] {
+            assert!(crash_fault(status).is_none(), "{status}");
+        }
+    }
+
+    #[test]
     fn clean_exit_finishes_without_restart() {
         let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
         r.feed(Event::Start);
@@ -999,6 +1109,13 @@ mod tests {
             }
         ));
         assert_eq!(a[1].ending, Ending::Exit(JobExit::Code(0)));
+    }
+
+    fn kernel_fault_of(class: FaultClass, action: Action) -> Fault {
+        Fault {
+            stream: Stream::Kernel,
+            ..fault(class, action)
+        }
     }
 
     fn kernel_fault() -> Fault {
