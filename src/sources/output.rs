@@ -20,9 +20,14 @@ use nix::poll::{PollFd, PollFlags, poll};
 
 use crate::rules::{Fault, RuleSet, Stream};
 
-/// Bytes of one line kept for matching. Fault messages are far shorter; what is past the cap is
-/// still passed through and logged, just not matched.
+/// Bytes of one line matched at a time. A longer line (progress dots with the fault at their
+/// end) is matched in windows of this size, each starting [`OVERLAP`] bytes before the previous
+/// one ended: every byte of the line is seen, in bounded memory, however long the line.
 pub const MATCH_CAP: usize = 8 * 1024;
+
+/// How much of a window is seen again at the start of the next: a fault message shorter than
+/// this that straddles a window's edge is still seen whole.
+pub const OVERLAP: usize = 1024;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -49,38 +54,59 @@ pub enum OutputEvent {
     LogFailed(io::Error),
 }
 
-/// Splits a byte stream into lines for matching, keeping at most [`MATCH_CAP`] bytes of a line.
-/// A carriage return also ends a line, so a fault printed after a `\r` progress bar is seen.
+/// Splits a byte stream into lines for matching, holding at most [`MATCH_CAP`] bytes: a longer
+/// line is handed on in overlapping windows. A carriage return also ends a line, so a fault
+/// printed after a `\r` progress bar is seen.
+///
+/// `on_line` returns whether it found a fault: a window with one is not seen again in part by
+/// the next (one fault, one report).
 #[derive(Debug, Default)]
 pub struct LineSplitter {
     line: Vec<u8>,
+    /// Bytes of `line` not yet seen by `on_line` (all of it unless a window was handed on).
+    fresh: usize,
 }
 
 impl LineSplitter {
-    /// Feeds a chunk; calls `on_line` with each complete line (without its terminator).
-    pub fn feed(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&[u8])) {
+    /// Feeds a chunk; calls `on_line` with each complete line (without its terminator) and
+    /// each full window of a long one.
+    pub fn feed(&mut self, mut chunk: &[u8], mut on_line: impl FnMut(&[u8]) -> bool) {
         while let Some(i) = memchr::memchr2(b'\n', b'\r', chunk) {
-            self.push(&chunk[..i]);
-            if !self.line.is_empty() {
-                on_line(&self.line);
-            }
-            self.line.clear();
+            self.push(&chunk[..i], &mut on_line);
+            self.end_line(&mut on_line);
             chunk = &chunk[i + 1..];
         }
-        self.push(chunk);
+        self.push(chunk, &mut on_line);
     }
 
     /// The last line when the stream ends without a newline.
-    pub fn finish(&mut self, mut on_line: impl FnMut(&[u8])) {
-        if !self.line.is_empty() {
+    pub fn finish(&mut self, mut on_line: impl FnMut(&[u8]) -> bool) {
+        self.end_line(&mut on_line);
+    }
+
+    fn end_line(&mut self, on_line: &mut impl FnMut(&[u8]) -> bool) {
+        if self.fresh > 0 {
             on_line(&self.line);
         }
         self.line.clear();
+        self.fresh = 0;
     }
 
-    fn push(&mut self, bytes: &[u8]) {
-        let room = MATCH_CAP.saturating_sub(self.line.len());
-        self.line.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    fn push(&mut self, mut bytes: &[u8], on_line: &mut impl FnMut(&[u8]) -> bool) {
+        while !bytes.is_empty() {
+            let take = (MATCH_CAP - self.line.len()).min(bytes.len());
+            self.line.extend_from_slice(&bytes[..take]);
+            self.fresh += take;
+            bytes = &bytes[take..];
+            if self.line.len() == MATCH_CAP {
+                if on_line(&self.line) {
+                    self.line.clear();
+                } else {
+                    self.line.drain(..MATCH_CAP - OVERLAP);
+                }
+                self.fresh = 0;
+            }
+        }
     }
 }
 
@@ -114,10 +140,12 @@ where
             let mut logging = true;
             let classify = |line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
-                if let Some(fault) = rules.classify(stream, &text) {
-                    // The receiver is gone only when the run is over.
-                    let _ = tx.send(wrap(OutputEvent::Fault(fault)));
-                }
+                let Some(fault) = rules.classify(stream, &text) else {
+                    return false;
+                };
+                // The receiver is gone only when the run is over.
+                let _ = tx.send(wrap(OutputEvent::Fault(fault)));
+                true
             };
             let report = |e: OutputEvent| {
                 let _ = tx.send(wrap(e));
@@ -188,9 +216,15 @@ mod tests {
         let mut s = LineSplitter::default();
         let mut out = Vec::new();
         for c in chunks {
-            s.feed(c, |l| out.push(l.to_vec()));
+            s.feed(c, |l| {
+                out.push(l.to_vec());
+                false
+            });
         }
-        s.finish(|l| out.push(l.to_vec()));
+        s.finish(|l| {
+            out.push(l.to_vec());
+            false
+        });
         out
     }
 
@@ -216,11 +250,69 @@ mod tests {
     }
 
     #[test]
-    fn long_lines_are_capped_for_matching_only() {
-        let big = vec![b'x'; MATCH_CAP * 3];
-        let got = lines(&[&big, &big, b"\nnext\n"]);
-        assert_eq!(got.len(), 2);
-        assert_eq!(got[0].len(), MATCH_CAP);
-        assert_eq!(got[1], b"next");
+    fn a_long_line_is_matched_whole_in_overlapping_windows_of_bounded_size() {
+        // Issue 9.3: 9,000 progress dots, then the fault on the same line.
+        let fault = b"Memory access fault by GPU node-1 (Agent handle: 0x1) on address 0x1000.";
+        let mut line = vec![b'.'; 9000];
+        line.extend_from_slice(fault);
+        line.push(b'\n');
+        let got = lines(&[&line, b"next\n"]);
+        assert!(got.iter().all(|l| l.len() <= MATCH_CAP));
+        assert!(
+            got.iter()
+                .any(|l| l.windows(fault.len()).any(|w| w == fault))
+        );
+        assert_eq!(got.last().unwrap(), b"next");
+    }
+
+    #[test]
+    fn a_message_across_a_window_edge_is_seen_whole() {
+        let fault = b"hipErrorInvalidDeviceFunction";
+        for cut in [1, 10, fault.len() - 1] {
+            let mut line = vec![b'.'; MATCH_CAP - cut];
+            line.extend_from_slice(fault);
+            line.extend(vec![b'.'; 3 * MATCH_CAP]);
+            let got = lines(&[&line]);
+            let seen = got
+                .iter()
+                .filter(|l| l.windows(fault.len()).any(|w| w == fault))
+                .count();
+            assert_eq!(seen, 1, "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn a_window_with_a_fault_is_not_seen_again_by_the_next() {
+        let mut s = LineSplitter::default();
+        let mut windows = 0;
+        let mut line = vec![b'x'; MATCH_CAP - 10];
+        line.extend_from_slice(b"FAULT");
+        line.extend(vec![b'x'; MATCH_CAP]);
+        s.feed(&line, |l| {
+            windows += 1;
+            l.windows(5).any(|w| w == b"FAULT")
+        });
+        s.finish(|_| {
+            windows += 1;
+            false
+        });
+        // The first window found it and was dropped whole; what follows never repeats it.
+        assert!(windows >= 2);
+    }
+
+    #[test]
+    fn memory_stays_bounded_for_a_100_mb_line() {
+        let mut s = LineSplitter::default();
+        let chunk = vec![b'.'; 1 << 20];
+        let mut found = false;
+        for _ in 0..100 {
+            s.feed(&chunk, |_| false);
+            assert!(s.line.capacity() <= 2 * MATCH_CAP);
+        }
+        s.feed(b"HSA_STATUS_ERROR_MEMORY_APERTURE_VIOLATION\n", |l| {
+            found |= l.ends_with(b"VIOLATION");
+            found
+        });
+        assert!(found);
     }
 }
