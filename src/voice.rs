@@ -1,11 +1,68 @@
 //! gpuwarden's own voice on the console: one line at a time on stderr, never blocking the
 //! event loop.
 
-use std::io::{self, Write};
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, SyncSender};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
+
+/// Whether the last byte the job wrote through gpuwarden to stdout / stderr left a line open
+/// (a progress bar, a message cut by a crash). gpuwarden's own lines must start at a line
+/// boundary of what the terminal shows, not in the middle of the job's
+/// (`Memory accesgpuwarden: fault in attempt 1`).
+static OPEN_LINE: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
+
+/// Notes what the job's output pump just passed through (`stdout` or stderr), under that
+/// stream's lock.
+pub fn passed(stdout: bool, bytes: &[u8]) {
+    if let Some(&last) = bytes.last() {
+        OPEN_LINE[usize::from(!stdout)].store(last != b'\n', Ordering::Relaxed);
+    }
+}
+
+/// Whether stdout and stderr are the same file (one terminal, `2>&1`): then a line the job left
+/// open on stdout is open on what gpuwarden writes too.
+fn shared_console() -> bool {
+    static SAME: OnceLock<bool> = OnceLock::new();
+    *SAME.get_or_init(|| {
+        let stat = |fd: std::os::fd::BorrowedFd<'_>| nix::sys::stat::fstat(fd).ok();
+        match (stat(io::stdout().as_fd()), stat(io::stderr().as_fd())) {
+            (Some(a), Some(b)) => a.st_dev == b.st_dev && a.st_ino == b.st_ino,
+            _ => false,
+        }
+    })
+}
+
+/// Writes one of gpuwarden's lines on stderr, after a newline if the job left a line open.
+fn write_line(text: &str) {
+    let mut err = io::stderr().lock();
+    let open = OPEN_LINE[1].load(Ordering::Relaxed)
+        || (shared_console() && OPEN_LINE[0].load(Ordering::Relaxed));
+    if open {
+        let _ = err.write_all(b"\n");
+    }
+    let _ = err.write_all(text.as_bytes());
+    if text.ends_with('\n') {
+        OPEN_LINE[1].store(false, Ordering::Relaxed);
+        if shared_console() {
+            OPEN_LINE[0].store(false, Ordering::Relaxed);
+        }
+    }
+}
+
+/// When stderr is not a terminal (nohup, a log file, journald), each line carries the time, so
+/// an overnight log can be read the next morning.
+fn stamp() -> String {
+    static TERMINAL: OnceLock<bool> = OnceLock::new();
+    if *TERMINAL.get_or_init(|| io::stderr().is_terminal()) {
+        String::new()
+    } else {
+        format!("{} ", crate::time::rfc3339(SystemTime::now()))
+    }
+}
 
 /// gpuwarden's own voice: always stderr, so stdout carries only the job's stdout.
 ///
@@ -16,7 +73,7 @@ use std::time::Duration;
 /// journal has the facts). Write errors are ignored: a closed stderr (a dropped ssh session)
 /// must not stop the supervision, where `eprintln!` would panic.
 pub fn say(message: &str) {
-    say_raw(&format!("gpuwarden: {message}\n"));
+    say_raw(&format!("{}gpuwarden: {message}\n", stamp()));
 }
 
 enum Voice {
@@ -32,9 +89,7 @@ pub fn say_raw(text: &str) {
         Some(tx) => {
             let _ = tx.try_send(Voice::Line(text.to_string()));
         }
-        None => {
-            let _ = io::stderr().lock().write_all(text.as_bytes());
-        }
+        None => write_line(text),
     }
 }
 
@@ -44,9 +99,7 @@ pub fn start() {
     let started = thread::Builder::new().name("voice".into()).spawn(move || {
         for msg in rx {
             match msg {
-                Voice::Line(line) => {
-                    let _ = io::stderr().lock().write_all(line.as_bytes());
-                }
+                Voice::Line(line) => write_line(&line),
                 Voice::Flush(done) => {
                     let _ = done.send(());
                 }

@@ -200,10 +200,14 @@ fn pass_through(stream: Stream, bytes: &[u8]) -> io::Result<()> {
     if stream == Stream::Stdout {
         let mut out = io::stdout().lock();
         out.write_all(bytes)?;
+        crate::voice::passed(true, bytes);
         // Stdout is line-buffered; a progress bar without a newline must show now.
         out.flush()
     } else {
-        io::stderr().lock().write_all(bytes)
+        let mut err = io::stderr().lock();
+        err.write_all(bytes)?;
+        crate::voice::passed(false, bytes);
+        Ok(())
     }
 }
 
