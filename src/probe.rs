@@ -802,6 +802,56 @@ fn tier_env(base: &Env, tier: &Tier) -> Env {
     env
 }
 
+/// How long [`inventory`] waits for nvidia-smi (it takes ~20-30 ms a call on a healthy GPU).
+pub const NVIDIA_SMI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The GPUs of this machine: AMD from sysfs under `sysfs_root` (marketing names from amdgpu.ids
+/// under `root`), NVIDIA from nvidia-smi. The notes say where nothing was found.
+///
+/// The one function here that asks a tool: nvidia-smi, through `sources::health`, bounded by
+/// [`NVIDIA_SMI_TIMEOUT`]. Callers gather it once and hand it to [`Probe::gather`].
+pub fn inventory(sysfs_root: &Path, root: &Path) -> (Vec<Gpu>, Vec<String>) {
+    use crate::sources::health::amd_sysfs::{AMDGPU_IDS_PATHS, AmdSysfs};
+    let ids: Vec<PathBuf> = AMDGPU_IDS_PATHS
+        .iter()
+        .map(|p| root.join(Path::new(p).strip_prefix("/").unwrap_or(Path::new(p))))
+        .collect();
+    let mut gpus = AmdSysfs::discover(sysfs_root, &ids).gpus();
+    let mut notes = Vec::new();
+    match crate::sources::health::nvidia_inventory(NVIDIA_SMI_TIMEOUT) {
+        Ok(nvidia) => gpus.extend(nvidia),
+        Err(e) => notes.push(e),
+    }
+    if gpus.is_empty() {
+        notes.push(format!(
+            "looked for AMD GPUs in {} (KFD topology, DRM cards) and for NVIDIA GPUs with nvidia-smi",
+            sysfs_root.display()
+        ));
+    }
+    (gpus, notes)
+}
+
+/// The seed's GPU safeguard, before `gpuwarden run` starts anything: which tier of `plan`'s
+/// ladder the run starts on. The tiers before it are dropped from `plan.ladder`, so the ladder
+/// begins at the start tier; the verdict says which were skipped and why.
+///
+/// `Ok(None)` when the first tier uses no GPU: there is nothing to judge, and `gather` is not
+/// called (in the binary it reads the GPU software under the root and gpuwarden's environment,
+/// see [`Probe::gather`]). On [`NoSafeTier`] the ladder is left as it was and the job must not
+/// be started.
+pub fn preflight(
+    plan: &mut Plan,
+    quirks: &QuirkSet,
+    gather: impl FnOnce() -> Probe,
+) -> Result<Option<Verdict>, NoSafeTier> {
+    if !needed(plan) {
+        return Ok(None);
+    }
+    let verdict = start_tier(plan, &gather(), quirks)?;
+    plan.ladder.drain(..verdict.start);
+    Ok(Some(verdict))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -1419,5 +1469,71 @@ mod tests {
         assert!(json["env"]["CUDA_VISIBLE_DEVICES"].is_null());
         assert_eq!(json["quirks"][0]["applies"], true);
         assert_eq!(json["quirks"][0]["only_for_jobs"], "(?i)eegnex");
+    }
+
+    #[test]
+    fn preflight_drops_the_tiers_before_the_start_tier() {
+        let set = quirks();
+        let mut p = plan(&gpu_cpu(), EEGNEX, false);
+        let v = preflight(&mut p, &set, || {
+            Probe::new(
+                vec![rx6800()],
+                vec![],
+                software(Some("6.2.4")),
+                env(&[]),
+                &set,
+                None,
+            )
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!((v.start, v.decision), (1, Decision::Moved));
+        assert_eq!(v.skipped_tiers, ["gpu"]);
+        let names: Vec<&str> = p.ladder.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["cpu"]);
+    }
+
+    #[test]
+    fn preflight_keeps_the_ladder_of_a_clear_machine() {
+        let set = quirks();
+        let mut p = plan(&gpu_cpu(), EEGNEX, false);
+        let v = preflight(&mut p, &set, || {
+            Probe::new(vec![h100(0)], vec![], software(None), env(&[]), &set, None)
+        })
+        .unwrap()
+        .unwrap();
+        assert_eq!((v.start, v.decision), (0, Decision::Clear));
+        assert_eq!(p.ladder, gpu_cpu());
+    }
+
+    #[test]
+    fn preflight_does_not_probe_a_ladder_that_starts_on_the_cpu() {
+        let set = quirks();
+        let cpu_only = vec![Tier::builtin("cpu").unwrap()];
+        let mut p = plan(&cpu_only, EEGNEX, false);
+        let v = preflight(&mut p, &set, || panic!("the probe was gathered")).unwrap();
+        assert_eq!(v, None);
+        assert_eq!(p.ladder, cpu_only);
+    }
+
+    #[test]
+    fn preflight_without_the_safe_tier_leaves_the_ladder_alone() {
+        let set = quirks();
+        let gpu_only = vec![Tier::builtin("gpu").unwrap()];
+        let mut p = plan(&gpu_only, EEGNEX, false);
+        let e = preflight(&mut p, &set, || {
+            Probe::new(
+                vec![rx6800()],
+                vec![],
+                software(Some("6.2.4")),
+                env(&[]),
+                &set,
+                None,
+            )
+        })
+        .unwrap_err();
+        assert_eq!(e.tier, "cpu");
+        assert_eq!(e.suggested, "gpu,cpu");
+        assert_eq!(p.ladder, gpu_only);
     }
 }

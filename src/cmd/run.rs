@@ -1,0 +1,109 @@
+//! `gpuwarden run`: build the plan, ask the probe where to start, and supervise the job.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use gpuwarden::executor::Watch;
+use gpuwarden::config::{self, Overrides, Plan};
+use gpuwarden::exit;
+use gpuwarden::probe::{self, Probe, Verdict};
+use gpuwarden::quirks::QuirkSet;
+use gpuwarden::rules::RuleSet;
+use gpuwarden::sources::health::HealthConfig;
+use gpuwarden::sources::kernel::KernelSource;
+
+use super::{current_dir, error};
+use crate::cli::RunArgs;
+
+pub fn run(args: RunArgs) -> i32 {
+    let explicit_run_dir = args.run_dir.is_some();
+    let overrides = Overrides {
+        checkpoints: args.checkpoints,
+        ladder: args.ladder,
+        run_dir: args.run_dir,
+        max_restarts: args.max_restarts,
+        grace: args.grace,
+        rule_dirs: args.rules,
+        force_gpu_unsafe: args.force_gpu_unsafe,
+        config: args.config,
+    };
+    let Some(cwd) = current_dir() else {
+        return exit::USAGE;
+    };
+    let stamp = gpuwarden::time::compact(SystemTime::now());
+    let mut plan = match config::plan(args.command, overrides, &cwd, &stamp) {
+        Ok(plan) => plan,
+        Err(e) => {
+            error(e);
+            return exit::USAGE;
+        }
+    };
+    let machine = &args.machine;
+    let (gpus, notes) = probe::inventory(&machine.sysfs_root, &machine.root);
+    let quirks = match QuirkSet::load(&machine.quirks) {
+        Ok(quirks) => quirks,
+        Err(e) => {
+            error(format_args!("{e}\nthe job was not started"));
+            return exit::USAGE;
+        }
+    };
+    let verdict = match probe::preflight(&mut plan, &quirks, || {
+        Probe::gather(gpus.clone(), notes, &machine.root, &quirks, None)
+    }) {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            error(e);
+            return exit::USAGE;
+        }
+    };
+    let kernel = if args.no_kernel_log {
+        None
+    } else if args.kernel_log.is_file() {
+        // A file of /dev/kmsg-format records (a capture, a drill): followed from its end.
+        Some(KernelSource::File {
+            path: args.kernel_log,
+            from_start: false,
+        })
+    } else {
+        Some(KernelSource::Kmsg(args.kernel_log))
+    };
+    let health = (!args.no_health).then(|| HealthConfig {
+        interval: Duration::from_secs_f64(args.health_interval),
+        sysfs_root: args.machine.sysfs_root.clone(),
+        ..HealthConfig::default()
+    });
+    let watch = Watch {
+        kernel,
+        gpus,
+        health,
+        ..Watch::default()
+    };
+    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
+}
+
+/// Loads the rules, checks the command, and runs the plan (for `run` and `demo`).
+pub fn supervise(
+    plan: &Plan,
+    explicit_run_dir: bool,
+    preflight: Option<&Verdict>,
+    watch: Watch,
+) -> i32 {
+    let rules = match RuleSet::load(&plan.rule_dirs) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            error(format_args!("{e}\nthe job was not started"));
+            return exit::USAGE;
+        }
+    };
+    if let Err(e) = gpuwarden::config::check_command(plan) {
+        error(e);
+        return exit::USAGE;
+    }
+    match gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch) {
+        Ok(outcome) => outcome.exit_code(),
+        Err(e) => {
+            error(&e);
+            e.exit_code()
+        }
+    }
+}

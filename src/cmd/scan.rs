@@ -1,0 +1,171 @@
+//! `gpuwarden scan`: find GPU faults in existing logs, or in the kernel's log buffer with
+//! `--kernel`, and answer like grep (0 nothing found, 1 found, 2 error).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use gpuwarden::rules::RuleSet;
+use gpuwarden::sources::kernel::KernelSource;
+
+use super::error;
+use crate::cli::ScanArgs;
+
+/// Exit codes of `scan`, like grep's.
+mod scan_exit {
+    pub const NOTHING: i32 = 0;
+    pub const FOUND: i32 = 1;
+    pub const ERROR: i32 = 2;
+}
+
+pub fn scan(args: ScanArgs) -> i32 {
+    use gpuwarden::rules::Stream;
+    use gpuwarden::scan;
+
+    let stream = match args.stream.as_deref().map(|s| (s, Stream::from_name(s))) {
+        None => None,
+        Some((_, Some(stream))) => Some(stream),
+        Some((name, None)) => {
+            error(format_args!(
+                "unknown stream `{name}`; use one of: stdout, stderr, kernel, tool"
+            ));
+            return scan_exit::ERROR;
+        }
+    };
+    let rules = if args.no_builtin_rules {
+        RuleSet::from_dirs(&args.rules)
+    } else {
+        RuleSet::load(&args.rules)
+    };
+    let rules = match rules {
+        Ok(rules) => rules,
+        Err(e) => {
+            error(e);
+            return scan_exit::ERROR;
+        }
+    };
+    if args.kernel {
+        return scan_kernel(&rules, stream, args.json);
+    }
+    let files: Vec<PathBuf> = if args.files.is_empty() {
+        vec![PathBuf::from("-")]
+    } else {
+        args.files
+    };
+    let many = files.len() > 1;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut found = 0usize;
+    let mut failed = false;
+    for path in &files {
+        let name = path.display().to_string();
+        let input: Box<dyn std::io::Read> = if name == "-" {
+            Box::new(std::io::stdin().lock())
+        } else {
+            match std::fs::File::open(path) {
+                Ok(file) => Box::new(file),
+                Err(e) => {
+                    error(format_args!("{name}: cannot read: {e}"));
+                    failed = true;
+                    continue;
+                }
+            }
+        };
+        let result = scan::scan(&rules, stream, input, |finding| {
+            scan::write_finding(&mut out, args.json, &name, many, finding)
+        });
+        match result {
+            Ok(summary) => {
+                found += summary.findings;
+                if !args.json {
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{name}: {} finding(s) in {} line(s)",
+                        summary.findings,
+                        summary.lines
+                    );
+                }
+            }
+            // `gpuwarden scan log | head`: the reader left after a finding was written to it.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return scan_exit::FOUND,
+            Err(e) => {
+                error(format_args!("{name}: {e}"));
+                failed = true;
+            }
+        }
+    }
+    if let Err(e) = out.flush()
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        error(format_args!("cannot write the findings: {e}"));
+        failed = true;
+    }
+    if failed {
+        scan_exit::ERROR
+    } else if found > 0 {
+        scan_exit::FOUND
+    } else {
+        scan_exit::NOTHING
+    }
+}
+
+/// `scan --kernel`: the records still in the kernel's buffer, as dmesg would print them, through
+/// the kernel-log rules (or `stream`'s).
+fn scan_kernel(rules: &RuleSet, stream: Option<gpuwarden::rules::Stream>, json: bool) -> i32 {
+    use gpuwarden::sources::kernel;
+    let backlog = match kernel::read_all(&KernelSource::kmsg()) {
+        Ok(backlog) => backlog,
+        Err(e) => {
+            error(format_args!("cannot read the kernel log: {e}"));
+            return scan_exit::ERROR;
+        }
+    };
+    if backlog.lost > 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "gpuwarden: {} kernel records were overwritten while the buffer was read",
+            backlog.lost
+        );
+    }
+    let mut text = Vec::new();
+    for record in &backlog.records {
+        let _ = writeln!(
+            text,
+            "[{:>5}.{:06}] {}",
+            record.ts_us / 1_000_000,
+            record.ts_us % 1_000_000,
+            record.text()
+        );
+    }
+    let name = kernel::DEV_KMSG;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let result = gpuwarden::scan::scan(
+        rules,
+        stream.or(Some(gpuwarden::rules::Stream::Kernel)),
+        text.as_slice(),
+        |finding| gpuwarden::scan::write_finding(&mut out, json, name, false, finding),
+    );
+    let _ = out.flush();
+    match result {
+        Ok(summary) => {
+            if !json {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{name}: {} finding(s) in {} record(s)",
+                    summary.findings,
+                    summary.lines
+                );
+            }
+            if summary.findings > 0 {
+                scan_exit::FOUND
+            } else {
+                scan_exit::NOTHING
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => scan_exit::FOUND,
+        Err(e) => {
+            error(e);
+            scan_exit::ERROR
+        }
+    }
+}
