@@ -4,8 +4,8 @@ use std::ffi::OsString;
 use std::io::Write;
 use std::time::{Duration, SystemTime};
 
-use gpuwarden::executor::Watch;
 use gpuwarden::config;
+use gpuwarden::executor::Watch;
 use gpuwarden::exit;
 
 use super::run::supervise;

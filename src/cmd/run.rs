@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use gpuwarden::executor::Watch;
 use gpuwarden::config::{self, Overrides, Plan};
+use gpuwarden::executor::Watch;
 use gpuwarden::exit;
 use gpuwarden::probe::{self, Probe, Verdict};
 use gpuwarden::quirks::QuirkSet;
