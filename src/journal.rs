@@ -165,11 +165,39 @@ struct Line<'a> {
     record: &'a Record,
 }
 
-/// An open journal. Every `write` is durable when it returns.
+/// Records kept in memory at most while the journal cannot be written (a full disk).
+pub const HELD_MAX: usize = 10_000;
+
+/// An open journal. A `write` is durable when it returns [`Written::Durable`].
+///
+/// It degrades instead of failing: when a line cannot be written (a full disk, a quota, an I/O
+/// error) the file is cut back to its last whole line, the record is kept in memory (up to
+/// [`HELD_MAX`]; past that, counted), and the held records are written, in order, with their
+/// own times, as soon as a write succeeds again. A line is whole or absent.
 #[derive(Debug)]
 pub struct Journal {
     file: File,
     path: PathBuf,
+    /// The length of the file up to its last whole line.
+    len: u64,
+    /// Serialized lines not written yet, oldest first.
+    held: std::collections::VecDeque<Vec<u8>>,
+    /// Records dropped because `held` was full.
+    lost: u64,
+}
+
+/// What became of a record.
+#[derive(Debug)]
+#[must_use]
+pub enum Written {
+    /// On disk and fsynced (with every record held before it).
+    Durable,
+    /// Kept in memory because the journal cannot be written; `first` is true for the first
+    /// record of a stretch of failures (say so once), `error` says why.
+    Held { first: bool, error: io::Error },
+    /// The records held in memory were just written after a stretch of failures: `held` were
+    /// written late, `lost` were dropped for lack of memory.
+    Recovered { held: usize, lost: u64 },
 }
 
 impl Journal {
@@ -181,25 +209,86 @@ impl Journal {
             .create_new(true)
             .append(true)
             .open(&path)?;
-        Ok(Journal { file, path })
+        Ok(Journal {
+            file,
+            path,
+            len: 0,
+            held: Default::default(),
+            lost: 0,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
+    /// Records waiting in memory for the disk.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
     /// Appends one record stamped with `at`, then fsyncs: the journal must survive a power cut
-    /// or a kernel panic caused by the very GPU fault it records.
-    pub fn write(&mut self, record: &Record, at: SystemTime) -> io::Result<()> {
+    /// or a kernel panic caused by the very GPU fault it records. The error is for a record
+    /// that cannot be serialized (a bug); trouble with the disk is [`Written::Held`].
+    pub fn write(&mut self, record: &Record, at: SystemTime) -> io::Result<Written> {
         let line = Line {
             at: crate::time::rfc3339(at),
             record,
         };
         let mut bytes = serde_json::to_vec(&line).map_err(io::Error::other)?;
         bytes.push(b'\n');
-        // One write of the whole line: O_APPEND keeps concurrent appenders from interleaving.
-        self.file.write_all(&bytes)?;
-        self.file.sync_data()
+        let first = self.held.is_empty();
+        if self.held.len() < HELD_MAX {
+            self.held.push_back(bytes);
+        } else {
+            self.lost += 1;
+        }
+        Ok(match self.flush() {
+            Ok(0) => Written::Durable,
+            Ok(held) => Written::Recovered {
+                held,
+                lost: std::mem::take(&mut self.lost),
+            },
+            Err(error) => Written::Held { first, error },
+        })
+    }
+
+    /// Tries again to write what is held. `Ok(n)`: `n` late records written (0 when nothing
+    /// was held but the last one).
+    pub fn retry(&mut self) -> Option<Written> {
+        if self.held.is_empty() {
+            return None;
+        }
+        Some(match self.flush() {
+            Ok(held) => Written::Recovered {
+                held: held + 1,
+                lost: std::mem::take(&mut self.lost),
+            },
+            Err(error) => Written::Held {
+                first: false,
+                error,
+            },
+        })
+    }
+
+    /// Writes the held lines in order; returns how many were written before the newest one.
+    fn flush(&mut self) -> io::Result<usize> {
+        let mut written: usize = 0;
+        while let Some(bytes) = self.held.front() {
+            // One write of the whole line: O_APPEND keeps concurrent appenders from
+            // interleaving. A short or failed write is cut back, so no torn line stays.
+            if let Err(e) = self.file.write_all(bytes) {
+                let _ = self.file.set_len(self.len);
+                return Err(e);
+            }
+            self.len += bytes.len() as u64;
+            self.held.pop_front();
+            written += 1;
+        }
+        // The lines are whole in the page cache; a failed fsync cannot be mended by writing
+        // them again (the kernel has dropped its error state by now).
+        let _ = self.file.sync_data();
+        Ok(written.saturating_sub(1))
     }
 }
 
@@ -236,11 +325,70 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_full_disk_holds_records_in_memory_and_writes_them_whole_when_space_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut j = Journal::create(dir.path()).unwrap();
+        let _ = j.write(&Record::Leftovers { attempt: 1 }, std::time::UNIX_EPOCH);
+        let real = std::mem::replace(
+            &mut j.file,
+            OpenOptions::new().write(true).open("/dev/full").unwrap(),
+        );
+        let first = j.write(&Record::Leftovers { attempt: 2 }, std::time::UNIX_EPOCH);
+        assert!(
+            matches!(first, Ok(Written::Held { first: true, ref error }) if error.raw_os_error() == Some(nix::libc::ENOSPC)),
+            "{first:?}"
+        );
+        let second = j.write(&Record::Leftovers { attempt: 3 }, std::time::UNIX_EPOCH);
+        assert!(matches!(second, Ok(Written::Held { first: false, .. })));
+        assert_eq!(j.held(), 2);
+        assert!(matches!(j.retry(), Some(Written::Held { .. })));
+        // Space returns.
+        j.file = real;
+        assert!(matches!(
+            j.retry(),
+            Some(Written::Recovered { held: 2, lost: 0 })
+        ));
+        assert!(j.retry().is_none());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let attempts: Vec<u64> = text
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["attempt"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(attempts, [1, 2, 3]);
+    }
+
+    #[test]
+    fn records_past_the_memory_bound_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(dir.path()).unwrap();
+        let real = std::mem::replace(
+            &mut j.file,
+            OpenOptions::new().write(true).open("/dev/full").unwrap(),
+        );
+        for attempt in 0..(HELD_MAX as u32 + 5) {
+            let _ = j.write(&Record::Leftovers { attempt }, std::time::UNIX_EPOCH);
+        }
+        j.file = real;
+        assert!(matches!(
+            j.retry(),
+            Some(Written::Recovered { held, lost: 5 }) if held == HELD_MAX
+        ));
+    }
+
+    #[test]
     fn lines_are_appended_with_at_and_event() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = Journal::create(dir.path()).unwrap();
-        j.write(&Record::Leftovers { attempt: 1 }, std::time::UNIX_EPOCH)
-            .unwrap();
+        assert!(matches!(
+            j.write(&Record::Leftovers { attempt: 1 }, std::time::UNIX_EPOCH)
+                .unwrap(),
+            Written::Durable
+        ));
         // A second journal in the same directory is refused, not truncated or interleaved.
         let again = Journal::create(dir.path()).unwrap_err();
         assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
@@ -255,6 +403,7 @@ mod tests {
             },
             std::time::UNIX_EPOCH,
         )
+        .map(|_| ())
         .unwrap();
         let text = std::fs::read_to_string(dir.path().join("journal.jsonl")).unwrap();
         let lines: Vec<serde_json::Value> = text

@@ -393,3 +393,71 @@ fn gpuwardens_messages_never_land_mid_line_in_the_jobs_output() {
     }
     assert!(text.contains("Memory acces\n"), "{text}");
 }
+
+/// Issue 9.4: the run directory on a full file system. The healthy job runs to its end, the
+/// journal's records wait in memory and are written, whole, when space returns.
+#[test]
+fn a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job() {
+    let test = "a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job";
+    let scene = Scene::new();
+    // The run directory itself is the small file system.
+    let small = scene.run_dir();
+    std::fs::create_dir(&small).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "gpuwarden-test"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        return skip(test, "cannot mount a small tmpfs (needs root)");
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(small.clone());
+    // Fill it up.
+    let filler = small.join("filler");
+    {
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    let run_dir = small.clone();
+    let config = fast_config(&scene);
+    let machine = bare_machine(&scene);
+    let cmd = scene.command(
+        &flags(&config, &machine, &["--no-kernel-log"]),
+        &["--device", "{device}", "--sleep", "0.1", "--steps", "30"],
+    );
+    let run = Running::start(cmd, &scene);
+    trainer_pid(&scene, 1);
+    wait_for("the warning about the journal", || {
+        std::fs::read_to_string(scene.path("gpuwarden.stderr"))
+            .ok()
+            .filter(|s| s.contains("cannot write the journal"))
+    });
+    std::fs::remove_file(&filler).unwrap();
+    let (status, stderr) = run.finish();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let text = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
+    let journal: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("torn line {l:?}: {e}")))
+        .collect();
+    let events: Vec<&str> = journal
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.first(), Some(&"run_started"), "{events:?}");
+    assert!(events.contains(&"attempt_started"), "{events:?}");
+    assert!(events.contains(&"run_finished"), "{events:?}");
+    assert!(
+        journal.iter().any(|r| r["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("written late"))),
+        "{text}"
+    );
+}

@@ -270,6 +270,15 @@ pub fn run(
             job.state = JobState::Finished(outcome.to_string());
         }
     });
+    if let Some(written) = exec.journal.retry() {
+        exec.journal_written(written);
+    }
+    if exec.journal.held() > 0 {
+        say(&format!(
+            "warning: {} journal records could not be written (the disk is still full); what happened is on the console above",
+            exec.journal.held()
+        ));
+    }
     crate::summary::print(&sup, plan, &outcome, exec.journal.path());
     crate::voice::flush();
     Ok(outcome)
@@ -343,6 +352,9 @@ impl Executor<'_> {
             if now.saturating_duration_since(self.foreign_checked) >= FOREIGN_CHECK {
                 self.foreign_checked = now;
                 self.journal_foreign_repeats(now)?;
+                if let Some(written) = self.journal.retry() {
+                    self.journal_written(written);
+                }
             }
             timeout = timeout.min(FOREIGN_CHECK);
             if timeout.is_zero() {
@@ -547,13 +559,43 @@ impl Executor<'_> {
         }
     }
 
+    /// Appends a record. A journal that cannot be written (a full disk) degrades: the record
+    /// waits in memory and the job goes on; said once when it starts and once when it ends.
     fn journal(&mut self, record: &Record) -> Result<(), RunError> {
-        self.journal
+        let written = self
+            .journal
             .write(record, SystemTime::now())
             .map_err(|source| RunError::Journal {
                 path: self.journal.path().to_path_buf(),
                 source,
-            })
+            })?;
+        self.journal_written(written);
+        Ok(())
+    }
+
+    fn journal_written(&mut self, written: journal::Written) {
+        match written {
+            journal::Written::Durable => {}
+            journal::Written::Held { first: true, error } => say(&format!(
+                "warning: cannot write the journal {} ({error}); keeping its records in memory (up to {}) and writing them when space returns; the job goes on",
+                self.journal.path().display(),
+                journal::HELD_MAX
+            )),
+            journal::Written::Held { .. } => {}
+            journal::Written::Recovered { held, lost } => {
+                let message = if lost == 0 {
+                    format!(
+                        "the journal can be written again: {held} records held in memory were written late"
+                    )
+                } else {
+                    format!(
+                        "the journal can be written again: {held} records held in memory were written late; {lost} more were lost for lack of memory"
+                    )
+                };
+                // Journaled through `warn`, which may find the disk full again: then it waits too.
+                let _ = self.warn(message);
+            }
+        }
     }
 
     fn warn(&mut self, message: String) -> Result<(), RunError> {
