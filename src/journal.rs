@@ -41,13 +41,56 @@ impl From<JobExit> for ExitRecord {
     }
 }
 
-/// Arguments as the journal shows them: UTF-8 where they are, lossy otherwise (the job itself
-/// always receives the exact bytes).
-fn lossy_argv<S: Serializer>(argv: &[OsString], s: S) -> Result<S::Ok, S::Error> {
-    s.collect_seq(
-        argv.iter()
-            .map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned()),
-    )
+/// A path or argument as the journal writes it, losslessly: a JSON string when it is UTF-8
+/// (almost always), else `{"lossy": "ckpt-\u{fffd}.pt", "hex": "636b70742dff2e7074"}`, the
+/// bytes in hex beside a readable form. A file name that is not UTF-8 must not stop a run from
+/// being recorded, nor be recorded as a different name.
+pub struct Lossless<'a>(pub &'a [u8]);
+
+impl Serialize for Lossless<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(self.0) {
+            Ok(text) => s.serialize_str(text),
+            Err(_) => {
+                use serde::ser::SerializeMap;
+                let hex: String = self.0.iter().map(|b| format!("{b:02x}")).collect();
+                let mut map = s.serialize_map(Some(2))?;
+                map.serialize_entry("lossy", &String::from_utf8_lossy(self.0))?;
+                map.serialize_entry("hex", &hex)?;
+                map.end()
+            }
+        }
+    }
+}
+
+/// Reads back what [`Lossless`] wrote.
+pub fn lossless_bytes(value: &serde_json::Value) -> Option<Vec<u8>> {
+    match value {
+        serde_json::Value::String(text) => Some(text.as_bytes().to_vec()),
+        serde_json::Value::Object(map) => {
+            let hex = map.get("hex")?.as_str()?;
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                .collect()
+        }
+        _ => None,
+    }
+}
+
+fn lossless_argv<S: Serializer>(argv: &[OsString], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(argv.iter().map(|a| Lossless(a.as_bytes())))
+}
+
+fn lossless_path<S: Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    Lossless(path.as_os_str().as_bytes()).serialize(s)
+}
+
+fn lossless_opt_path<S: Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(p) => lossless_path(p, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// One line of the journal.
@@ -70,6 +113,7 @@ pub enum Record {
     /// An incomplete checkpoint that would have been newer than the one resumed from.
     CheckpointSkipped {
         attempt: u32,
+        #[serde(serialize_with = "lossless_path")]
         path: PathBuf,
         reason: String,
     },
@@ -77,11 +121,14 @@ pub enum Record {
         attempt: u32,
         tier: String,
         device: String,
+        #[serde(serialize_with = "lossless_opt_path")]
         checkpoint: Option<PathBuf>,
-        #[serde(serialize_with = "lossy_argv")]
+        #[serde(serialize_with = "lossless_argv")]
         argv: Vec<OsString>,
         pid: u32,
+        #[serde(serialize_with = "lossless_path")]
         stdout_log: PathBuf,
+        #[serde(serialize_with = "lossless_path")]
         stderr_log: PathBuf,
     },
     Fault {
@@ -378,6 +425,23 @@ mod tests {
             j.retry(),
             Some(Written::Recovered { held, lost: 5 }) if held == HELD_MAX
         ));
+    }
+
+    #[test]
+    fn paths_that_are_not_utf8_are_journaled_losslessly() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = std::ffi::OsStr::from_bytes(b"/ckpt/step-\xff.pt");
+        let record = Record::CheckpointSkipped {
+            attempt: 1,
+            path: PathBuf::from(name),
+            reason: "torn".into(),
+        };
+        let json = serde_json::to_value(&record).unwrap();
+        assert_eq!(json["path"]["lossy"], "/ckpt/step-\u{fffd}.pt");
+        assert_eq!(lossless_bytes(&json["path"]).unwrap(), name.as_bytes());
+        let plain = serde_json::to_value(Lossless(b"/ckpt/a b.pt")).unwrap();
+        assert_eq!(plain, "/ckpt/a b.pt");
+        assert_eq!(lossless_bytes(&plain).unwrap(), b"/ckpt/a b.pt");
     }
 
     #[test]

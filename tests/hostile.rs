@@ -461,3 +461,66 @@ fn a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job() {
         "{text}"
     );
 }
+
+/// Issue 9.5: a stray checkpoint whose name is not UTF-8, and a run directory whose name is not
+/// UTF-8: the run goes on and the journal records the names byte for byte.
+#[test]
+fn file_names_that_are_not_utf8_are_recorded_and_never_end_the_run() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let scene = Scene::new();
+    let stray = scene
+        .ckpt()
+        .join(OsStr::from_bytes(b"ckpt-step99999-\xff.safetensors"));
+    std::fs::write(&stray, b"torn").unwrap();
+    let run_dir = scene.path("runs").join(OsStr::from_bytes(b"night-\xfe"));
+    let config = fast_config(&scene);
+    let machine = bare_machine(&scene);
+    let mut cmd = Command::new(common::BIN);
+    cmd.current_dir(scene.dir.path())
+        .arg("run")
+        .arg("--run-dir")
+        .arg(&run_dir)
+        .arg("--checkpoints")
+        .arg(scene.ckpt())
+        .args(flags(&config, &machine, &["--no-kernel-log"]))
+        .arg("--")
+        .arg("python3")
+        .arg(common::trainer())
+        .arg("--record")
+        .arg(scene.path("record.jsonl"))
+        .arg("--ckpt-dir")
+        .arg(scene.ckpt())
+        .args([
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--fault",
+            "hip",
+            "--fault-at",
+            "3",
+            "--steps",
+            "4",
+        ])
+        .stdin(Stdio::null());
+    for var in GPU_VARS {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let journal = common::read_jsonl(&run_dir.join("journal.jsonl"));
+    let skipped = records(&journal, "checkpoint_skipped");
+    assert!(!skipped.is_empty(), "{journal:#?}");
+    assert_eq!(
+        gpuwarden::journal::lossless_bytes(&skipped[0]["path"]).unwrap(),
+        stray.as_os_str().as_bytes()
+    );
+    let started = records(&journal, "attempt_started");
+    assert_eq!(
+        gpuwarden::journal::lossless_bytes(&started[0]["stdout_log"]).unwrap(),
+        run_dir.join("attempt-1.stdout.log").as_os_str().as_bytes()
+    );
+    assert_eq!(tiers(&journal), ["gpu", "cpu"]);
+}
