@@ -95,6 +95,20 @@ pub struct Discovery {
 }
 
 /// Why discovery could not look at the checkpoints at all (as opposed to finding none).
+/// What to do about a checkpoint location that cannot be read, by why.
+fn unreadable_hint(e: &io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(nix::libc::ELOOP) => {
+            "it is a loop of symbolic links: point --checkpoints at the real directory"
+        }
+        Some(nix::libc::EACCES | nix::libc::EPERM) => {
+            "check that gpuwarden's user may list it, or pass another --checkpoints"
+        }
+        Some(nix::libc::ENOTDIR) => "a part of the path is not a directory: fix the path",
+        _ => "check the path, or pass another --checkpoints",
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error(
@@ -106,11 +120,7 @@ pub enum CheckpointError {
         #[source]
         source: glob::PatternError,
     },
-    #[error(
-        "cannot read checkpoint location {}; check that gpuwarden's user may list it, or pass \
-         another --checkpoints",
-        path.display()
-    )]
+    #[error("cannot read checkpoint location {} ({source}); {}", path.display(), unreadable_hint(source))]
     Unreadable {
         path: PathBuf,
         #[source]

@@ -134,6 +134,11 @@ pub enum ConfigError {
     EmptyCommand,
 
     #[error(
+        "the run directory is empty (`--run-dir \"\"` or `run_dir = \"\"`); name a directory, or leave it out for gpuwarden-runs/<time>"
+    )]
+    EmptyRunDir,
+
+    #[error(
         "config file {} does not exist; fix the --config path, or leave --config out to use ./{CONFIG_FILE_NAME} when there is one",
         path.display()
     )]
@@ -424,7 +429,14 @@ pub fn plan(
         }
     };
 
-    let run_dir = resolve_run_dir(overrides.run_dir.or(raw.run_dir), cwd, now_utc_stamp);
+    let given_run_dir = overrides.run_dir.or(raw.run_dir);
+    if given_run_dir
+        .as_ref()
+        .is_some_and(|d| d.as_os_str().is_empty())
+    {
+        return Err(ConfigError::EmptyRunDir);
+    }
+    let run_dir = resolve_run_dir(given_run_dir, cwd, now_utc_stamp);
     let checkpoints = match (overrides.checkpoints, raw.checkpoints) {
         (Some(spec), _) => Some((spec, Origin::Flag("--checkpoints"))),
         (None, Some(spec)) => {
@@ -735,11 +747,15 @@ pub fn check_command(plan: &Plan) -> Result<(), String> {
         .and_then(|t| t.set_env.get("PATH").map(OsString::from))
         .or_else(|| std::env::var_os("PATH"));
     let program_path = Path::new(program);
-    if program.to_string_lossy().contains('/') {
-        return if is_executable(program_path) {
-            Ok(())
-        } else {
-            Err(if program_path.is_file() {
+    let found = if program.to_string_lossy().contains('/') {
+        if program_path.is_dir() {
+            return Err(format!(
+                "cannot run `{}`: it is a directory; give the program or script inside it",
+                program_path.display()
+            ));
+        }
+        if !is_executable(program_path) {
+            return Err(if program_path.is_file() {
                 format!(
                     "cannot run `{}`: the file is not executable; `chmod +x` it or run it through its interpreter (`python3 {}`)",
                     program_path.display(),
@@ -747,21 +763,65 @@ pub fn check_command(plan: &Plan) -> Result<(), String> {
                 )
             } else {
                 format!("cannot run `{}`: no such file", program_path.display())
-            })
-        };
-    }
-    let found = path_var
-        .as_ref()
-        .map(|p| std::env::split_paths(p).any(|dir| is_executable(&dir.join(program_path))))
-        .unwrap_or(false);
-    if found {
-        Ok(())
+            });
+        }
+        program_path.to_path_buf()
     } else {
+        let in_path = path_var.as_ref().and_then(|p| {
+            std::env::split_paths(p)
+                .map(|dir| dir.join(program_path))
+                .find(|candidate| is_executable(candidate))
+        });
+        match in_path {
+            Some(found) => found,
+            None => {
+                return Err(format!(
+                    "cannot run `{}`: command not found in PATH; check the spelling or give its full path",
+                    program_path.display()
+                ));
+            }
+        }
+    };
+    check_interpreter(&found, path_var.as_deref())
+}
+
+/// A script whose `#!` line names an interpreter that is not there fails with "No such file or
+/// directory", which names neither: say which interpreter is missing.
+fn check_interpreter(script: &Path, path_var: Option<&std::ffi::OsStr>) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(script)
+        .and_then(|mut f| f.read(&mut head))
+        .unwrap_or(0);
+    let Some(line) = head[..n].strip_prefix(b"#!") else {
+        return Ok(());
+    };
+    let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let Some(interpreter) = words.next() else {
+        return Ok(());
+    };
+    let missing = |what: &str| {
         Err(format!(
-            "cannot run `{}`: command not found in PATH; check the spelling or give its full path",
-            program_path.display()
+            "cannot run `{}`: its `#!` line names {what}, which is not installed (or not executable); install it or fix the first line of the script",
+            script.display()
         ))
+    };
+    if !is_executable(Path::new(interpreter)) {
+        return missing(&format!("the interpreter `{interpreter}`"));
     }
+    // `#!/usr/bin/env NAME`: NAME is looked up in PATH (flags such as `-S` skipped).
+    if Path::new(interpreter).file_name() == Some(std::ffi::OsStr::new("env"))
+        && let Some(name) = words.find(|w| !w.starts_with('-') && !w.contains('='))
+    {
+        let found = path_var
+            .is_some_and(|p| std::env::split_paths(p).any(|dir| is_executable(&dir.join(name))));
+        if !found {
+            return missing(&format!("`{name}` (through env), not found in PATH"));
+        }
+    }
+    Ok(())
 }
 
 fn is_executable(path: &Path) -> bool {

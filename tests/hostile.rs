@@ -524,3 +524,153 @@ fn file_names_that_are_not_utf8_are_recorded_and_never_end_the_run() {
     );
     assert_eq!(tiers(&journal), ["gpu", "cpu"]);
 }
+
+/// `gpuwarden run` with `args`, nothing else, in the scene's directory.
+fn gpuwarden(scene: &Scene, args: &[&str]) -> std::process::Output {
+    Command::new(common::BIN)
+        .current_dir(scene.dir.path())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Issue 9.9: 10,000 torn checkpoints are reported once, summarised, not in every attempt.
+#[test]
+fn ten_thousand_torn_checkpoints_are_a_summary_not_twenty_thousand_lines() {
+    let scene = Scene::new();
+    for i in 0..10_000 {
+        std::fs::write(
+            scene
+                .ckpt()
+                .join(format!("ckpt-step{:05}.safetensors", 90_000 + i)),
+            b"torn",
+        )
+        .unwrap();
+    }
+    let config = fast_config(&scene);
+    let machine = bare_machine(&scene);
+    let out = scene.run(
+        &flags(&config, &machine, &["--no-kernel-log"]),
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--fault",
+            "hip",
+            "--fault-at",
+            "3",
+            "--steps",
+            "4",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.matches("skipping checkpoint").count() <= 5,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("more incomplete checkpoints were skipped"),
+        "{stderr}"
+    );
+    let journal = scene.journal();
+    assert!(records(&journal, "checkpoint_skipped").len() <= 5);
+    let size = std::fs::metadata(scene.run_dir().join("journal.jsonl"))
+        .unwrap()
+        .len();
+    assert!(size < 50_000, "journal of {size} bytes");
+}
+
+/// Issue 9.9: mistakes in the command are usage errors (exit 2) that say what is wrong, and
+/// nothing is started.
+#[test]
+fn a_directory_or_a_script_with_a_missing_interpreter_is_a_usage_error() {
+    let scene = Scene::new();
+    std::fs::create_dir(scene.path("train")).unwrap();
+    let script = scene.path("train.sh");
+    std::fs::write(&script, "#!/usr/bin/python9.99\nprint(1)\n").unwrap();
+    let via_env = scene.path("train-env.py");
+    std::fs::write(&via_env, "#!/usr/bin/env python9.99 -u\nprint(1)\n").unwrap();
+    for file in [&script, &via_env] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let cases = [
+        ("./train", "is a directory"),
+        ("./train.sh", "`/usr/bin/python9.99`"),
+        ("./train-env.py", "`python9.99` (through env)"),
+    ];
+    for (command, says) in cases {
+        let out = gpuwarden(
+            &scene,
+            &["run", "--no-kernel-log", "--no-health", "--", command],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        assert!(stderr.contains(says), "{command}: {stderr}");
+        assert!(
+            !scene.path("gpuwarden-runs").exists(),
+            "{command} left a run directory"
+        );
+    }
+}
+
+/// Issue 9.9: an empty run directory is refused, not turned into `./-2`.
+#[test]
+fn an_empty_run_dir_is_a_usage_error() {
+    let scene = Scene::new();
+    std::fs::write(scene.path("gpuwarden.toml"), "run_dir = \"\"\n").unwrap();
+    let out = gpuwarden(&scene, &["run", "--no-kernel-log", "--", "true"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("run directory is empty"), "{stderr}");
+    assert!(!scene.path("-2").exists());
+}
+
+/// Issue 9.9: a run directory holding another run's logs is refused before the job starts,
+/// not at its first attempt with exit 1 and no `run_finished`.
+#[test]
+fn a_run_dir_with_stale_logs_is_refused_before_the_job_starts() {
+    let scene = Scene::new();
+    std::fs::create_dir(scene.run_dir()).unwrap();
+    std::fs::write(scene.run_dir().join("attempt-1.stdout.log"), "old\n").unwrap();
+    let marker = scene.path("started");
+    let out = scene.run(
+        &["--no-kernel-log", "--no-health"],
+        &["--marker", marker.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("attempt-1.stdout.log"), "{stderr}");
+    assert!(!marker.exists(), "the job was started");
+    assert_eq!(
+        std::fs::read_to_string(scene.run_dir().join("attempt-1.stdout.log")).unwrap(),
+        "old\n"
+    );
+}
+
+/// Issue 9.9: a checkpoint location that is a loop of symbolic links says so.
+#[test]
+fn a_checkpoint_symlink_loop_is_named_as_such() {
+    let scene = Scene::new();
+    let looped = scene.path("looped");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let out = gpuwarden(
+        &scene,
+        &[
+            "run",
+            "--no-kernel-log",
+            "--no-health",
+            "--checkpoints",
+            looped.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("loop of symbolic links"), "{stderr}");
+    assert!(!stderr.contains("may list it"), "{stderr}");
+}

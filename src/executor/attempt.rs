@@ -20,6 +20,12 @@ use crate::sources::output;
 use crate::supervisor::Event;
 use crate::voice::say;
 
+/// Incomplete checkpoints reported one by one in a run; the rest are counted.
+const SKIPS_SHOWN: usize = 5;
+
+/// Incomplete checkpoints remembered as reported (so later attempts do not repeat them).
+const MAX_SKIPS_REMEMBERED: usize = 100_000;
+
 impl Executor<'_> {
     /// Starts an attempt; returns the answer to `Spawn`. Streams whose reader could not be
     /// started are reported closed through `closed`.
@@ -192,7 +198,24 @@ impl Executor<'_> {
             .and_then(|s| s.discover());
         match found {
             Ok(found) => {
-                for skipped in found.skipped {
+                // Each incomplete checkpoint is reported once per run, and only the first few
+                // one by one: a directory of 10,000 torn files is a count, not 10,000 lines in
+                // every attempt.
+                let new: Vec<_> = found
+                    .skipped
+                    .into_iter()
+                    .filter(|s| !self.skips_reported.contains(&s.path))
+                    .collect();
+                let mut unlisted = 0;
+                for skipped in new {
+                    let listed_before = self.skips_reported.len();
+                    if listed_before < MAX_SKIPS_REMEMBERED {
+                        self.skips_reported.insert(skipped.path.clone());
+                    }
+                    if listed_before >= SKIPS_SHOWN {
+                        unlisted += 1;
+                        continue;
+                    }
                     say(&format!(
                         "skipping checkpoint {}: {}",
                         skipped.path.display(),
@@ -203,6 +226,11 @@ impl Executor<'_> {
                         path: skipped.path,
                         reason: skipped.reason,
                     })?;
+                }
+                if unlisted > 0 {
+                    self.warn(format!(
+                        "attempt {attempt}: {unlisted} more incomplete checkpoints were skipped (not listed one by one)"
+                    ))?;
                 }
                 Ok(Ok(found.newest.map(|c| c.path)))
             }

@@ -59,6 +59,11 @@ pub enum RunError {
     )]
     RunDirInUse(PathBuf),
     #[error(
+        "the run directory {} already holds the job's logs of another run ({}); give a new --run-dir (or move the old files away)",
+        .0.display(), .1
+    )]
+    RunDirHasLogs(PathBuf, String),
+    #[error(
         "cannot create the job's log {path}: {source}; check the space and permissions of the run directory"
     )]
     Log { path: PathBuf, source: io::Error },
@@ -77,7 +82,7 @@ impl RunError {
     /// rest are failures of gpuwarden itself.
     pub fn exit_code(&self) -> i32 {
         match self {
-            RunError::RunDirInUse(_) => crate::exit::USAGE,
+            RunError::RunDirInUse(_) | RunError::RunDirHasLogs(..) => crate::exit::USAGE,
             _ => crate::exit::INTERNAL,
         }
     }
@@ -147,6 +152,24 @@ pub fn run(
             source,
         }
     })?;
+    // Logs are never overwritten: a directory that holds another run's would end this run at
+    // its first attempt, after the job was started. Refused now instead.
+    let has_journal = run_dir.join("journal.jsonl").exists();
+    if let Some(stale) = std::fs::read_dir(&run_dir)
+        .ok()
+        .filter(|_| !has_journal)
+        .and_then(|entries| {
+            entries.flatten().map(|e| e.file_name()).find(|name| {
+                let name = name.to_string_lossy();
+                name.starts_with("attempt-") && name.ends_with(".log")
+            })
+        })
+    {
+        return Err(RunError::RunDirHasLogs(
+            run_dir,
+            stale.to_string_lossy().into_owned(),
+        ));
+    }
     let journal = Journal::create(&run_dir).map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             RunError::RunDirInUse(run_dir.clone())
@@ -179,6 +202,7 @@ pub fn run(
         foreign_checked: Instant::now(),
         kernel_dropped: 0,
         kernel_lost: None,
+        skips_reported: HashSet::new(),
         board: watch.board,
     };
     exec.board.update(|s| {
@@ -310,6 +334,8 @@ struct Executor<'a> {
     kernel_lost: Option<u64>,
     /// Foreign kernel fault records dropped so far because the loop fell behind.
     kernel_dropped: u64,
+    /// Incomplete checkpoints already reported.
+    skips_reported: HashSet<PathBuf>,
     board: Board,
 }
 
