@@ -12,7 +12,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::Scene;
+use common::{Scene, skip};
 use gpuwarden::time::rfc3339;
 use serde_json::Value;
 
@@ -25,14 +25,6 @@ const GPU_VARS: [&str; 3] = [
     "HIP_VISIBLE_DEVICES",
     "ROCR_VISIBLE_DEVICES",
 ];
-
-/// Says why a test cannot run here. A skip is loud, and under CI (`CI=true`), where every test
-/// must run, it is a failure.
-fn skip(test: &str, why: &str) {
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(!ci, "{test} cannot run under CI: {why}");
-    eprintln!("SKIPPED {test}: {why}");
-}
 
 /// Tests that write into the real kernel log take turns: each one's records are foreign to the
 /// other's job.

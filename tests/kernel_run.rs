@@ -826,10 +826,10 @@ fn without_permission_for_dev_kmsg_the_run_warns_once_and_goes_on() {
     let restricted =
         std::fs::read_to_string("/proc/sys/kernel/dmesg_restrict").is_ok_and(|v| v.trim() == "1");
     if !is_root() || !restricted {
-        println!(
-            "skipping: needs root (to run gpuwarden as nobody) and kernel.dmesg_restrict = 1 (so that nobody cannot read /dev/kmsg)"
+        return common::skip(
+            "without_permission_for_dev_kmsg_the_run_warns_once_and_goes_on",
+            "needs root (to run gpuwarden as nobody) and kernel.dmesg_restrict = 1 (so that nobody cannot read /dev/kmsg)",
         );
-        return;
     }
     let scene = Scene::new();
     for dir in [scene.dir.path().to_path_buf(), scene.ckpt()] {
@@ -902,8 +902,11 @@ fn kmsg_usable(test: &str) -> bool {
     match (write_kmsg(&probe), readable) {
         (Ok(()), Ok(_)) => true,
         (Err(e), _) | (_, Err(e)) => {
-            println!(
-                "skipping {test}: /dev/kmsg is not writable and readable here ({e}); run as root to check it"
+            common::skip(
+                test,
+                &format!(
+                    "/dev/kmsg is not writable and readable here ({e}); run as root to check it"
+                ),
             );
             false
         }

@@ -8,6 +8,8 @@
 //! skew the latency measurement). Records they write use level 6 (info) or 4 (warning) with
 //! the user facility, so none of them reaches the console.
 
+mod common;
+
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
@@ -16,6 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::skip;
 use gpuwarden::sources::kernel::{
     self, FollowConfig, Follower, KernelEvent, KernelSource, read_all,
 };
@@ -44,8 +47,11 @@ fn kmsg_usable(test: &str) -> bool {
     match (write_kmsg(probe.as_bytes()), readable) {
         (Ok(()), Ok(_)) => true,
         (Err(e), _) | (_, Err(e)) => {
-            println!(
-                "skipping {test}: /dev/kmsg is not writable and readable here ({e}); run as root to check it"
+            skip(
+                test,
+                &format!(
+                    "/dev/kmsg is not writable and readable here ({e}); run as root to check it"
+                ),
             );
             false
         }
@@ -443,12 +449,16 @@ fn without_permission_the_follower_says_so_once_and_nothing_more() {
         return;
     }
     if std::env::var_os(UNPRIVILEGED).is_some() {
-        println!("skipping: /dev/kmsg is readable even without privileges here");
-        return;
+        return skip(
+            "without_permission_the_follower_says_so_once_and_nothing_more",
+            "/dev/kmsg is readable even without privileges here (kernel.dmesg_restrict = 0)",
+        );
     }
     if !is_root() {
-        println!("skipping: /dev/kmsg is readable here and only root can drop to `nobody`");
-        return;
+        return skip(
+            "without_permission_the_follower_says_so_once_and_nothing_more",
+            "/dev/kmsg is readable here and only root can drop to `nobody`",
+        );
     }
     // Run this very test again as `nobody`, where the kernel refuses the read. From a copy: the
     // checkout may lie where nobody cannot enter (a clone under /root).
@@ -479,12 +489,11 @@ fn without_permission_the_follower_says_so_once_and_nothing_more() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("1 passed"), "{text}");
-    if text.contains("skipping") {
-        println!(
-            "as nobody: {}",
-            text.lines().find(|l| l.contains("skipping")).unwrap_or("")
-        );
-    }
+    let all = format!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !all.contains("SKIPPED"),
+        "the run as nobody checked nothing: {all}"
+    );
 }
 
 /// Whether this process runs as root (`/proc/self` belongs to the effective user).
