@@ -56,10 +56,11 @@ use std::path::PathBuf;
 use regex::Regex;
 use serde::{Deserialize, Serialize, Serializer};
 use toml::Spanned;
-use toml::de::DeTable;
 
 use crate::gpu::{Gpu, Vendor};
-use crate::rules::Origin;
+use crate::rules::toml_file::{
+    self, FileError, Format, Location, Noun, Origin, TomlFile, regex_problem,
+};
 
 /// The built-in quirk file, embedded at build time.
 pub const BUILTIN: (&str, &str) = ("rules/quirks.toml", include_str!("../rules/quirks.toml"));
@@ -491,7 +492,7 @@ impl QuirkSet {
         for (i, q) in quirks.iter().enumerate() {
             if let Some(first) = quirks[..i].iter().find(|f| f.id == q.id) {
                 return Err(QuirkError::DuplicateId {
-                    at: At::new(&q.origin.file, q.origin.line, Some(&q.id)),
+                    at: FORMAT.at(&q.origin, Some(&q.id)),
                     first: first.origin.clone(),
                 });
             }
@@ -509,34 +510,6 @@ impl QuirkSet {
     }
 }
 
-/// Where in a quirk file a problem is: file, 1-based line, and the quirk's id when known.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct At {
-    pub file: String,
-    pub line: usize,
-    pub quirk: Option<String>,
-}
-
-impl At {
-    fn new(file: &str, line: usize, quirk: Option<&str>) -> At {
-        At {
-            file: file.to_string(),
-            line,
-            quirk: quirk.map(str::to_string),
-        }
-    }
-}
-
-impl fmt::Display for At {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file, self.line)?;
-        if let Some(q) = &self.quirk {
-            write!(f, ": quirk `{q}`")?;
-        }
-        Ok(())
-    }
-}
-
 /// A quirk file that cannot be used. Like a broken rule file, it stops gpuwarden before a job
 /// starts: running with a quirk silently missing would walk into the very crash it describes.
 #[derive(Debug, thiserror::Error)]
@@ -548,45 +521,35 @@ pub enum QuirkError {
         source: std::io::Error,
     },
 
-    #[error("{at}: not valid TOML: {message}; fix the syntax on that line")]
-    Syntax { at: At, message: String },
-
-    #[error(
-        "{at}: {message}; a [[quirk]] has id, summary, vendor, gfx_targets and/or names, advice \
-         and examples, optionally rocm, if_rocm_unknown, job and tier (see rules/quirks.toml)"
-    )]
-    Malformed { at: At, message: String },
-
-    #[error("{at}: unknown top-level key `{key}`; a quirk file holds only `[[quirk]]` tables")]
-    UnknownTopLevel { at: At, key: String },
-
-    #[error("{at}: invalid id `{id}`; use only lowercase letters, digits and `-`")]
-    BadId { at: At, id: String },
+    /// A problem any rule or quirk file can have: syntax, unknown keys, missing fields, wrong
+    /// types, a bad id, an empty `summary` or `advice`.
+    #[error(transparent)]
+    File(#[from] FileError),
 
     #[error(
         "{at}: duplicate quirk id, already defined at {first}; rename one of them (ids are \
          unique across all quirk files, the built-in one included)"
     )]
-    DuplicateId { at: At, first: Origin },
+    DuplicateId { at: Location, first: Origin },
 
     #[error(
         "{at}: neither `gfx_targets` nor `names` is given, so the quirk would hold for every GPU \
          of its vendor; say which GPUs it is about"
     )]
-    NoDevices { at: At },
+    NoDevices { at: Location },
 
     #[error(
         "{at}: invalid gfx target pattern `{pattern}`: {message}; write e.g. \"gfx1030\" or \"gfx10*\""
     )]
     BadGfxPattern {
-        at: At,
+        at: Location,
         pattern: String,
         message: String,
     },
 
     #[error("{at}: invalid regex in `{field}`: {message}; fix the regex")]
     BadRegex {
-        at: At,
+        at: Location,
         field: &'static str,
         message: String,
     },
@@ -595,7 +558,7 @@ pub enum QuirkError {
         "{at}: invalid `rocm` requirement `{value}`: {message}; write e.g. \">=6.2\" or \">=6.2, <7\""
     )]
     BadRocm {
-        at: At,
+        at: Location,
         value: String,
         message: String,
     },
@@ -603,25 +566,22 @@ pub enum QuirkError {
     #[error(
         "{at}: `rocm` is set on a quirk about NVIDIA GPUs, which never run ROCm; remove it or set vendor = \"amd\""
     )]
-    RocmOnNvidia { at: At },
+    RocmOnNvidia { at: Location },
 
     #[error(
         "{at}: tier name `{tier}` cannot be a tier; use only letters, digits, `-`, `_` and `.`"
     )]
-    BadTier { at: At, tier: String },
-
-    #[error("{at}: `{field}` is empty; write a sentence a person can act on")]
-    Empty { at: At, field: &'static str },
+    BadTier { at: Location, tier: String },
 
     #[error(
         "{at}: no examples; add at least one situation the quirk must apply to, so the file \
          shows (and the loader checks) what it means"
     )]
-    NoExamples { at: At },
+    NoExamples { at: Location },
 
     #[error("{at}: {kind} is not a valid situation: {message}")]
     BadExample {
-        at: At,
+        at: Location,
         kind: &'static str,
         message: String,
     },
@@ -631,7 +591,7 @@ pub enum QuirkError {
         if *kind == "example" { "does not apply" } else { "applies" }
     )]
     ExampleDisagrees {
-        at: At,
+        at: Location,
         kind: &'static str,
         reason: String,
     },
@@ -639,21 +599,17 @@ pub enum QuirkError {
 
 impl QuirkError {
     /// Where in a quirk file the problem is; `None` for a file that cannot be read.
-    pub fn at(&self) -> Option<&At> {
+    pub fn location(&self) -> Option<&Location> {
         match self {
             QuirkError::Read { .. } => None,
-            QuirkError::Syntax { at, .. }
-            | QuirkError::Malformed { at, .. }
-            | QuirkError::UnknownTopLevel { at, .. }
-            | QuirkError::BadId { at, .. }
-            | QuirkError::DuplicateId { at, .. }
+            QuirkError::File(err) => Some(err.location()),
+            QuirkError::DuplicateId { at, .. }
             | QuirkError::NoDevices { at }
             | QuirkError::BadGfxPattern { at, .. }
             | QuirkError::BadRegex { at, .. }
             | QuirkError::BadRocm { at, .. }
             | QuirkError::RocmOnNvidia { at }
             | QuirkError::BadTier { at, .. }
-            | QuirkError::Empty { at, .. }
             | QuirkError::NoExamples { at }
             | QuirkError::BadExample { at, .. }
             | QuirkError::ExampleDisagrees { at, .. } => Some(at),
@@ -720,97 +676,41 @@ struct RawExample {
     job: Option<String>,
 }
 
-/// Turns byte offsets of one file into 1-based line numbers.
-struct Lines<'a> {
-    file: &'a str,
-    text: &'a str,
-}
-
-impl Lines<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        crate::rules::line_number(self.text, offset)
-    }
-
-    fn at(&self, offset: usize, quirk: Option<&str>) -> At {
-        At::new(self.file, self.line_of(offset), quirk)
-    }
-}
+/// The quirk file format: `[[quirk]]` tables only. Their fields, and those of the examples
+/// inside them, are checked by the typed pass (`deny_unknown_fields`).
+const FORMAT: Format = Format {
+    noun: Noun::Quirk,
+    tables: &[("quirk", None)],
+    holds: "a quirk file holds only `[[quirk]]` tables",
+    needs: "a [[quirk]] has id, summary, vendor, gfx_targets and/or names, advice and examples, \
+            optionally rocm, if_rocm_unknown, job and tier (see rules/quirks.toml)",
+};
 
 /// Parses and validates the quirk file `text`; `file` names it in origins and errors. The
 /// examples are judged too: a file whose examples disagree with its quirks is an error.
 pub fn parse(file: &str, text: &str) -> Result<Vec<Quirk>, QuirkError> {
-    let lines = Lines { file, text };
-    // First pass: plain TOML with spans, to catch syntax errors and to know where each quirk
-    // starts and what its id is, so a type error of the second pass can name the quirk.
-    let doc = DeTable::parse(text).map_err(|err| QuirkError::Syntax {
-        at: lines.at(err.span().map_or(0, |s| s.start), None),
-        message: err.message().to_string(),
-    })?;
-    let mut starts = Vec::new();
-    for (key, value) in doc.get_ref() {
-        if key.get_ref() != "quirk" {
-            return Err(QuirkError::UnknownTopLevel {
-                at: lines.at(key.span().start, None),
-                key: key.get_ref().to_string(),
-            });
-        }
-        for element in value
-            .get_ref()
-            .as_array()
-            .into_iter()
-            .flat_map(|a| a.iter())
-        {
-            let id = element
-                .get_ref()
-                .as_table()
-                .and_then(|t| t.get("id"))
-                .and_then(|v| v.get_ref().as_str())
-                .map(str::to_string);
-            starts.push((element.span().start, id));
-        }
-    }
-    starts.sort_by_key(|(start, _)| *start);
-
-    let raw: RawFile = toml::from_str(text).map_err(|err| {
-        let offset = err.span().map_or(0, |s| s.start);
-        let quirk = crate::rules::table_at(&starts, offset);
-        QuirkError::Malformed {
-            at: lines.at(offset, quirk),
-            message: err.message().trim_end().to_string(),
-        }
-    })?;
+    let file = TomlFile {
+        name: file,
+        text,
+        format: &FORMAT,
+    };
+    let raw: RawFile = file.load()?;
     raw.quirk
         .into_iter()
-        .map(|raw| validate(&lines, raw))
+        .map(|raw| validate(&file, raw))
         .collect()
 }
 
 /// Checks one raw quirk, compiles it, and judges its examples.
-fn validate(lines: &Lines<'_>, raw: Spanned<RawQuirk>) -> Result<Quirk, QuirkError> {
+fn validate(file: &TomlFile<'_>, raw: Spanned<RawQuirk>) -> Result<Quirk, QuirkError> {
     let header = raw.span().start;
     let raw = raw.into_inner();
-    let id = raw.id.get_ref().as_str();
-    if id.is_empty()
-        || !id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(QuirkError::BadId {
-            at: lines.at(raw.id.span().start, None),
-            id: id.to_string(),
-        });
-    }
-    let at = |offset: usize| lines.at(offset, Some(id));
+    let id = file.id(&raw.id)?;
+    let at = |offset: usize| file.at(offset, Some(id));
     let vendor = Vendor::from(raw.vendor);
 
-    for (field, value) in [("summary", &raw.summary), ("advice", &raw.advice)] {
-        if value.get_ref().trim().is_empty() {
-            return Err(QuirkError::Empty {
-                at: at(value.span().start),
-                field,
-            });
-        }
-    }
+    file.not_blank("summary", &raw.summary, id)?;
+    file.not_blank("advice", &raw.advice, id)?;
     if raw.gfx_targets.is_empty() && raw.names.is_empty() {
         return Err(QuirkError::NoDevices { at: at(header) });
     }
@@ -892,21 +792,11 @@ fn validate(lines: &Lines<'_>, raw: Spanned<RawQuirk>) -> Result<Quirk, QuirkErr
         job,
         tier,
         advice: raw.advice.into_inner(),
-        origin: Origin {
-            file: lines.file.to_string(),
-            line: lines.line_of(header),
-        },
+        origin: file.origin(header),
     };
 
-    let examples = match raw.examples {
-        Some(examples) if !examples.get_ref().is_empty() => examples.into_inner(),
-        Some(examples) => {
-            return Err(QuirkError::NoExamples {
-                at: at(examples.span().start),
-            });
-        }
-        None => return Err(QuirkError::NoExamples { at: at(header) }),
-    };
+    let examples = toml_file::required(raw.examples, header)
+        .map_err(|offset| QuirkError::NoExamples { at: at(offset) })?;
     let cases = examples.iter().map(|e| ("example", true, e)).chain(
         raw.counterexamples
             .iter()
@@ -957,18 +847,6 @@ fn judge_example(quirk: &Quirk, example: &RawExample) -> Result<Judgement, Strin
         rocm: rocm.as_ref(),
         job: example.job.as_deref(),
     }))
-}
-
-/// The short reason from a regex error (the crate's syntax errors span several lines).
-fn regex_problem(err: &regex::Error) -> String {
-    match err {
-        regex::Error::Syntax(text) => text
-            .rsplit_once("error: ")
-            .map_or(text.as_str(), |(_, reason)| reason)
-            .trim()
-            .to_string(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -1271,7 +1149,7 @@ counterexamples = [{ gfx = "gfx1030", rocm = "6.1", job = "python eegnex.py" }]
         assert_eq!(QuirkSet::load(&[mine]).unwrap().quirks().len(), 3);
         let missing = dir.path().join("nope.toml");
         let err = QuirkSet::load(&[missing]).unwrap_err();
-        assert!(err.at().is_none());
+        assert!(err.location().is_none());
         assert!(err.to_string().contains("nope.toml: cannot read quirks"));
     }
 }

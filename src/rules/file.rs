@@ -3,17 +3,16 @@
 //!
 //! Loading happens in two stages, like ripgrep's low-level and high-level arguments: `RawRule` is
 //! exactly what the file says (strings with their byte spans), and `validate` turns it into a
-//! `Rule` with a compiled regex and checked names. This file knows nothing about other files:
-//! duplicate ids across files, and matching, are `RuleSet`'s business in `mod.rs`.
+//! `Rule` with a compiled regex and checked names. Reading the TOML itself (syntax, unknown keys,
+//! types, lines) is `toml_file`'s, shared with the quirks file. This file knows nothing about
+//! other files: duplicate ids across files, and matching, are `RuleSet`'s business in `mod.rs`.
 
 use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 use toml::Spanned;
-use toml::de::DeTable;
 
-use super::{
-    Action, Context, FaultClass, Joins, Loaded, Location, Origin, Rule, RuleError, Severity, Stream,
-};
+use super::toml_file::{self, Format, Location, Noun, TomlFile, regex_problem};
+use super::{Action, Context, FaultClass, Joins, Loaded, Rule, RuleError, Severity, Stream};
 
 /// The fields a `[[rule]]` table may have, in the order the format documents them.
 pub(super) const FIELDS: [&str; 9] = [
@@ -38,6 +37,17 @@ pub(super) const CONTEXT_FIELDS: [&str; 7] = [
     "examples",
     "counterexamples",
 ];
+
+/// The rule file format: `[[rule]]` and `[[context]]` tables, both with their fields checked
+/// before the typed pass so that a misspelt field is named with the fields there are.
+pub(super) const FORMAT: Format = Format {
+    noun: Noun::Rule,
+    tables: &[("rule", Some(&FIELDS)), ("context", Some(&CONTEXT_FIELDS))],
+    holds: "a rule file holds only `[[rule]]` and `[[context]]` tables",
+    needs: "every `[[rule]]` needs id, class, streams, regex, severity, advice and examples (a \
+            `[[context]]`: id, streams, regex, joins and examples), with strings quoted and \
+            streams and examples as lists",
+};
 
 /// The capture group names a regex may use. The supervisor reads these to attribute a fault to a
 /// process (`pid`, `process`) or a device (`pci`, `node`, `xid`, `address`); any other name is
@@ -90,144 +100,25 @@ struct RawRule {
     counterexamples: Vec<String>,
 }
 
-/// The 1-based line of byte `offset` of `text` (TOML spans are byte offsets). Rule files and
-/// the quirks file both name lines in their errors this way.
-pub(crate) fn line_number(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
-}
-
-/// The id of the table that holds byte `offset`, given where each table starts (sorted) and its
-/// id: a type error of the typed pass is reported with the rule or quirk it is in.
-pub(crate) fn table_at(starts: &[(usize, Option<String>)], offset: usize) -> Option<&str> {
-    starts
-        .iter()
-        .rev()
-        .find(|(start, _)| *start <= offset)
-        .and_then(|(_, id)| id.as_deref())
-}
-
-/// Turns byte offsets into 1-based line numbers for one file.
-struct Lines<'a> {
-    file: &'a str,
-    text: &'a str,
-}
-
-impl Lines<'_> {
-    fn line_of(&self, offset: usize) -> usize {
-        line_number(self.text, offset)
-    }
-
-    fn at(&self, offset: usize, rule: Option<&str>) -> Location {
-        Location {
-            file: self.file.to_string(),
-            line: self.line_of(offset),
-            rule: rule.map(str::to_string),
-        }
-    }
-}
-
 /// Parses and validates the rule file `text`; `file` is the name used in origins and errors.
 pub(super) fn parse(file: &str, text: &str) -> Result<Loaded, RuleError> {
-    let lines = Lines { file, text };
-    // First pass: plain TOML with spans. It catches syntax errors and unknown keys, and records
-    // where each rule starts and what its id is, so that a later type error can name the rule.
-    let doc = DeTable::parse(text).map_err(|err| RuleError::Syntax {
-        at: lines.at(err.span().map_or(0, |s| s.start), None),
-        message: err.message().to_string(),
-    })?;
-    let starts = check_keys(&lines, doc.get_ref())?;
-
-    // Second pass: the typed structure. deny_unknown_fields is already guaranteed by check_keys;
-    // what remains are missing fields and values of the wrong type.
-    let raw: RawFile = toml::from_str(text).map_err(|err| {
-        let offset = err.span().map_or(0, |s| s.start);
-        let rule = table_at(&starts, offset);
-        RuleError::Malformed {
-            at: lines.at(offset, rule),
-            message: err.message().to_string(),
-        }
-    })?;
-
+    let file = TomlFile {
+        name: file,
+        text,
+        format: &FORMAT,
+    };
+    let raw: RawFile = file.load()?;
     let rules = raw
         .rule
         .into_iter()
-        .map(|raw| validate(&lines, raw))
+        .map(|raw| validate(&file, raw))
         .collect::<Result<Vec<_>, _>>()?;
     let contexts = raw
         .context
         .into_iter()
-        .map(|raw| validate_context(&lines, raw))
+        .map(|raw| validate_context(&file, raw))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Loaded { rules, contexts })
-}
-
-/// Rejects keys that are not part of the format, and returns the start offset and id (when it is
-/// a string) of every `[[rule]]` and `[[context]]` table.
-fn check_keys(
-    lines: &Lines<'_>,
-    doc: &DeTable<'_>,
-) -> Result<Vec<(usize, Option<String>)>, RuleError> {
-    let mut starts = Vec::new();
-    for (key, value) in doc {
-        let fields: &[&str] = match key.get_ref().as_ref() {
-            "rule" => &FIELDS,
-            "context" => &CONTEXT_FIELDS,
-            _ => {
-                return Err(RuleError::UnknownTopLevel {
-                    at: lines.at(key.span().start, None),
-                    key: key.get_ref().to_string(),
-                });
-            }
-        };
-        // A `rule` that is not an array of tables is left to the typed pass, which says what it
-        // expected.
-        let Some(array) = value.get_ref().as_array() else {
-            continue;
-        };
-        for element in array.iter() {
-            let Some(table) = element.get_ref().as_table() else {
-                continue;
-            };
-            let id = table
-                .get("id")
-                .and_then(|v| v.get_ref().as_str())
-                .map(str::to_string);
-            if let Some((field, _)) = table
-                .iter()
-                .find(|(k, _)| !fields.contains(&k.get_ref().as_ref()))
-            {
-                return Err(RuleError::UnknownField {
-                    at: lines.at(field.span().start, id.as_deref()),
-                    field: field.get_ref().to_string(),
-                    allowed: fields.join(", "),
-                });
-            }
-            starts.push((element.span().start, id));
-        }
-    }
-    starts.sort_by_key(|(start, _)| *start);
-    Ok(starts)
-}
-
-/// Checks an id: lowercase letters, digits and `-`.
-fn check_id<'a>(lines: &Lines<'_>, id: &'a Spanned<String>) -> Result<&'a str, RuleError> {
-    let text = id.get_ref().as_str();
-    if text.is_empty()
-        || !text
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return Err(RuleError::BadId {
-            at: lines.at(id.span().start, None),
-            id: text.to_string(),
-        });
-    }
-    Ok(text)
 }
 
 /// The streams of a rule or context: known names, at least one, no repeats.
@@ -258,21 +149,15 @@ fn examples(
     header: usize,
     at: &impl Fn(usize) -> Location,
 ) -> Result<Vec<String>, RuleError> {
-    match raw {
-        Some(examples) if !examples.get_ref().is_empty() => Ok(examples.into_inner()),
-        Some(examples) => Err(RuleError::NoExamples {
-            at: at(examples.span().start),
-        }),
-        None => Err(RuleError::NoExamples { at: at(header) }),
-    }
+    toml_file::required(raw, header).map_err(|offset| RuleError::NoExamples { at: at(offset) })
 }
 
 /// Checks one raw `[[context]]` and compiles its regex.
-fn validate_context(lines: &Lines<'_>, raw: Spanned<RawContext>) -> Result<Context, RuleError> {
+fn validate_context(file: &TomlFile<'_>, raw: Spanned<RawContext>) -> Result<Context, RuleError> {
     let header = raw.span().start;
     let raw = raw.into_inner();
-    let id = check_id(lines, &raw.id)?;
-    let at = |offset: usize| lines.at(offset, Some(id));
+    let id = file.id(&raw.id)?;
+    let at = |offset: usize| file.at(offset, Some(id));
     let joins = named(&raw.joins, "joins", Joins::from_name, &at, || {
         Joins::ALL.map(Joins::as_str).join(", ")
     })?;
@@ -292,10 +177,7 @@ fn validate_context(lines: &Lines<'_>, raw: Spanned<RawContext>) -> Result<Conte
         streams,
         joins,
         classes,
-        origin: Origin {
-            file: lines.file.to_string(),
-            line: lines.line_of(header),
-        },
+        origin: file.origin(header),
         pattern: raw.regex.into_inner(),
         regex,
         examples: examples(raw.examples, header, &at)?,
@@ -304,11 +186,11 @@ fn validate_context(lines: &Lines<'_>, raw: Spanned<RawContext>) -> Result<Conte
 }
 
 /// Checks one raw rule and compiles its regex.
-fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError> {
+fn validate(file: &TomlFile<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError> {
     let header = raw.span().start;
     let raw = raw.into_inner();
-    let id = check_id(lines, &raw.id)?;
-    let at = |offset: usize| lines.at(offset, Some(id));
+    let id = file.id(&raw.id)?;
+    let at = |offset: usize| file.at(offset, Some(id));
 
     let class = named(&raw.class, "class", FaultClass::from_name, &at, || {
         FaultClass::ALL.map(FaultClass::as_str).join(", ")
@@ -328,11 +210,7 @@ fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError>
     let regex = compile(&raw.regex, &at)?;
     let pattern = raw.regex.into_inner();
 
-    if raw.advice.get_ref().trim().is_empty() {
-        return Err(RuleError::EmptyAdvice {
-            at: at(raw.advice.span().start),
-        });
-    }
+    file.not_blank("advice", &raw.advice, id)?;
 
     let examples = examples(raw.examples, header, &at)?;
 
@@ -343,10 +221,7 @@ fn validate(lines: &Lines<'_>, raw: Spanned<RawRule>) -> Result<Rule, RuleError>
         action,
         streams,
         advice: raw.advice.into_inner(),
-        origin: Origin {
-            file: lines.file.to_string(),
-            line: lines.line_of(header),
-        },
+        origin: file.origin(header),
         pattern,
         regex,
         examples,
@@ -404,17 +279,4 @@ fn compile(pattern: &Spanned<String>, at: &impl Fn(usize) -> Location) -> Result
         return Err(RuleError::MatchesEmpty { at: at(offset) });
     }
     Ok(regex)
-}
-
-/// The short reason from a regex error. The regex crate's syntax errors span several lines (the
-/// pattern, a caret, then `error: REASON`); only the reason fits on one line after `FILE:LINE:`.
-fn regex_problem(err: &regex::Error) -> String {
-    match err {
-        regex::Error::Syntax(text) => text
-            .rsplit_once("error: ")
-            .map_or(text.as_str(), |(_, reason)| reason)
-            .trim()
-            .to_string(),
-        other => other.to_string(),
-    }
 }

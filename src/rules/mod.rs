@@ -40,6 +40,7 @@ mod fault;
 mod file;
 pub mod group;
 pub mod prefix;
+pub mod toml_file;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -55,9 +56,9 @@ use regex_syntax::hir::{
 };
 use serde::Serialize;
 
-pub use error::{Location, Origin, RuleError};
+pub use error::RuleError;
 pub use fault::{Action, Fault, FaultClass, Severity, Stream};
-pub(crate) use file::{line_number, table_at};
+pub use toml_file::{Location, Origin};
 
 /// The built-in rule files, in the order their rules rank on ties. A test checks that every
 /// `rules/*.toml` is listed here, so a new file cannot be forgotten.
@@ -739,11 +740,7 @@ fn unique_ids(loaded: &Loaded) -> Result<(), RuleError> {
 /// later definition.
 fn duplicate_id(id: &str, origin: &Origin, first: &Origin) -> RuleError {
     RuleError::DuplicateId {
-        at: Location {
-            file: origin.file.clone(),
-            line: origin.line,
-            rule: Some(id.to_string()),
-        },
+        at: file::FORMAT.at(origin, Some(id)),
         first: first.clone(),
     }
 }
@@ -773,15 +770,12 @@ fn matcher(
         .collect();
     // Blame the last entry, the one that tipped the set over.
     let too_large = |message: String| {
-        let last = rule_indices
-            .last()
-            .map(|&i| (&rules[i].origin, &rules[i].id));
+        let at = match rule_indices.last() {
+            Some(&i) => file::FORMAT.at(&rules[i].origin, Some(&rules[i].id)),
+            None => file::FORMAT.at(&Origin::default(), None),
+        };
         RuleError::TooLarge {
-            at: Location {
-                file: last.map_or_else(String::new, |(o, _)| o.file.clone()),
-                line: last.map_or(0, |(o, _)| o.line),
-                rule: last.map(|(_, id)| id.clone()),
-            },
+            at,
             stream: stream.map_or_else(|| "any".to_string(), |s| s.to_string()),
             count: rule_indices.len() + context_indices.len(),
             message,
