@@ -13,18 +13,12 @@
 
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
-use std::io::Read;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread;
+use std::process::{Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use nix::errno::Errno;
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
-use nix::unistd::Pid;
+use crate::process::{self, Ended, Keep};
 
 /// How long an `env_script` may take before it is killed. Activation scripts export variables;
 /// one that runs for 30 s is waiting for input or stuck on a hung GPU tool.
@@ -43,6 +37,10 @@ const STDERR_TAIL_LINES: usize = 12;
 /// How many trailing stderr bytes are kept while a script runs (a chatty script must not fill
 /// memory; only the end matters for the error message).
 const STDERR_KEEP_BYTES: usize = 64 * 1024;
+
+/// How much of `env -0`'s output is kept: far above any real environment, which the kernel
+/// caps at a quarter of the stack limit (at most 6 MiB) or `env` could not even start.
+const ENV_KEEP_BYTES: usize = 64 << 20;
 
 /// One rung of the fallback ladder.
 #[derive(Clone, Debug, PartialEq)]
@@ -441,106 +439,45 @@ fn source_and_dump(
     cmd.arg("-c")
         .arg(r#"source "$1" >&2 && env -0"#)
         .arg("gpuwarden-env")
-        .arg(sourced)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own process group, so a timeout kills whatever the script started, too.
-        .process_group(0);
-    crate::process::unblock_signals_in_child(&mut cmd);
-    let mut child = cmd.spawn().map_err(bash_error)?;
-
-    let stdout = spawn_reader(child.stdout.take(), usize::MAX);
-    let stderr = spawn_reader(child.stderr.take(), STDERR_KEEP_BYTES);
-
-    let Ok(bash_pid) = i32::try_from(child.id()).map(Pid::from_raw) else {
-        let _ = end_group(&mut child);
-        return Err(bash_error(std::io::Error::other(
-            "bash's process id does not fit a pid_t",
-        )));
-    };
-    let deadline = Instant::now() + timeout;
-    loop {
-        // WNOWAIT leaves bash a zombie once it has exited: while it is unreaped its pid, which
-        // is also the group's id, cannot be reused, so the killpg below cannot hit a stranger.
-        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
-        match waitid(Id::Pid(bash_pid), flags) {
-            Ok(WaitStatus::StillAlive) if Instant::now() >= deadline => {
-                let _ = end_group(&mut child);
-                return Err(LadderError::ScriptTimedOut {
-                    script: script.to_owned(),
-                    timeout,
-                });
-            }
-            Ok(WaitStatus::StillAlive) => thread::sleep(Duration::from_millis(10)),
-            Ok(_) => break,
-            Err(Errno::EINTR) => {}
-            Err(e) => {
-                let _ = end_group(&mut child);
-                return Err(bash_error(e.into()));
-            }
+        .arg(sourced);
+    // Bash runs in its own process group, killed at the timeout and once bash is done, so
+    // nothing the script started in the background outlives the capture. Nobody stops a
+    // capture but its timeout: a signal to gpuwarden stays pending until it is done.
+    let run = process::run_captured(
+        cmd,
+        Keep::First(ENV_KEEP_BYTES),
+        Keep::Last(STDERR_KEEP_BYTES),
+        Instant::now() + timeout,
+        &|| false,
+    )
+    .map_err(|e| bash_error(e.cause))?;
+    let status = match run.ended {
+        Ended::Exited(Some(status)) => status,
+        Ended::Exited(None) => {
+            return Err(bash_error(std::io::Error::other(
+                "its exit status was collected by someone else",
+            )));
         }
-    }
-    // Bash is done, but what the script started in the background (an agent, a daemon, a
-    // `sleep &`) would outlive the capture and hold the pipes open: it goes with the group.
-    let status = end_group(&mut child).map_err(bash_error)?;
-
-    // Something the script left running in the background (an agent, a daemon) may hold stderr
-    // open for good, so the readers get a short grace, not an unbounded join.
-    let linger = Duration::from_secs(2);
-    let err_bytes = stderr.recv_timeout(linger).unwrap_or_default();
+        Ended::TimedOut | Ended::Stopped => {
+            return Err(LadderError::ScriptTimedOut {
+                script: script.to_owned(),
+                timeout,
+            });
+        }
+    };
     if !status.success() {
         return Err(LadderError::ScriptFailed {
             script: script.to_owned(),
             status,
-            stderr_tail: stderr_tail(&err_bytes),
+            stderr_tail: stderr_tail(&run.stderr),
         });
     }
-    let out_bytes = stdout.recv_timeout(linger).unwrap_or_default();
-    if out_bytes.is_empty() {
+    if run.stdout.is_empty() {
         return Err(LadderError::ScriptExited {
             script: script.to_owned(),
         });
     }
-    Ok(parse_env0(&out_bytes))
-}
-
-/// Reads a pipe to its end on a thread, keeping at most the last `keep` bytes, and sends them.
-fn spawn_reader<R: Read + Send + 'static>(pipe: Option<R>, keep: usize) -> mpsc::Receiver<Vec<u8>> {
-    let (tx, rx) = mpsc::channel();
-    if let Some(mut pipe) = pipe {
-        thread::spawn(move || {
-            let mut kept = Vec::new();
-            let mut buf = [0u8; 8192];
-            loop {
-                match pipe.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => {
-                        kept.extend_from_slice(&buf[..n]);
-                        if kept.len() > keep {
-                            kept.drain(..kept.len() - keep);
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(_) => break,
-                }
-            }
-            // The receiver may have given up waiting; nothing to do then.
-            let _ = tx.send(kept);
-        });
-    }
-    rx
-}
-
-/// Kills bash's process group (bash and everything the script started) and reaps bash.
-fn end_group(child: &mut Child) -> std::io::Result<ExitStatus> {
-    // An already empty group is the good case. Any other failure leaves nothing better to
-    // do: bash itself still gets killed and reaped below.
-    let _ = crate::process::signal_group(child.id(), crate::job::Sig::Kill);
-    // Bash may have left the group (`set -m` in the script); it must not outlive us either.
-    // On an exited, unreaped bash this does nothing.
-    let _ = child.kill();
-    child.wait()
+    Ok(parse_env0(&run.stdout))
 }
 
 fn stderr_tail(bytes: &[u8]) -> String {
@@ -574,6 +511,7 @@ fn parse_env0(bytes: &[u8]) -> BTreeMap<Vec<u8>, Vec<u8>> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+    use std::thread;
 
     fn args(list: &[&str]) -> Vec<OsString> {
         list.iter().map(OsString::from).collect()
@@ -990,21 +928,6 @@ mod tests {
         );
     }
 
-    /// Whether `pid` is gone: no such process, or a zombie no one has reaped yet (it holds no
-    /// pipe and no GPU, and reaping it is its parent's business).
-    fn gone(pid: &str) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => true,
-            // The state follows the parenthesised command name, which may hold spaces.
-            Ok(stat) => stat
-                .rsplit(')')
-                .next()
-                .unwrap()
-                .trim_start()
-                .starts_with('Z'),
-        }
-    }
-
     #[test]
     fn background_process_of_a_successful_script_does_not_outlive_the_capture() {
         let dir = tempfile::tempdir().unwrap();
@@ -1026,13 +949,8 @@ mod tests {
         assert!(took < Duration::from_millis(1900), "{took:?}");
         let pid = std::fs::read_to_string(&pid_file).unwrap();
         let pid = pid.trim();
-        // SIGKILL is delivered asynchronously; give it a moment, not 30 s.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !gone(pid) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
         assert!(
-            gone(pid),
+            crate::process::tests::gone_soon(pid),
             "the script's `sleep 30 &` (pid {pid}) survived the capture"
         );
     }

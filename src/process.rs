@@ -1,8 +1,12 @@
-//! Process lifetime: spawning the job in its own process group, signalling that group, turning
-//! signals sent to gpuwarden into events, and the guard that kills the job if gpuwarden dies.
+//! Process lifetime: spawning the job in its own process group, running a short-lived helper
+//! (an `env_script`, a vendor GPU tool) under a deadline with its output captured, signalling
+//! process groups, turning signals sent to gpuwarden into events, and the guard that kills the
+//! job if gpuwarden dies.
 //!
 //! All `unsafe` and every raw signal call of gpuwarden lives in this file. It decides nothing:
-//! when to signal whom is the supervisor's business.
+//! when to signal whom is the supervisor's business. The job and every helper go through
+//! `own_group`: a process group of its own, so that killing the group reaches everything it
+//! starts, and no signal blocked, so that it can be stopped at all.
 //!
 //! Why a guard process: `PR_SET_PDEATHSIG` reaches only the job's direct child, so after a
 //! `kill -9` of gpuwarden the job's workers (torchrun spawns many, dataloaders spawn more) would
@@ -12,9 +16,12 @@
 //! SIGKILL. It needs no privilege (unlike a PID namespace or a cgroup).
 
 use std::ffi::OsString;
-use std::io::{self, BufRead, Write};
+use std::fs::File;
+use std::io::{self, BufRead, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc::SyncSender;
 use std::thread;
@@ -22,8 +29,9 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::libc;
+use nix::poll::{PollFd, PollFlags, poll};
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
 
 use crate::job::{JobExit, Sig};
@@ -108,11 +116,16 @@ pub fn spawn_signal_thread<E: Send + 'static>(
         })
 }
 
-/// Makes a child of `cmd` start with no signal blocked. gpuwarden blocks the signals it
-/// forwards (see [`block_signals`]), the mask survives fork and exec, and the standard library
-/// does not reset it (seen here: a job started without this ignored SIGTERM). Every process
-/// gpuwarden starts must go through this.
-pub fn unblock_signals_in_child(cmd: &mut Command) {
+/// Makes a child of `cmd` the leader of a new process group and start with no signal blocked.
+/// The job and every helper gpuwarden starts go through this (the guard alone does not, see
+/// [`Guard::spawn`]).
+///
+/// The group: a timeout or a stop kills the whole group, so whatever the child started (a
+/// script's `sleep &`, torchrun's workers) goes too. The signal mask: gpuwarden blocks the
+/// signals it forwards (see [`block_signals`]), the mask survives fork and exec, and the
+/// standard library does not reset it (seen here: a job started without this ignored SIGTERM).
+fn own_group(cmd: &mut Command) {
+    cmd.process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only sigprocmask, which is
     // async-signal-safe, without allocating.
     unsafe {
@@ -146,15 +159,14 @@ pub fn spawn_job(spec: &JobSpec<'_>) -> io::Result<Child> {
     cmd.args(args)
         .stdin(Stdio::inherit())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0);
+        .stderr(Stdio::piped());
     for key in spec.unset_env {
         cmd.env_remove(key);
     }
     for (key, value) in spec.set_env {
         cmd.env(key, value);
     }
-    unblock_signals_in_child(&mut cmd);
+    own_group(&mut cmd);
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs between fork and exec in the child and calls only
     // async-signal-safe functions (prctl, getppid) without allocating.
@@ -169,6 +181,260 @@ pub fn spawn_job(spec: &JobSpec<'_>) -> io::Result<Child> {
         });
     }
     cmd.spawn()
+}
+
+/// Which part of an output stream [`run_captured`] keeps. The rest is read and dropped, so the
+/// child never blocks on a full pipe and a flood of output cannot fill gpuwarden's memory.
+#[derive(Clone, Copy, Debug)]
+pub enum Keep {
+    /// The first bytes (a tool's answer comes first).
+    First(usize),
+    /// The last bytes (why a script failed is at the end of its stderr).
+    Last(usize),
+}
+
+/// How the program of [`run_captured`] ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// It exited. `None` when its exit status was collected by someone else (gpuwarden is a
+    /// subreaper that reaps strays, see [`reap_strays`]).
+    Exited(Option<ExitStatus>),
+    /// It ran past the deadline; its process group was killed.
+    TimedOut,
+    /// Stop was asked while it ran; its process group was killed.
+    Stopped,
+}
+
+/// What [`run_captured`] saw.
+#[derive(Debug)]
+pub struct Captured {
+    pub ended: Ended,
+    /// What it wrote, as much as [`Keep`] allows; partial when it was killed.
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// From the start until it exited or was killed.
+    pub took: Duration,
+    /// A killed leader that had not died yet, most likely stuck in the kernel (a wedged GPU
+    /// driver lets no signal through until it lets go). Keep it and `try_wait` it later, or
+    /// drop it and leave its zombie to [`reap_strays`]; waiting for it could block for good.
+    pub unreaped: Option<Child>,
+}
+
+/// A program [`run_captured`] could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start {}: {cause}", program.display())]
+pub struct SpawnError {
+    pub program: PathBuf,
+    pub cause: io::Error,
+}
+
+/// The longest [`run_captured`] goes without looking at the stop request and the deadline.
+const SLICE: Duration = Duration::from_millis(20);
+
+/// How long [`run_captured`] still reads after the leader exited and its group was killed:
+/// something it started outside its group (a daemon that called `setsid`) may hold the pipes
+/// open for good.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// How long a killed leader gets to die before [`run_captured`] hands it back unreaped.
+const REAP_WAIT: Duration = Duration::from_millis(100);
+
+/// Runs `cmd` with stdin closed and its stdout and stderr captured, in a process group of its
+/// own and with no signal blocked, until it exits, `deadline` passes or `stop` returns true.
+///
+/// Never waits on the child unconditionally: the pipes are polled in slices of at most 20 ms,
+/// and stop and the deadline are checked between slices. When the leader exits, its group is
+/// killed (whatever it left running in the background would outlive the call and hold the
+/// pipes), and what is still in the pipes is read for at most 2 s (or until stop is asked; the
+/// program still counts as exited, with what was read). Past the deadline or on stop, the group
+/// gets SIGKILL and the leader is reaped if it dies at once, or else handed back in
+/// [`Captured::unreaped`].
+pub fn run_captured(
+    mut cmd: Command,
+    stdout: Keep,
+    stderr: Keep,
+    deadline: Instant,
+    stop: &dyn Fn() -> bool,
+) -> Result<Captured, SpawnError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    own_group(&mut cmd);
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|cause| SpawnError {
+        program: PathBuf::from(cmd.get_program()),
+        cause,
+    })?;
+    let mut pipes = [
+        Pipe::new(child.stdout.take().map(OwnedFd::from), stdout),
+        Pipe::new(child.stderr.take().map(OwnedFd::from), stderr),
+    ];
+    let leader = Pid::from_raw(child.id() as i32);
+    let mut exited: Option<(Option<ExitStatus>, Instant)> = None;
+    loop {
+        let now = Instant::now();
+        let until = match exited {
+            None => {
+                if let Some(status) = end_if_exited(&mut child, leader) {
+                    exited = Some((status, now));
+                    continue;
+                }
+                let ended = if stop() {
+                    Some(Ended::Stopped)
+                } else if now >= deadline {
+                    Some(Ended::TimedOut)
+                } else {
+                    None
+                };
+                if let Some(ended) = ended {
+                    let [out, err] = pipes;
+                    return Ok(Captured {
+                        ended,
+                        stdout: out.data,
+                        stderr: err.data,
+                        took: now - start,
+                        unreaped: kill_leader_group(child, leader),
+                    });
+                }
+                deadline
+            }
+            Some((status, at)) => {
+                let open = pipes.iter().any(Pipe::is_open);
+                if !open || now >= at + LINGER || stop() {
+                    let [out, err] = pipes;
+                    return Ok(Captured {
+                        ended: Ended::Exited(status),
+                        stdout: out.data,
+                        stderr: err.data,
+                        took: at - start,
+                        unreaped: None,
+                    });
+                }
+                at + LINGER
+            }
+        };
+        let slice = SLICE.min(until.saturating_duration_since(now));
+        if !poll_pipes(&mut pipes, slice) {
+            // Both pipes closed: the leader is exiting (or stuck after its last write).
+            thread::sleep(slice.min(Duration::from_millis(1)));
+        }
+    }
+}
+
+/// Once the leader has exited: kills what is left of its group and reaps it, returning its
+/// status (`Some(None)` when someone else reaped it). `None` while it runs.
+fn end_if_exited(child: &mut Child, leader: Pid) -> Option<Option<ExitStatus>> {
+    // WNOWAIT leaves the leader a zombie once it has exited: while it is unreaped its pid, which
+    // is also the group's id, cannot be reused, so the killpg below cannot hit a stranger.
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+    match waitid(Id::Pid(leader), flags) {
+        Ok(WaitStatus::StillAlive) | Err(Errno::EINTR) => None,
+        Ok(_) => {
+            // The leader is done, but what it started in the background (an agent, a daemon, a
+            // `sleep &`) would outlive the call and hold the pipes open: it goes with the group.
+            let _ = signal::killpg(leader, Signal::SIGKILL);
+            Some(child.wait().ok())
+        }
+        // Reaped by someone else: the group's id may already name a stranger, so it is left.
+        Err(_) => Some(None),
+    }
+}
+
+/// Kills the leader's group and the leader (which may have left the group: `set -m` in a
+/// script), and reaps the leader if it dies within [`REAP_WAIT`]; else hands it back.
+fn kill_leader_group(mut child: Child, leader: Pid) -> Option<Child> {
+    // An already empty group is the good case; any other failure leaves nothing better to do.
+    let _ = signal::killpg(leader, Signal::SIGKILL);
+    let _ = child.kill();
+    let until = Instant::now() + REAP_WAIT;
+    loop {
+        match child.try_wait() {
+            Ok(None) if Instant::now() < until => thread::sleep(Duration::from_millis(2)),
+            Ok(None) => return Some(child),
+            // Exited, or reaped by someone else.
+            Ok(Some(_)) | Err(_) => return None,
+        }
+    }
+}
+
+/// One of the child's output pipes and what was kept of it.
+struct Pipe {
+    file: Option<File>,
+    keep: Keep,
+    data: Vec<u8>,
+}
+
+impl Pipe {
+    fn new(fd: Option<OwnedFd>, keep: Keep) -> Pipe {
+        Pipe {
+            file: fd.map(File::from),
+            keep,
+            data: Vec::new(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Reads what is there (poll said so); closes the pipe at end of file or on an error.
+    fn drain(&mut self) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let mut buf = [0u8; 16 * 1024];
+        match file.read(&mut buf) {
+            Ok(0) => self.file = None,
+            Ok(n) => match self.keep {
+                Keep::First(max) => {
+                    let room = max.saturating_sub(self.data.len());
+                    self.data.extend_from_slice(&buf[..n.min(room)]);
+                }
+                Keep::Last(max) => {
+                    self.data.extend_from_slice(&buf[..n]);
+                    if self.data.len() > max {
+                        self.data.drain(..self.data.len() - max);
+                    }
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => self.file = None,
+        }
+    }
+}
+
+/// Waits up to `slice` for an open pipe to have data or close, then drains the ready ones.
+/// Returns false, at once, when both are closed.
+fn poll_pipes(pipes: &mut [Pipe; 2], slice: Duration) -> bool {
+    let ms = u16::try_from(slice.as_millis().max(1)).unwrap_or(u16::MAX);
+    let mut ready = [false; 2];
+    {
+        let mut fds = Vec::with_capacity(2);
+        let mut which = Vec::with_capacity(2);
+        for (i, pipe) in pipes.iter().enumerate() {
+            if let Some(file) = &pipe.file {
+                fds.push(PollFd::new(file.as_fd(), PollFlags::POLLIN));
+                which.push(i);
+            }
+        }
+        if fds.is_empty() {
+            return false;
+        }
+        // A timeout, EINTR or a poll failure: look again next slice.
+        if let Ok(n) = poll(&mut fds, ms)
+            && n > 0
+        {
+            for (fd, &i) in fds.iter().zip(&which) {
+                ready[i] = fd.revents().is_some_and(|r| !r.is_empty());
+            }
+        }
+    }
+    for (pipe, ready) in pipes.iter_mut().zip(ready) {
+        if ready {
+            pipe.drain();
+        }
+    }
+    true
 }
 
 /// Sends `sig` to every process of the group `pgid`. Returns `Ok(false)` when the group is
@@ -318,12 +584,15 @@ impl Guard {
     /// Starts `gpuwarden __guard` from the running executable.
     pub fn spawn() -> io::Result<Guard> {
         let exe = std::env::current_exe()?;
+        // Its own group: Ctrl-C in the terminal and signals to gpuwarden's group miss it. Not
+        // through [`own_group`]: the guard keeps gpuwarden's blocked mask on purpose, so that a
+        // `pkill gpuwarden` between its exec and `guard_main` ignoring the signals stays pending
+        // instead of killing it.
         let mut child = Command::new(exe)
             .arg(GUARD_SUBCOMMAND)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            // Its own group: Ctrl-C in the terminal and signals to gpuwarden's group miss it.
             .process_group(0)
             .spawn()?;
         let pipe = child
@@ -392,4 +661,150 @@ pub fn guard_main(grace: Duration) -> i32 {
         let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
     }
     0
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(script);
+        cmd
+    }
+
+    fn run(script: &str, timeout: Duration) -> Captured {
+        let all = Keep::First(usize::MAX);
+        run_captured(sh(script), all, all, Instant::now() + timeout, &|| false).unwrap()
+    }
+
+    /// Whether `pid` is gone: no such process, or a zombie nobody reaped yet (it holds no pipe
+    /// and no GPU, and reaping it is its parent's business).
+    fn gone(pid: &str) -> bool {
+        match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+            Err(_) => true,
+            // The state follows the parenthesised command name, which may hold spaces.
+            Ok(stat) => stat
+                .rsplit(')')
+                .next()
+                .unwrap()
+                .trim_start()
+                .starts_with('Z'),
+        }
+    }
+
+    /// Whether `pid` is gone within 2 s: SIGKILL is delivered asynchronously.
+    pub(crate) fn gone_soon(pid: &str) -> bool {
+        let until = Instant::now() + Duration::from_secs(2);
+        while !gone(pid) && Instant::now() < until {
+            thread::sleep(Duration::from_millis(20));
+        }
+        gone(pid)
+    }
+
+    #[test]
+    fn output_and_exit_status_are_captured() {
+        let run = run("echo out; echo err >&2; exit 3", Duration::from_secs(5));
+        let Ended::Exited(Some(status)) = run.ended else {
+            panic!("{run:?}");
+        };
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(run.stdout, b"out\n");
+        assert_eq!(run.stderr, b"err\n");
+        assert!(run.unreaped.is_none());
+    }
+
+    #[test]
+    fn timeout_kills_the_whole_group_including_a_grandchild() {
+        let start = Instant::now();
+        // The grandchild keeps the pipes open: only killing the whole group ends the call.
+        let run = run("sleep 30 & echo $!; sleep 30", Duration::from_millis(300));
+        assert!(matches!(run.ended, Ended::TimedOut), "{run:?}");
+        assert!(start.elapsed() < Duration::from_secs(2), "{run:?}");
+        assert!(run.took >= Duration::from_millis(300), "{run:?}");
+        // What it wrote before the deadline is kept.
+        let grandchild = String::from_utf8(run.stdout).unwrap();
+        assert!(gone_soon(&grandchild), "grandchild {grandchild} survived");
+        assert!(run.unreaped.is_none(), "sh did not die of SIGKILL");
+    }
+
+    #[test]
+    fn what_the_leader_leaves_behind_dies_when_it_exits() {
+        let start = Instant::now();
+        let run = run("sleep 30 & echo $!", Duration::from_secs(20));
+        assert!(
+            matches!(run.ended, Ended::Exited(Some(s)) if s.success()),
+            "{run:?}"
+        );
+        // Had the sleep been left running it would hold stdout until the linger ran out.
+        assert!(start.elapsed() < LINGER, "{:?}", start.elapsed());
+        let grandchild = String::from_utf8(run.stdout).unwrap();
+        assert!(gone_soon(&grandchild), "background {grandchild} survived");
+    }
+
+    #[test]
+    fn a_missing_program_names_itself_in_the_error() {
+        let cmd = Command::new("/nonexistent/gpuwarden-tool");
+        let all = Keep::First(usize::MAX);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let err = run_captured(cmd, all, all, deadline, &|| false).unwrap_err();
+        assert_eq!(err.cause.kind(), io::ErrorKind::NotFound, "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("cannot start /nonexistent/gpuwarden-tool: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn stop_kills_a_running_call_promptly() {
+        let start = Instant::now();
+        let stop = || start.elapsed() > Duration::from_millis(100);
+        let all = Keep::First(usize::MAX);
+        let deadline = start + Duration::from_secs(30);
+        let run = run_captured(sh("sleep 30"), all, all, deadline, &stop).unwrap();
+        assert!(matches!(run.ended, Ended::Stopped), "{run:?}");
+        assert!(start.elapsed() < Duration::from_secs(1), "{run:?}");
+    }
+
+    #[test]
+    fn keep_bounds_each_stream_from_its_own_end() {
+        let script = "seq 1 100000; seq 1 100000 >&2";
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let run = run_captured(sh(script), Keep::First(6), Keep::Last(7), deadline, &|| {
+            false
+        })
+        .unwrap();
+        assert!(
+            matches!(run.ended, Ended::Exited(Some(s)) if s.success()),
+            "{run:?}"
+        );
+        assert_eq!(run.stdout, b"1\n2\n3\n");
+        assert_eq!(run.stderr, b"100000\n");
+    }
+
+    #[test]
+    fn signals_blocked_in_gpuwarden_are_unblocked_in_the_child() {
+        // gpuwarden blocks SIGTERM on every thread, and the mask survives fork and exec: a
+        // child inheriting it would sit out the SIGTERM meant to stop it. Not through `sh`,
+        // which clears its mask at startup and would hide the inherited one.
+        let run = thread::spawn(|| {
+            let mut term = SigSet::empty();
+            term.add(Signal::SIGTERM);
+            signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&term), None).unwrap();
+            let mut cmd = Command::new("grep");
+            cmd.args(["SigBlk", "/proc/self/status"]);
+            let all = Keep::First(usize::MAX);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            run_captured(cmd, all, all, deadline, &|| false).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout),
+            "SigBlk:\t0000000000000000\n",
+            "{run:?}"
+        );
+    }
 }

@@ -150,7 +150,7 @@ pub fn channel_sink<T: Send + 'static>(
 
 /// The stop request shared by the owner and the thread, plus the thread's "I am done".
 #[derive(Clone, Debug, Default)]
-pub(crate) struct StopFlag(Arc<(Mutex<Flags>, Condvar)>);
+struct StopFlag(Arc<(Mutex<Flags>, Condvar)>);
 
 #[derive(Debug, Default)]
 struct Flags {
@@ -159,18 +159,18 @@ struct Flags {
 }
 
 impl StopFlag {
-    pub(crate) fn set(&self) {
+    fn set(&self) {
         let (lock, cvar) = &*self.0;
         lock.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
         cvar.notify_all();
     }
 
-    pub(crate) fn is_set(&self) -> bool {
+    fn is_set(&self) -> bool {
         self.0.0.lock().unwrap_or_else(|e| e.into_inner()).stop
     }
 
     /// Waits up to `d` or until stop is asked; true when it was.
-    pub(crate) fn wait(&self, d: Duration) -> bool {
+    fn wait(&self, d: Duration) -> bool {
         let (lock, cvar) = &*self.0;
         let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         let (guard, _) = cvar
@@ -310,7 +310,7 @@ fn call(
         pci: None,
         message,
     };
-    match runner.run(args, stop) {
+    match runner.run(args, &|| stop.is_set()) {
         ToolOutcome::Finished {
             code,
             stdout,
@@ -519,7 +519,7 @@ pub fn nvidia_inventory(timeout: Duration) -> Result<Vec<Gpu>, String> {
     let mut runner = ToolRunner::new(program, timeout);
     let args = super::nvidia::query_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    match runner.run(&args, &StopFlag::default()) {
+    match runner.run(&args, &|| false) {
         ToolOutcome::Finished { stdout, stderr, .. } => Ok(super::nvidia::parse_query(
             &String::from_utf8_lossy(&stdout),
             &String::from_utf8_lossy(&stderr),

@@ -1,31 +1,21 @@
 //! Running a vendor tool (`nvidia-smi`, `rocm-smi`, `amd-smi`) with a deadline, without ever
-//! blocking on it.
+//! blocking on it, and remembering the calls that hung.
 //!
 //! These tools go through the GPU driver, and a wedged driver leaves them stuck in the kernel
-//! (state D) where no signal reaches them until the driver lets go, possibly never. So the
-//! caller never waits for the child unconditionally: its pipes are polled in slices of at most
-//! [`SLICE`], the stop flag and the deadline are checked between slices, and past the deadline
-//! the tool's process group gets SIGKILL and is left behind. A child that does not die of that
-//! is kept and reaped later; while it lingers the tool is not run again, so a stuck driver costs
-//! one stuck process, not one a second.
+//! (state D) where no signal reaches them until the driver lets go, possibly never. The call
+//! itself is [`process::run_captured`]: polled in slices, the stop request and the deadline
+//! checked between them, and past the deadline the tool's process group gets SIGKILL. A child
+//! that does not die of that is kept here and reaped later; while it lingers the tool is not run
+//! again, so a stuck driver costs one stuck process, not one a second.
 //!
 //! Not here: what the output means (the parsers) or what a hang means (the tracker).
 
-use std::io::{self, Read};
-use std::os::fd::AsFd;
-use std::os::unix::process::CommandExt;
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use nix::poll::{PollFd, PollFlags, poll};
-
-use super::sampler::StopFlag;
-use crate::job::Sig;
-use crate::process::signal_group;
-
-/// The longest the runner goes without looking at the stop flag and the deadline.
-const SLICE: Duration = Duration::from_millis(20);
+use crate::process::{self, Ended, Keep};
 
 /// Output kept per stream; the rest is read and dropped so the tool never blocks on a full pipe.
 const MAX_OUTPUT: usize = 4 << 20;
@@ -72,146 +62,39 @@ impl ToolRunner {
     }
 
     /// Runs the program with `args`, stdin closed, `LC_ALL=C` (the parsers read English), in
-    /// its own process group, for at most the timeout.
-    pub(crate) fn run(&mut self, args: &[&str], stop: &StopFlag) -> ToolOutcome {
+    /// its own process group, for at most the timeout. `stop` is asked every few milliseconds
+    /// while it runs; true kills the call.
+    pub(crate) fn run(&mut self, args: &[&str], stop: &dyn Fn() -> bool) -> ToolOutcome {
         self.hung
             .retain_mut(|(child, _)| matches!(child.try_wait(), Ok(None)));
         if let Some((_, since)) = self.hung.first() {
             return ToolOutcome::StillHung { since: *since };
         }
         let start = Instant::now();
-        let mut child = match Command::new(&self.program)
-            .args(args)
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .spawn()
-        {
-            Ok(child) => child,
-            Err(e) => return ToolOutcome::SpawnFailed(e),
+        let mut cmd = Command::new(&self.program);
+        cmd.args(args).env("LC_ALL", "C");
+        let run = match process::run_captured(
+            cmd,
+            Keep::First(MAX_OUTPUT),
+            Keep::First(MAX_OUTPUT),
+            start + self.timeout,
+            stop,
+        ) {
+            Ok(run) => run,
+            Err(e) => return ToolOutcome::SpawnFailed(e.cause),
         };
-        let deadline = start + self.timeout;
-        let mut out = Pipe::new(child.stdout.take());
-        let mut err = Pipe::new(child.stderr.take());
-        loop {
-            if stop.is_set() {
-                self.abandon(child, start);
-                return ToolOutcome::Stopped;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                self.abandon(child, start);
-                return ToolOutcome::TimedOut { took: now - start };
-            }
-            let slice = SLICE.min(deadline - now);
-            if out.is_open() || err.is_open() {
-                poll_pipes(&mut out, &mut err, slice);
-                continue;
-            }
-            // Both pipes closed: the tool is exiting (or stuck after its last write).
-            match child.try_wait() {
-                Ok(Some(status)) => {
-                    return ToolOutcome::Finished {
-                        code: status.code(),
-                        stdout: out.data,
-                        stderr: err.data,
-                    };
-                }
-                Ok(None) => {
-                    stop.wait(Duration::from_millis(1).min(slice));
-                }
-                Err(_) => {
-                    // Reaped by someone else (gpuwarden is a subreaper that collects strays):
-                    // the tool is gone, its output is all there is.
-                    return ToolOutcome::Finished {
-                        code: None,
-                        stdout: out.data,
-                        stderr: err.data,
-                    };
-                }
-            }
+        if let Some(child) = run.unreaped {
+            self.hung.push((child, start));
         }
-    }
-
-    /// Kills the call's process group and keeps the child to be reaped later, without waiting
-    /// for it: a process stuck in the driver does not die until the driver lets go.
-    fn abandon(&mut self, mut child: Child, started: Instant) {
-        let _ = signal_group(child.id(), Sig::Kill);
-        if !matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-            self.hung.push((child, started));
+        match run.ended {
+            Ended::Exited(status) => ToolOutcome::Finished {
+                code: status.and_then(|s| s.code()),
+                stdout: run.stdout,
+                stderr: run.stderr,
+            },
+            Ended::TimedOut => ToolOutcome::TimedOut { took: run.took },
+            Ended::Stopped => ToolOutcome::Stopped,
         }
-    }
-}
-
-/// One of the child's output pipes and what came out of it.
-struct Pipe<R> {
-    reader: Option<R>,
-    data: Vec<u8>,
-}
-
-impl<R: Read + AsFd> Pipe<R> {
-    fn new(reader: Option<R>) -> Pipe<R> {
-        Pipe {
-            reader,
-            data: Vec::new(),
-        }
-    }
-
-    fn is_open(&self) -> bool {
-        self.reader.is_some()
-    }
-
-    /// Reads what is there (poll said so); closes the pipe at end of file or on an error.
-    fn drain(&mut self) {
-        let Some(reader) = self.reader.as_mut() else {
-            return;
-        };
-        let mut buf = [0u8; 16 * 1024];
-        match reader.read(&mut buf) {
-            Ok(0) => self.reader = None,
-            Ok(n) => {
-                let room = MAX_OUTPUT.saturating_sub(self.data.len());
-                self.data.extend_from_slice(&buf[..n.min(room)]);
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => self.reader = None,
-        }
-    }
-}
-
-/// Waits up to `slice` for either pipe to have data or close, then drains the ready ones.
-fn poll_pipes(out: &mut Pipe<ChildStdout>, err: &mut Pipe<ChildStderr>, slice: Duration) {
-    let ms = u16::try_from(slice.as_millis().max(1)).unwrap_or(u16::MAX);
-    let (out_ready, err_ready) = {
-        let mut fds = Vec::with_capacity(2);
-        if let Some(r) = &out.reader {
-            fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(r) = &err.reader {
-            fds.push(PollFd::new(r.as_fd(), PollFlags::POLLIN));
-        }
-        match poll(&mut fds, ms) {
-            Ok(n) if n > 0 => {
-                let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
-                let first = fds.first().is_some_and(ready);
-                let second = fds.get(1).is_some_and(ready);
-                match (out.is_open(), err.is_open()) {
-                    (true, true) => (first, second),
-                    (true, false) => (first, false),
-                    (false, _) => (false, first),
-                }
-            }
-            // Timeout, EINTR or a poll failure: look again next slice.
-            _ => (false, false),
-        }
-    };
-    if out_ready {
-        out.drain();
-    }
-    if err_ready {
-        err.drain();
     }
 }
 
@@ -219,6 +102,8 @@ fn poll_pipes(out: &mut Pipe<ChildStdout>, err: &mut Pipe<ChildStderr>, slice: D
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     fn sh(timeout: Duration) -> ToolRunner {
         ToolRunner::new(PathBuf::from("/bin/sh"), timeout)
@@ -227,10 +112,7 @@ mod tests {
     #[test]
     fn output_and_exit_code_of_a_quick_tool() {
         let mut r = sh(Duration::from_secs(5));
-        match r.run(
-            &["-c", "echo out; echo err >&2; exit 3"],
-            &StopFlag::default(),
-        ) {
+        match r.run(&["-c", "echo out; echo err >&2; exit 3"], &|| false) {
             ToolOutcome::Finished {
                 code,
                 stdout,
@@ -250,7 +132,7 @@ mod tests {
         let mut r = sh(Duration::from_millis(300));
         let start = Instant::now();
         // The grandchild keeps the pipe open: only killing the whole group ends the call.
-        let outcome = r.run(&["-c", "sleep 30 & sleep 30"], &StopFlag::default());
+        let outcome = r.run(&["-c", "sleep 30 & sleep 30"], &|| false);
         assert!(
             matches!(outcome, ToolOutcome::TimedOut { .. }),
             "{outcome:?}"
@@ -259,7 +141,7 @@ mod tests {
         assert!(took < Duration::from_secs(2), "took {took:?}");
         // Killed processes are reaped at the next call, which then runs normally.
         std::thread::sleep(Duration::from_millis(100));
-        let outcome = r.run(&["-c", "echo again"], &StopFlag::default());
+        let outcome = r.run(&["-c", "echo again"], &|| false);
         assert!(
             matches!(outcome, ToolOutcome::Finished { code: Some(0), .. }),
             "{outcome:?}"
@@ -269,14 +151,14 @@ mod tests {
     #[test]
     fn stop_ends_a_running_call_promptly() {
         let mut r = sh(Duration::from_secs(30));
-        let stop = StopFlag::default();
-        let setter = stop.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let setter = Arc::clone(&stop);
         let t = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
-            setter.set();
+            setter.store(true, Ordering::Relaxed);
         });
         let start = Instant::now();
-        let outcome = r.run(&["-c", "sleep 30"], &stop);
+        let outcome = r.run(&["-c", "sleep 30"], &|| stop.load(Ordering::Relaxed));
         t.join().unwrap();
         assert!(matches!(outcome, ToolOutcome::Stopped), "{outcome:?}");
         assert!(start.elapsed() < Duration::from_secs(2));
@@ -288,10 +170,7 @@ mod tests {
             PathBuf::from("/nonexistent/nvidia-smi"),
             Duration::from_secs(1),
         );
-        assert!(matches!(
-            r.run(&[], &StopFlag::default()),
-            ToolOutcome::SpawnFailed(_)
-        ));
+        assert!(matches!(r.run(&[], &|| false), ToolOutcome::SpawnFailed(_)));
     }
 
     #[test]
@@ -299,7 +178,7 @@ mod tests {
         let mut r = sh(Duration::from_secs(20));
         match r.run(
             &["-c", "head -c 10000000 /dev/zero; echo done >&2"],
-            &StopFlag::default(),
+            &|| false,
         ) {
             ToolOutcome::Finished { stdout, stderr, .. } => {
                 assert_eq!(stdout.len(), MAX_OUTPUT);
