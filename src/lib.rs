@@ -24,6 +24,7 @@
 //!   when gpuwarden itself is killed.
 
 pub mod attribution;
+pub mod cgroup;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;

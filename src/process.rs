@@ -142,6 +142,9 @@ pub struct JobSpec<'a> {
     pub argv: &'a [OsString],
     pub set_env: &'a [(OsString, OsString)],
     pub unset_env: &'a [OsString],
+    /// The attempt's `cgroup.procs` (see `crate::cgroup`): the job joins it before exec, so
+    /// every process it starts is the attempt's whatever group or session it moves to.
+    pub cgroup: Option<&'a std::fs::File>,
 }
 
 /// Starts the job as the leader of a new process group, with its stdin inherited and its stdout
@@ -168,10 +171,16 @@ pub fn spawn_job(spec: &JobSpec<'_>) -> io::Result<Child> {
     }
     own_group(&mut cmd);
     let parent = nix::unistd::getpid();
+    let cgroup = spec.cgroup.map(std::os::fd::AsRawFd::as_raw_fd);
     // SAFETY: the closure runs between fork and exec in the child and calls only
-    // async-signal-safe functions (prctl, getppid) without allocating.
+    // async-signal-safe functions (write, prctl, getppid) without allocating.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(fd) = cgroup {
+                // Pid 0 is "the writer". Failing that, the job runs in gpuwarden's cgroup and
+                // is watched through its process group only, as where no cgroup can be made.
+                let _ = nix::libc::write(fd, b"0".as_ptr().cast(), 1);
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGTERM).map_err(io::Error::from)?;
             // If gpuwarden died between fork and prctl, no death signal will ever come.
             if nix::unistd::getppid() != parent {
@@ -618,6 +627,20 @@ impl Guard {
         writeln!(self.pipe, "unwatch {pgid}")
     }
 
+    /// From now on, the guard also kills every process of the cgroup at `path` if gpuwarden
+    /// dies (workers that left the job's process group).
+    pub fn watch_cgroup(&mut self, path: &std::path::Path) -> io::Result<()> {
+        use std::os::unix::ffi::OsStrExt;
+        self.pipe.write_all(b"cgroup ")?;
+        self.pipe.write_all(path.as_os_str().as_bytes())?;
+        self.pipe.write_all(b"\n")
+    }
+
+    /// Whether the guard process still runs (someone may have killed it).
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Ends the guard after a normal run; groups still watched are left alone.
     pub fn close(mut self) {
         // Best effort: a guard that already died has nothing left to do.
@@ -636,15 +659,23 @@ pub fn guard_main(grace: Duration) -> i32 {
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }
     let mut groups: Vec<i32> = Vec::new();
+    let mut cgroups: Vec<crate::cgroup::Cgroup> = Vec::new();
     let stdin = io::stdin();
     for line in stdin.lock().lines() {
         let Ok(line) = line else { break };
+        if let Some(path) = line.strip_prefix("cgroup ") {
+            cgroups.push(crate::cgroup::Cgroup::at(path.into()));
+            continue;
+        }
         let mut words = line.split_whitespace();
         let pgid = |w: Option<&str>| w.and_then(|n| n.parse::<i32>().ok()).filter(|&n| n > 1);
         match (words.next(), words.next()) {
             (Some("watch"), n) => groups.extend(pgid(n)),
             (Some("unwatch"), n) => groups.retain(|&g| Some(g) != pgid(n)),
-            (Some("clear"), _) => groups.clear(),
+            (Some("clear"), _) => {
+                groups.clear();
+                cgroups.clear();
+            }
             _ => {}
         }
     }
@@ -653,12 +684,21 @@ pub fn guard_main(grace: Duration) -> i32 {
     for &g in &groups {
         let _ = signal::killpg(Pid::from_raw(g), Signal::SIGTERM);
     }
+    for cgroup in &cgroups {
+        cgroup.signal(nix::libc::SIGTERM);
+    }
     let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && groups.iter().any(|&g| alive(g)) {
+    while Instant::now() < deadline
+        && (groups.iter().any(|&g| alive(g)) || cgroups.iter().any(|c| c.populated()))
+    {
         thread::sleep(Duration::from_millis(20));
     }
     for &g in &groups {
         let _ = signal::killpg(Pid::from_raw(g), Signal::SIGKILL);
+    }
+    // Whatever left the groups: the cgroups hold it.
+    for cgroup in &cgroups {
+        cgroup.kill();
     }
     0
 }

@@ -666,3 +666,139 @@ fn a_checkpoint_symlink_loop_is_named_as_such() {
     assert!(stderr.contains("loop of symbolic links"), "{stderr}");
     assert!(!stderr.contains("may list it"), "{stderr}");
 }
+
+/// Whether process `pid` is gone (or a zombie).
+fn dead(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+fn escaped_pids(scene: &Scene) -> Vec<i64> {
+    scene
+        .records()
+        .iter()
+        .filter_map(|r| r["escaped"].as_i64())
+        .collect()
+}
+
+/// Whether this machine can give each attempt a cgroup (root and a writable cgroup v2).
+fn cgroups_usable() -> Result<(), String> {
+    gpuwarden::cgroup::RunCgroup::create()
+        .map(|c| c.remove())
+        .map_err(|e| format!("no writable cgroup v2 hierarchy here ({e})"))
+}
+
+/// Issue 9.6: a worker that leaves the job's process group (`setsid`, `setpgid`) is still the
+/// job's: it is stopped with its attempt, before the next attempt starts.
+#[test]
+fn workers_that_leave_the_process_group_end_with_their_attempt() {
+    if let Err(why) = cgroups_usable() {
+        return skip(
+            "workers_that_leave_the_process_group_end_with_their_attempt",
+            &why,
+        );
+    }
+    for how in ["setsid", "setpgid"] {
+        let scene = Scene::new();
+        let config = fast_config(&scene);
+        let machine = bare_machine(&scene);
+        let out = scene.run(
+            &flags(&config, &machine, &["--no-kernel-log"]),
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--escape",
+                how,
+                "--fault",
+                "hip",
+                "--fault-at",
+                "3",
+                "--steps",
+                "4",
+            ],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{how}: {stderr}");
+        let escaped = escaped_pids(&scene);
+        assert_eq!(escaped.len(), 2, "{how}: one per attempt");
+        for pid in escaped {
+            assert!(dead(pid), "{how}: worker {pid} outlived its attempt");
+        }
+        let journal = scene.journal();
+        assert_eq!(tiers(&journal), ["gpu", "cpu"]);
+        assert!(
+            !records(&journal, "leftovers").is_empty(),
+            "{how}: {journal:#?}"
+        );
+    }
+}
+
+/// Issues 9.6 and 9.7: gpuwarden killed with SIGKILL leaves nothing behind, not even workers
+/// that left the process group; and killing the guard first is noticed and mended.
+#[test]
+fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() {
+    let test = "sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind";
+    if let Err(why) = cgroups_usable() {
+        return skip(test, &why);
+    }
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let machine = bare_machine(&scene);
+    let mut run = Running::start(
+        scene.command(
+            &flags(&config, &machine, &["--no-kernel-log"]),
+            &[
+                "--device", "{device}", "--escape", "setsid", "--sleep", "0.1", "--steps", "600",
+            ],
+        ),
+        &scene,
+    );
+    let job = trainer_pid(&scene, 1);
+    let escaped = wait_for("the escaped worker", || {
+        escaped_pids(&scene).first().copied()
+    });
+    let gpuwarden = run.child.as_ref().unwrap().id();
+    // The guard: gpuwarden's child running `__guard`.
+    let guard = wait_for("the guard", || {
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let ppid: u32 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            (ppid == gpuwarden && cmdline.windows(7).any(|w| w == b"__guard")).then_some(pid)
+        })
+    });
+    Command::new("kill")
+        .args(["-9", &guard.to_string()])
+        .status()
+        .unwrap();
+    wait_for("the warning that the guard died", || {
+        records(&scene.journal(), "warning")
+            .iter()
+            .any(|w| {
+                w["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("started a new one"))
+            })
+            .then_some(())
+    });
+    let mut child = run.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    wait_for("the job and its escaped worker to die", || {
+        (dead(job) && dead(escaped)).then_some(())
+    });
+}

@@ -10,15 +10,19 @@ use std::time::Instant;
 
 use super::{Executor, Input, RunError, lock};
 use crate::attribution;
+use crate::cgroup::Cgroup;
 use crate::checkpoints;
 use crate::job::Sig;
 use crate::journal::Record;
 use crate::ladder::{self, Placeholders};
-use crate::process::{self, JobSpec};
+use crate::process::{self, GroupEvent, JobSpec};
 use crate::rules::Stream;
 use crate::sources::output;
 use crate::supervisor::Event;
 use crate::voice::say;
+
+/// How often a waiter looks whether the attempt's cgroup is empty once its process group is.
+const CGROUP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Incomplete checkpoints reported one by one in a run; the rest are counted.
 const SKIPS_SHOWN: usize = 5;
@@ -73,10 +77,18 @@ impl Executor<'_> {
                 })
         };
         let (out_log, err_log) = (open(&stdout_log)?, open(&stderr_log)?);
+        // A cgroup of its own where one can be made: every process the attempt starts stays
+        // the attempt's, whatever group or session it moves to.
+        let cgroup = self
+            .run_cgroup
+            .as_ref()
+            .and_then(|run| run.attempt(attempt).ok());
+        let joining = cgroup.as_ref().and_then(|c| c.procs_for_joining().ok());
         let spec = JobSpec {
             argv: &launch.argv,
             set_env: &launch.set_env,
             unset_env: &launch.unset_env,
+            cgroup: joining.as_ref(),
         };
         let mut child = match process::spawn_job(&spec) {
             Ok(child) => child,
@@ -98,8 +110,15 @@ impl Executor<'_> {
         };
         lock(&self.view).attempt_started(attempt, pid, usable);
         self.refreshed = Instant::now();
+        if let Some(cg) = &cgroup {
+            self.cgroups.insert(attempt, cg.clone());
+        }
         if let Some(guard) = &mut self.guard
-            && let Err(e) = guard.watch(pid)
+            && let Err(e) = guard.watch(pid).and_then(|()| {
+                cgroup
+                    .as_ref()
+                    .map_or(Ok(()), |c| guard.watch_cgroup(c.path()))
+            })
         {
             self.guard = None;
             self.warn(format!(
@@ -146,9 +165,27 @@ impl Executor<'_> {
         let waiter = thread::Builder::new()
             .name(format!("wait-{attempt}"))
             .spawn(move || {
-                process::wait_group(pid, |event| {
+                let send = |event| {
                     let _ = tx.send(Input::Group { attempt, event });
+                };
+                let populated = || cgroup.as_ref().is_some_and(Cgroup::populated);
+                process::wait_group(pid, |event| match event {
+                    // Workers that left the group (`setsid`) are still the attempt's.
+                    GroupEvent::LeaderExited {
+                        status,
+                        group_alive,
+                    } => send(GroupEvent::LeaderExited {
+                        status,
+                        group_alive: group_alive || populated(),
+                    }),
+                    // Said once the cgroup is empty too.
+                    GroupEvent::Empty => {}
+                    other => send(other),
                 });
+                while populated() {
+                    thread::sleep(CGROUP_POLL);
+                }
+                send(GroupEvent::Empty);
             });
         if let Err(e) = waiter {
             // Without a waiter the exit would never be seen: stop this attempt now.

@@ -30,6 +30,7 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::attribution::JobView;
+use crate::cgroup::{Cgroup, RunCgroup};
 use crate::config::Plan;
 use crate::gpu::Gpu;
 use crate::job::Sig;
@@ -203,6 +204,10 @@ pub fn run(
         kernel_dropped: 0,
         kernel_lost: None,
         skips_reported: HashSet::new(),
+        // Where none can be made (no unified hierarchy, no permission), the process group,
+        // the subreaper and the /proc walk are what there is; nothing to warn about.
+        run_cgroup: RunCgroup::create().ok(),
+        cgroups: HashMap::new(),
         board: watch.board,
     };
     exec.board.update(|s| {
@@ -282,6 +287,9 @@ pub fn run(
     if let Some(guard) = exec.guard.take() {
         guard.close();
     }
+    if let Some(run_cgroup) = &exec.run_cgroup {
+        run_cgroup.remove();
+    }
     if let Some(follower) = exec.kernel.take() {
         follower.stop();
     }
@@ -336,6 +344,9 @@ struct Executor<'a> {
     kernel_dropped: u64,
     /// Incomplete checkpoints already reported.
     skips_reported: HashSet<PathBuf>,
+    /// The run's cgroup (none where none can be made) and each live attempt's.
+    run_cgroup: Option<RunCgroup>,
+    cgroups: HashMap<u32, Cgroup>,
     board: Board,
 }
 
@@ -362,6 +373,7 @@ impl Executor<'_> {
                 }
             }
             self.publish(sup);
+            self.check_guard()?;
             let now = Instant::now();
             let mut timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(now)
@@ -485,6 +497,9 @@ impl Executor<'_> {
                         let _ = guard.unwatch(pgid);
                     }
                 }
+                if let Some(cgroup) = self.cgroups.remove(&attempt) {
+                    let _ = cgroup.remove();
+                }
                 self.reap_strays();
                 Some(Event::GroupEmpty { attempt })
             }
@@ -523,6 +538,13 @@ impl Executor<'_> {
                         sig.name()
                     ))?;
                 }
+                // And to what left the group.
+                if let Some(cgroup) = self.cgroups.get(&attempt) {
+                    match sig {
+                        Sig::Kill => cgroup.kill(),
+                        _ => cgroup.signal(sig.number()),
+                    }
+                }
             }
             Effect::Journal(record) => {
                 if let Record::Fault {
@@ -557,6 +579,43 @@ impl Executor<'_> {
         Ok(None)
     }
 
+    /// The guard kills the job if gpuwarden is killed; if someone killed the guard itself, that
+    /// protection is gone: say so and start a new one watching what the old one watched.
+    fn check_guard(&mut self) -> Result<(), RunError> {
+        let Some(guard) = &mut self.guard else {
+            return Ok(());
+        };
+        if guard.alive() {
+            return Ok(());
+        }
+        let mut fresh = match Guard::spawn() {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                self.guard = None;
+                return self.warn(format!(
+                    "the guard process died and a new one cannot be started ({e}): if gpuwarden is killed with SIGKILL, the job may survive it"
+                ));
+            }
+        };
+        let mut watched = Ok(());
+        for &pgid in self.groups.values() {
+            watched = watched.and_then(|()| fresh.watch(pgid));
+        }
+        for cgroup in self.cgroups.values() {
+            watched = watched.and_then(|()| fresh.watch_cgroup(cgroup.path()));
+        }
+        let pid = fresh.pid();
+        self.guard = Some(fresh);
+        match watched {
+            Ok(()) => self.warn(format!(
+                "the guard process (which kills the job if gpuwarden is killed) died; started a new one (pid {pid})"
+            )),
+            Err(e) => self.warn(format!(
+                "the guard process died and the new one (pid {pid}) could not be told what to watch ({e})"
+            )),
+        }
+    }
+
     /// Reaps orphans adopted from finished attempts that left their process group (daemons
     /// started with `setsid`), so they do not pile up as zombies over a long run.
     fn reap_strays(&self) {
@@ -582,6 +641,9 @@ impl Executor<'_> {
         }
         for &g in &groups {
             let _ = process::signal_group(g, Sig::Kill);
+        }
+        for cgroup in self.cgroups.values() {
+            cgroup.kill();
         }
     }
 
