@@ -188,7 +188,8 @@ mod tests {
         let procs = cg.procs_for_joining().unwrap();
         let mut cmd = Command::new("sh");
         // A daemon in a session of its own, and the shell exits at once.
-        cmd.args(["-c", "setsid sleep 300 & echo $!"]);
+        // Its output goes to /dev/null, or `output()` would wait for it to close our pipe.
+        cmd.args(["-c", "setsid sleep 300 >/dev/null 2>&1 & echo $!"]);
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
         let fd = procs.as_raw_fd();

@@ -19,7 +19,14 @@ static OPEN_LINE: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(fal
 /// stream's lock.
 pub fn passed(stdout: bool, bytes: &[u8]) {
     if let Some(&last) = bytes.last() {
-        OPEN_LINE[usize::from(!stdout)].store(last != b'\n', Ordering::Relaxed);
+        let open = last != b'\n';
+        if shared_console() {
+            // One file: the line the terminal shows is whatever either stream wrote last.
+            OPEN_LINE[0].store(open, Ordering::Relaxed);
+            OPEN_LINE[1].store(open, Ordering::Relaxed);
+        } else {
+            OPEN_LINE[usize::from(!stdout)].store(open, Ordering::Relaxed);
+        }
     }
 }
 

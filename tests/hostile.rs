@@ -360,6 +360,7 @@ fn gpuwardens_messages_never_land_mid_line_in_the_jobs_output() {
                 "hsa",
                 "--fault-stream",
                 "stdout",
+                "--open-line",
                 "--fault-at",
                 "2",
                 "--steps",
@@ -383,7 +384,11 @@ fn gpuwardens_messages_never_land_mid_line_in_the_jobs_output() {
             );
         }
     }
-    assert!(text.contains("Memory acces\n"), "{text}");
+    // The job's bytes are all there, in the order each stream wrote them.
+    assert!(text.contains("Memory acces"), "{text}");
+    // The fault line the job left open (it aborted before its newline) is closed before
+    // gpuwarden's report of it: gpuwarden spoke while the line was open.
+    assert!(text.contains("supervisor privilege.\n"), "{text}");
 }
 
 /// Issue 9.4: the run directory on a full file system. The healthy job runs to its end, the
