@@ -53,6 +53,10 @@ pub enum Command {
     /// Show this machine's GPUs, GPU software and environment, and which known GPU problems
     /// (rules/quirks.toml) apply. Exits 0 whatever it finds, "no GPU found" included.
     Probe(ProbeArgs),
+    // -- overnight: report and resume (issue 11) --
+    /// Show what happened in a run, from its journal: attempts, faults, time per tier, goodput.
+    Report(ReportArgs),
+    // -- end overnight --
     /// (internal) The guard that kills the job if gpuwarden is killed.
     #[command(name = "__guard", hide = true)]
     Guard,
@@ -185,6 +189,18 @@ pub struct ScanArgs {
     #[arg(long, conflicts_with = "files")]
     pub kernel: bool,
 }
+
+// -- overnight: report and resume (issue 11) --
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run directory (or its journal.jsonl).
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+// -- end overnight --
 
 #[derive(Debug, Subcommand)]
 pub enum CheckpointCommand {

@@ -147,6 +147,32 @@ pub enum Record {
         delay_seconds: f64,
         restarts_left: u32,
     },
+    /// A new complete checkpoint appeared while `attempt` ran (seen by the periodic rescan of
+    /// the checkpoint location): progress the run can keep.
+    CheckpointSaved {
+        attempt: u32,
+        path: PathBuf,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+    },
+    /// The job's Python stacks, captured before a stalled attempt was stopped.
+    StacksCaptured {
+        attempt: u32,
+        /// The file written (py-spy's output), or why none was.
+        path: Option<PathBuf>,
+        detail: String,
+    },
+    /// `gpuwarden resume` took this run over after the gpuwarden that ran it died.
+    RunResumed {
+        /// The attempt the new gpuwarden starts (one after the last one journaled).
+        attempt: u32,
+        tier: String,
+        restarts_left: u32,
+        checkpoint: Option<PathBuf>,
+        gpuwarden_pid: u32,
+        /// Why the previous gpuwarden is taken to be gone.
+        reason: String,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {
