@@ -104,6 +104,16 @@ pub struct RunArgs {
     /// Seconds between two GPU health samples.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
     pub health_interval: f64,
+    // -- overnight: stall and restart window (issue 11) --
+    /// No progress (no output, no new checkpoint) for this long is a fault (`gpu_hang` on a GPU
+    /// tier, `job_stalled` otherwise): `90s`, `20m`, `2h`, or `off` [default: 20m].
+    #[arg(long, value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
+    /// Count --max-restarts within this sliding window instead of over the whole run
+    /// (`1h`, `off`) [default: off].
+    #[arg(long, value_name = "DURATION")]
+    pub restart_window: Option<String>,
+    // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The command to supervise, after `--`.

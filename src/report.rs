@@ -300,7 +300,10 @@ pub fn build(journal: &str) -> Report {
                     attempt_end.insert(n, t);
                 }
                 let Some(a) = find(&mut r.attempts, n) else {
-                    skip(&mut r, format!("attempt_ended for attempt {n}, never started"));
+                    skip(
+                        &mut r,
+                        format!("attempt_ended for attempt {n}, never started"),
+                    );
                     continue;
                 };
                 a.ended_at = Some(at_text);
@@ -421,9 +424,16 @@ pub fn build(journal: &str) -> Report {
     tiers.retain(|t| t.attempts > 0);
     r.tiers = tiers;
 
-    r.goodput = goodput(&mut r, &attempt_start, &attempt_end, &saved, end.map(|e| e.0));
+    r.goodput = goodput(
+        &mut r,
+        &attempt_start,
+        &attempt_end,
+        &saved,
+        end.map(|e| e.0),
+    );
     r.foreign = foreign.into_values().collect();
-    r.foreign.sort_by(|a, b| b.count.cmp(&a.count).then(a.rule.cmp(&b.rule)));
+    r.foreign
+        .sort_by(|a, b| b.count.cmp(&a.count).then(a.rule.cmp(&b.rule)));
     r
 }
 
@@ -514,7 +524,12 @@ fn str_of(v: &Value, key: &str) -> String {
 fn strings_of(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
         .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -535,7 +550,11 @@ fn duration_text(secs: f64) -> String {
     } else if s < 3600.0 {
         format!("{} min {:02} s", (s / 60.0) as u64, (s % 60.0) as u64)
     } else {
-        format!("{} h {:02} min", (s / 3600.0) as u64, ((s % 3600.0) / 60.0) as u64)
+        format!(
+            "{} h {:02} min",
+            (s / 3600.0) as u64,
+            ((s % 3600.0) / 60.0) as u64
+        )
     }
 }
 
@@ -561,7 +580,11 @@ impl fmt::Display for Report {
             )?,
         }
         if self.resumed > 0 {
-            writeln!(f, "resumed:  {} time(s) by `gpuwarden resume`", self.resumed)?;
+            writeln!(
+                f,
+                "resumed:  {} time(s) by `gpuwarden resume`",
+                self.resumed
+            )?;
         }
         let g = &self.goodput;
         writeln!(
@@ -588,7 +611,10 @@ impl fmt::Display for Report {
                 a.seconds.map_or("still running".into(), duration_text),
                 a.checkpoint.as_deref().unwrap_or("scratch"),
             )?;
-            let mut end = a.ended_by.clone().unwrap_or_else(|| "no end recorded".into());
+            let mut end = a
+                .ended_by
+                .clone()
+                .unwrap_or_else(|| "no end recorded".into());
             if let Some(s) = &a.status {
                 let _ = write!(end, " [{s}]");
             }
@@ -599,7 +625,11 @@ impl fmt::Display for Report {
                 duration_text(a.kept_seconds)
             )?;
             if let Some(fault) = &a.fault {
-                writeln!(f, "      fault: {} ({}) on {}", fault.class, fault.rule, fault.stream)?;
+                writeln!(
+                    f,
+                    "      fault: {} ({}) on {}",
+                    fault.class, fault.rule, fault.stream
+                )?;
                 writeln!(f, "      line:  {}", fault.line)?;
             }
         }
@@ -630,13 +660,16 @@ impl fmt::Display for Report {
         } else {
             writeln!(f, "foreign faults (not the job's; never acted on):")?;
             for x in &self.foreign {
-                writeln!(f, "  {:>6}x {} ({}): {}", x.count, x.class, x.rule, x.example)?;
+                writeln!(
+                    f,
+                    "  {:>6}x {} ({}): {}",
+                    x.count, x.class, x.rule, x.example
+                )?;
             }
         }
         let h = &self.health;
         if h.job_faults + h.foreign_faults > 0 {
-            let classes: Vec<String> =
-                h.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            let classes: Vec<String> = h.by_class.iter().map(|(c, n)| format!("{c} {n}")).collect();
             writeln!(
                 f,
                 "GPU health: {} fault(s) on the job's GPUs, {} on others ({})",
@@ -676,7 +709,8 @@ mod tests {
     #[test]
     fn times_round_trip_with_the_journal_format() {
         for secs in [0u64, 951_782_400, 1_795_650_123, 4_107_456_000] {
-            let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(secs * 1_000_000 + 250);
+            let t =
+                std::time::UNIX_EPOCH + std::time::Duration::from_micros(secs * 1_000_000 + 250);
             let text = crate::time::rfc3339(t);
             let back = parse_time(&text).unwrap();
             assert!((back - secs as f64 - 0.000_25).abs() < 1e-6, "{text}");
@@ -685,7 +719,11 @@ mod tests {
     }
 
     fn line(at: u32, body: &str) -> String {
-        format!("{{\"at\":\"2026-12-05T01:{:02}:{:02}.000000Z\",{body}}}", at / 60, at % 60)
+        format!(
+            "{{\"at\":\"2026-12-05T01:{:02}:{:02}.000000Z\",{body}}}",
+            at / 60,
+            at % 60
+        )
     }
 
     /// A night: GPU attempt writes two checkpoints and faults; CPU attempt resumes from the
@@ -719,7 +757,10 @@ mod tests {
         assert_eq!(r.wall_seconds, 60.0);
         let a1 = &r.attempts[0];
         assert_eq!(a1.status.as_deref(), Some("signal 6 (SIGABRT)"));
-        assert_eq!(a1.fault.as_ref().unwrap().line, "Memory access fault by GPU node-1");
+        assert_eq!(
+            a1.fault.as_ref().unwrap().line,
+            "Memory access fault by GPU node-1"
+        );
         assert_eq!(a1.checkpoints_written, 2);
         // Kept: start (1) to the checkpoint attempt 2 resumed from (21) = 20 s; then attempt 2
         // whole (30 s). Goodput 50/60.
@@ -728,7 +769,10 @@ mod tests {
         assert_eq!(r.goodput.ratio, Some(50.0 / 60.0));
         assert_eq!(r.goodput.basis, "checkpoint_times");
         assert_eq!(r.tiers.len(), 2);
-        assert_eq!((r.tiers[0].tier.as_str(), r.tiers[0].seconds), ("gpu", 25.0));
+        assert_eq!(
+            (r.tiers[0].tier.as_str(), r.tiers[0].seconds),
+            ("gpu", 25.0)
+        );
         assert_eq!(r.foreign.len(), 1);
         assert_eq!(r.foreign[0].count, 10);
         // The unknown event and the torn line are skipped, and said.

@@ -26,6 +26,8 @@ pub fn run(args: RunArgs) -> i32 {
         rule_dirs: args.rules,
         force_gpu_unsafe: args.force_gpu_unsafe,
         config: args.config,
+        stall_timeout: args.stall_timeout,
+        restart_window: args.restart_window,
     };
     let Some(cwd) = current_dir() else {
         return exit::USAGE;

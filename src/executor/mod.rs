@@ -20,6 +20,7 @@
 
 mod attempt;
 mod outside;
+mod progress;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -180,6 +181,7 @@ pub fn run(
         kernel_dropped: 0,
         kernel_lost: None,
         board: watch.board,
+        checkpoints_seen: progress::Seen::default(),
     };
     exec.board.update(|s| {
         s.job = Some(JobInfo {
@@ -199,6 +201,9 @@ pub fn run(
         gpuwarden_pid: std::process::id(),
         version: env!("CARGO_PKG_VERSION"),
     })?;
+    for message in &plan.warnings {
+        exec.warn(message.clone())?;
+    }
     if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
         for message in verdict.messages() {
             say(&message);
@@ -237,6 +242,7 @@ pub fn run(
         settle: crate::supervisor::SETTLE,
         backoff_initial: plan.backoff_initial,
         backoff_max: plan.backoff_max,
+        stall_timeout: plan.stall_timeout,
     };
     let tiers = plan
         .ladder
@@ -302,6 +308,8 @@ struct Executor<'a> {
     /// Foreign kernel fault records dropped so far because the loop fell behind.
     kernel_dropped: u64,
     board: Board,
+    /// The newest checkpoint seen by the rescan (issue 11: checkpoints are progress).
+    checkpoints_seen: progress::Seen,
 }
 
 /// Locks shared state; a panic elsewhere while holding it leaves data that is still usable.
@@ -345,6 +353,14 @@ impl Executor<'_> {
                 self.journal_foreign_repeats(now)?;
             }
             timeout = timeout.min(FOREIGN_CHECK);
+            if let Some(attempt) = sup.live_attempt()
+                && self.plan.checkpoints.is_some()
+            {
+                if let Some(event) = self.rescan_checkpoints(attempt, now)? {
+                    pending.push(event);
+                }
+                timeout = timeout.min(progress::CHECKPOINT_SCAN);
+            }
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
                 // the kernel log), and a Tick only on an empty channel would never come: the
@@ -410,6 +426,7 @@ impl Executor<'_> {
             } => match event {
                 OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
                 OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
+                OutputEvent::Progress { at } => Some(Event::Progress { attempt, at }),
                 OutputEvent::Idle { at } => Some(Event::OutputIdle {
                     attempt,
                     stream,
@@ -514,6 +531,7 @@ impl Executor<'_> {
                 self.journal(&record)?
             }
             Effect::Say(message) => say(&message),
+            Effect::CaptureStacks { attempt } => self.capture_stacks(attempt)?,
             Effect::Finish(outcome) => return Ok(Some(outcome)),
         }
         Ok(None)

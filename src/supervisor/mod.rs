@@ -42,6 +42,9 @@ pub struct Policy {
     pub settle: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// No progress (new output, a new checkpoint) for this long is a fault: `gpu_hang` on a GPU
+    /// tier, `job_stalled` otherwise. `None` turns stall detection off.
+    pub stall_timeout: Option<Duration>,
 }
 
 /// What the supervisor needs to know of a tier.
@@ -85,6 +88,9 @@ pub enum Event {
     GroupEmpty { attempt: u32 },
     /// gpuwarden itself received a signal.
     Signal(Sig),
+    /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
+    /// streams, or a new complete checkpoint.
+    Progress { attempt: u32, at: Instant },
     /// Time passed.
     Tick,
 }
@@ -156,6 +162,9 @@ pub enum Effect {
     Journal(Record),
     /// Tell the user (one line on stderr).
     Say(String),
+    /// Capture the stacks of `attempt`'s processes into the run directory (py-spy, bounded in
+    /// time) before it is stopped for a stall. Comes before the `Signal` that stops it.
+    CaptureStacks { attempt: u32 },
     /// The run is over.
     Finish(Outcome),
 }
@@ -230,6 +239,8 @@ struct Live {
     drained: Vec<Stream>,
     /// Faults seen in this attempt, by rule id, with how often each was seen.
     seen: BTreeMap<String, u64>,
+    /// The latest evidence of progress (the start counts as progress).
+    last_progress: Instant,
 }
 
 impl Live {
@@ -339,10 +350,24 @@ impl Supervisor {
                     (Some(due), None, false) => Some(due),
                     _ => None,
                 };
-                term_at.or(kill_at).or(give_up_at)
+                term_at
+                    .or(kill_at)
+                    .or(give_up_at)
+                    .or_else(|| self.stall_at(live))
             }
             Phase::Idle | Phase::Done => None,
         }
+    }
+
+    /// When `live` counts as stalled if no progress comes first; `None` when stall detection is
+    /// off or the attempt is already ending.
+    fn stall_at(&self, live: &Live) -> Option<Instant> {
+        let timeout = self.policy.stall_timeout?;
+        let watching = live.stop.is_none()
+            && live.term_sent.is_none()
+            && live.exit.is_none()
+            && !live.group_empty;
+        watching.then(|| live.last_progress + timeout)
     }
 
     /// Feed one event; get back what to do, in order.
@@ -407,7 +432,18 @@ impl Supervisor {
                 }
             }
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
-            Event::Tick => self.on_tick(now, &mut out),
+            Event::Progress { attempt, at } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                    && at > live.last_progress
+                {
+                    live.last_progress = at;
+                }
+            }
+            Event::Tick => {
+                self.check_stall(now, &mut out);
+                self.on_tick(now, &mut out);
+            }
         }
         out
     }
@@ -433,6 +469,7 @@ impl Supervisor {
             open: vec![Stream::Stdout, Stream::Stderr],
             drained: Vec::new(),
             seen: BTreeMap::new(),
+            last_progress: now,
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -594,6 +631,43 @@ impl Supervisor {
                     )));
                 }
             }
+        }
+    }
+
+    /// A live attempt without progress for the stall timeout is stopped as a fault: its stacks
+    /// are captured first (while it is still there to be looked at), then SIGTERM.
+    fn check_stall(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &self.phase else {
+            return;
+        };
+        let (Some(due), Some(timeout)) = (self.stall_at(live), self.policy.stall_timeout) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let uses_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
+        let silent = now.saturating_duration_since(live.last_progress);
+        let fault = stall_fault(uses_gpu, silent, timeout);
+        let grace = self.policy.grace;
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        let attempt = live.attempt;
+        live.seen.insert(fault.rule.clone(), 1);
+        out.push(Effect::Journal(fault_record(attempt, &fault)));
+        out.push(Effect::Say(format!(
+            "fault in attempt {attempt}: {} ({}): {}",
+            fault.class,
+            fault.line,
+            fault.advice.trim()
+        )));
+        live.stop = Some(StopCause::Fault(fault));
+        out.push(Effect::CaptureStacks { attempt });
+        if live.stop_group(Sig::Terminate, now, out) {
+            out.push(Effect::Say(format!(
+                "stopping the stalled job: SIGTERM to its process group, SIGKILL after {grace:.0?}"
+            )));
         }
     }
 
@@ -856,6 +930,36 @@ fn fault_record(attempt: u32, fault: &Fault) -> Record {
     }
 }
 
+/// The fault of an attempt that made no progress for `silent` (at least the stall `timeout`):
+/// `gpu_hang` on a GPU tier (a wedged kernel or collective is the usual reason a GPU job goes
+/// quiet), `job_stalled` elsewhere.
+pub fn stall_fault(uses_gpu: bool, silent: Duration, timeout: Duration) -> Fault {
+    let class = if uses_gpu {
+        FaultClass::GpuHang
+    } else {
+        FaultClass::JobStalled
+    };
+    Fault {
+        rule: "stall-timeout".to_string(),
+        class,
+        severity: crate::rules::Severity::Error,
+        action: class.default_action(),
+        stream: Stream::Progress,
+        line: format!(
+            "no progress for {:.1} s (no output, no new checkpoint; the stall timeout is {:.1} s)",
+            silent.as_secs_f64(),
+            timeout.as_secs_f64()
+        ),
+        captures: std::collections::BTreeMap::from([(
+            "silent_seconds".to_string(),
+            format!("{:.1}", silent.as_secs_f64()),
+        )]),
+        advice: "The job printed nothing and wrote no checkpoint for the whole stall timeout. On a GPU this is usually a hung kernel or a collective waiting for a rank that died; on the CPU a deadlock or a stuck data loader. The stacks captured before the stop (when py-spy is installed) show where it waited. A job that is silent by design needs a longer --stall-timeout, or --stall-timeout off.".to_string(),
+        facility: None,
+        attribution: None,
+    }
+}
+
 /// The fault a job's exit status is evidence of: death by SIGSEGV, SIGBUS, SIGILL, SIGFPE or
 /// SIGABRT is a crash (`process_crash`), whatever the logs said or when they were read.
 pub fn crash_fault(status: JobExit) -> Option<Fault> {
@@ -900,6 +1004,7 @@ mod tests {
             settle: SETTLE,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            stall_timeout: None,
         }
     }
 
@@ -1607,5 +1712,100 @@ mod tests {
         });
         r.exit(1, JobExit::Signal(15));
         assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+    }
+
+    // ---- stall detection (issue 11) ----
+
+    fn stalling(timeout: u64) -> Policy {
+        let mut p = policy();
+        p.stall_timeout = Some(Duration::from_secs(timeout));
+        p
+    }
+
+    fn journaled_faults(effects: &[Effect]) -> Vec<FaultClass> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::Fault { class, .. }) => Some(*class),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn progress_keeps_a_job_alive_and_silence_is_a_gpu_hang_on_a_gpu_tier() {
+        let mut r = Run::new(stalling(60), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        assert_eq!(r.sup.next_deadline(), Some(r.t0 + Duration::from_secs(60)));
+        // Output every 50 s: never a stall.
+        for _ in 0..4 {
+            assert!(r.advance(Duration::from_secs(50)).is_empty());
+            let at = r.now;
+            r.feed(Event::Progress { attempt: 1, at });
+        }
+        assert_eq!(r.sup.next_deadline(), Some(r.now + Duration::from_secs(60)));
+        // Progress stamped earlier than one already seen changes nothing.
+        r.feed(Event::Progress {
+            attempt: 1,
+            at: r.t0,
+        });
+        assert!(r.advance(Duration::from_secs(59)).is_empty());
+        let out = r.advance(Duration::from_secs(1));
+        assert_eq!(journaled_faults(&out), [FaultClass::GpuHang]);
+        // The stacks are captured while the job is still there, then SIGTERM.
+        let capture = out
+            .iter()
+            .position(|e| matches!(e, Effect::CaptureStacks { attempt: 1 }))
+            .unwrap();
+        let term = out
+            .iter()
+            .position(|e| {
+                matches!(
+                    e,
+                    Effect::Signal {
+                        sig: Sig::Terminate,
+                        ..
+                    }
+                )
+            })
+            .unwrap();
+        assert!(capture < term);
+        // A hang restarts on the same tier first.
+        r.exit(1, JobExit::Signal(15));
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), [(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn silence_on_a_cpu_tier_is_job_stalled() {
+        let mut r = Run::new(stalling(10), &[("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.advance(Duration::from_secs(10));
+        assert_eq!(journaled_faults(&out), [FaultClass::JobStalled]);
+        assert_eq!(signals(&out), [Sig::Terminate]);
+        // While it is being stopped, no second stall fault; SIGKILL after the grace.
+        let out = r.advance(Duration::from_secs(10));
+        assert!(journaled_faults(&out).is_empty());
+        assert_eq!(signals(&out), [Sig::Kill]);
+    }
+
+    #[test]
+    fn no_stall_timeout_means_no_stall() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        assert_eq!(r.sup.next_deadline(), None);
+        assert!(r.advance(Duration::from_secs(86_400)).is_empty());
+    }
+
+    #[test]
+    fn a_job_that_exited_is_not_stalled_while_its_output_drains() {
+        let mut r = Run::new(stalling(5), &[("gpu", true)]);
+        r.feed(Event::Start);
+        r.feed(Event::Exited {
+            attempt: 1,
+            status: JobExit::Code(0),
+            group_alive: false,
+        });
+        assert!(r.advance(Duration::from_secs(30)).is_empty());
     }
 }
