@@ -80,9 +80,15 @@ impl Executor<'_> {
             path: newest.path,
             step: newest.step,
         })?;
+        // The progress happened when the file was written, not when the scan found it (up to
+        // CHECKPOINT_SCAN later): stamped so, a stall is timed from the job's last sign of life.
+        let age = SystemTime::now()
+            .duration_since(newest.modified)
+            .unwrap_or_default();
+        let now = Instant::now();
         Ok(Some(Event::Progress {
             attempt,
-            at: Instant::now(),
+            at: now.checked_sub(age).unwrap_or(now),
         }))
     }
 
