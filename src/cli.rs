@@ -33,6 +33,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start and moved into its subcommand: the size of the largest variant costs
+// nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a training command under supervision.

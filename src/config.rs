@@ -539,9 +539,13 @@ pub fn plan(
     })
 }
 
+/// The text given for a duration is not one ([`parse_duration`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotADuration;
+
 /// Reads a duration: a number with a unit (`s`, `m`, `h`, `d`; a bare number is seconds), or
 /// `off` (`None`). Zero is `off` too. At most [`MAX_WINDOW_SECONDS`].
-pub fn parse_duration(text: &str) -> Result<Option<Duration>, ()> {
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, NotADuration> {
     let t = text.trim();
     if matches!(t, "off" | "none" | "never") {
         return Ok(None);
@@ -550,24 +554,24 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, ()> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let value: f64 = number.parse().map_err(|_| ())?;
+    let value: f64 = number.parse().map_err(|_| NotADuration)?;
     let scale = match unit.trim() {
         "" | "s" | "sec" => 1.0,
         "m" | "min" => 60.0,
         "h" => 3600.0,
         "d" => 86_400.0,
-        _ => return Err(()),
+        _ => return Err(NotADuration),
     };
     let secs = value * scale;
     if !(0.0..=MAX_WINDOW_SECONDS as f64).contains(&secs) {
-        return Err(());
+        return Err(NotADuration);
     }
-    let d = Duration::try_from_secs_f64(secs).map_err(|_| ())?;
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| NotADuration)?;
     Ok((!d.is_zero()).then_some(d))
 }
 
 fn duration(what: &'static str, text: &str, at: Origin) -> Result<Option<Duration>, ConfigError> {
-    parse_duration(text).map_err(|()| ConfigError::BadDuration {
+    parse_duration(text).map_err(|NotADuration| ConfigError::BadDuration {
         what,
         value: text.to_owned(),
         at,
@@ -1511,7 +1515,7 @@ args = ["--amp", "off"]
         assert_eq!(parse_duration("off"), Ok(None));
         assert_eq!(parse_duration("0"), Ok(None));
         for bad in ["", "m", "20 parsecs", "-5s", "8d", "1e9"] {
-            assert_eq!(parse_duration(bad), Err(()), "{bad}");
+            assert_eq!(parse_duration(bad), Err(NotADuration), "{bad}");
         }
     }
 

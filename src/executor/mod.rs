@@ -243,6 +243,8 @@ pub fn run(
         backoff_initial: plan.backoff_initial,
         backoff_max: plan.backoff_max,
         stall_timeout: plan.stall_timeout,
+        restart_window: plan.restart_window,
+        checkpoints_watched: plan.checkpoints.is_some(),
     };
     let tiers = plan
         .ladder

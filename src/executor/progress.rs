@@ -86,7 +86,7 @@ impl Executor<'_> {
             .duration_since(newest.modified)
             .unwrap_or_default();
         let now = Instant::now();
-        Ok(Some(Event::Progress {
+        Ok(Some(Event::Checkpoint {
             attempt,
             at: now.checked_sub(age).unwrap_or(now),
         }))

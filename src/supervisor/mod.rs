@@ -45,7 +45,17 @@ pub struct Policy {
     /// No progress (new output, a new checkpoint) for this long is a fault: `gpu_hang` on a GPU
     /// tier, `job_stalled` otherwise. `None` turns stall detection off.
     pub stall_timeout: Option<Duration>,
+    /// `max_restarts` counts the restarts of this sliding window (systemd's
+    /// `StartLimitIntervalSec`); `None`: of the whole run.
+    pub restart_window: Option<Duration>,
+    /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
+    /// only then can "no new checkpoint" mean "no progress".
+    pub checkpoints_watched: bool,
 }
+
+/// Attempts in a row on one tier that wrote no new checkpoint, after which the tier is given
+/// up on (NVIDIA's resiliency launcher stops after 3 such cycles).
+pub const NO_PROGRESS_LIMIT: usize = 3;
 
 /// What the supervisor needs to know of a tier.
 #[derive(Clone, Debug)]
@@ -91,6 +101,9 @@ pub enum Event {
     /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
     /// streams, or a new complete checkpoint.
     Progress { attempt: u32, at: Instant },
+    /// A new complete checkpoint of `attempt` was found, written at `at`: progress, and
+    /// progress that a restart keeps.
+    Checkpoint { attempt: u32, at: Instant },
     /// Time passed.
     Tick,
 }
@@ -215,6 +228,8 @@ pub struct AttemptSummary {
     pub started: Instant,
     pub ended: Option<Instant>,
     pub ending: Ending,
+    /// Whether it wrote a new checkpoint (`Event::Checkpoint`).
+    pub wrote_checkpoint: bool,
 }
 
 /// The attempt that is running or being stopped.
@@ -294,6 +309,8 @@ pub struct Supervisor {
     ladder: Vec<TierInfo>,
     phase: Phase,
     restarts: u32,
+    /// When each restart within the restart window was decided (only with a window).
+    restart_times: Vec<Instant>,
     attempts: Vec<AttemptSummary>,
 }
 
@@ -304,6 +321,7 @@ impl Supervisor {
             ladder,
             phase: Phase::Idle,
             restarts: 0,
+            restart_times: Vec::new(),
             attempts: Vec::new(),
         }
     }
@@ -440,6 +458,23 @@ impl Supervisor {
                     live.last_progress = at;
                 }
             }
+            Event::Checkpoint { attempt, at } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                {
+                    if at > live.last_progress {
+                        live.last_progress = at;
+                    }
+                    if let Some(a) = self
+                        .attempts
+                        .iter_mut()
+                        .rev()
+                        .find(|a| a.attempt == attempt)
+                    {
+                        a.wrote_checkpoint = true;
+                    }
+                }
+            }
             Event::Tick => {
                 self.check_stall(now, &mut out);
                 self.on_tick(now, &mut out);
@@ -478,6 +513,7 @@ impl Supervisor {
             started: now,
             ended: None,
             ending: Ending::Running,
+            wrote_checkpoint: false,
         });
         out.push(Effect::Spawn { attempt, tier });
     }
@@ -803,7 +839,12 @@ impl Supervisor {
             ),
             Some(StopCause::Fault(fault)) => {
                 match self.after_fault(&fault, live.tier, live.attempt) {
-                    Ok(tier) => (tier, format!("{} ({})", fault.class, fault.rule)),
+                    Ok((tier, note)) => {
+                        if let Some(note) = note {
+                            out.push(Effect::Say(note));
+                        }
+                        (tier, format!("{} ({})", fault.class, fault.rule))
+                    }
                     Err(outcome) => {
                         self.finish(outcome, out);
                         return;
@@ -811,16 +852,40 @@ impl Supervisor {
                 }
             }
         };
+        let next_tier = match self.after_no_progress(next_tier, live.tier) {
+            Ok(tier) => {
+                if tier != next_tier {
+                    out.push(Effect::Say(format!(
+                        "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint: giving up on the tier",
+                        self.tier_name(live.tier)
+                    )));
+                }
+                tier
+            }
+            Err((note, outcome)) => {
+                out.push(Effect::Say(note));
+                self.finish(outcome, out);
+                return;
+            }
+        };
 
-        if self.restarts >= self.policy.max_restarts {
+        let used = self.restarts_in_window(now);
+        if used >= self.policy.max_restarts {
+            let within = match self.policy.restart_window {
+                Some(w) => format!(" within {}", window_text(w)),
+                None => String::new(),
+            };
             out.push(Effect::Say(format!(
-                "{reason}; the restart budget ({}) is spent",
+                "{reason}; the restart budget ({}{within}) is spent",
                 self.policy.max_restarts
             )));
             self.finish(Outcome::BudgetSpent, out);
             return;
         }
         self.restarts += 1;
+        if self.policy.restart_window.is_some() {
+            self.restart_times.push(now);
+        }
         let delay = self.backoff(next_tier);
         let attempt = live.attempt + 1;
         let tier_name = self.tier_name(next_tier);
@@ -829,7 +894,7 @@ impl Supervisor {
             tier: tier_name.clone(),
             reason: reason.clone(),
             delay_seconds: delay.as_secs_f64(),
-            restarts_left: self.policy.max_restarts - self.restarts,
+            restarts_left: self.policy.max_restarts.saturating_sub(used + 1),
         }));
         out.push(Effect::Say(format!(
             "{reason}: restarting as attempt {attempt} on tier `{tier_name}` in {delay:.1?}"
@@ -845,21 +910,47 @@ impl Supervisor {
         }
     }
 
-    /// The tier to restart on after `fault` ended an attempt on `tier`, or why the run ends.
-    fn after_fault(&self, fault: &Fault, tier: usize, attempt: u32) -> Result<usize, Outcome> {
+    /// The tier to restart on after `fault` ended an attempt on `tier` (with a note to say when
+    /// the crash-loop sense changed the fault's own action), or why the run ends.
+    ///
+    /// A class that restarts is judged by where the attempt started: the same class ending an
+    /// earlier attempt on this tier that resumed from the same checkpoint (or from scratch both
+    /// times) will end the next one too: it is deterministic, so the run goes down the ladder
+    /// (or stops, for a host OOM). The same class after progress (a newer checkpoint each time)
+    /// is transient: the run stays on the tier.
+    fn after_fault(
+        &self,
+        fault: &Fault,
+        tier: usize,
+        attempt: u32,
+    ) -> Result<(usize, Option<String>), Outcome> {
         let mut action = fault.action;
-        // "Restart once, then ...": a class that already ended an earlier attempt on this
-        // tier escalates (a second GPU hang on the same tier means fall back).
-        if action == Action::Restart
-            && let Some(escalated) = fault.class.escalates_on_repeat()
-        {
-            let repeated = self.attempts.iter().any(|a| {
+        let mut note = None;
+        if action == Action::Restart {
+            let resumed = self
+                .attempts
+                .iter()
+                .find(|a| a.attempt == attempt)
+                .map(|a| a.checkpoint.clone());
+            let deterministic = self.attempts.iter().any(|a| {
                 a.attempt != attempt
                     && a.tier == tier
+                    && Some(&a.checkpoint) == resumed.as_ref()
                     && matches!(&a.ending, Ending::Fault { class, .. } if *class == fault.class)
             });
-            if repeated {
-                action = escalated;
+            if deterministic {
+                action = fault
+                    .class
+                    .escalates_on_repeat()
+                    .unwrap_or(Action::Fallback);
+                let from = match resumed.flatten() {
+                    Some(c) => format!("checkpoint {}", c.display()),
+                    None => "scratch".to_string(),
+                };
+                note = Some(format!(
+                    "{} again after resuming from the same {from}: deterministic, not a fluke ({action})",
+                    fault.class
+                ));
             }
         }
         match action {
@@ -867,7 +958,7 @@ impl Supervisor {
                 rule: fault.rule.clone(),
                 class: fault.class,
             }),
-            Action::Restart | Action::Note => Ok(tier),
+            Action::Restart | Action::Note => Ok((tier, note)),
             Action::Fallback => {
                 // No kernel for this architecture (or no GPU at all): every GPU tier will fail
                 // the same way, so go straight to the first tier that does not use a GPU.
@@ -877,8 +968,52 @@ impl Supervisor {
                     .enumerate()
                     .skip(tier + 1)
                     .find(|(_, t)| !skip_gpu || !t.uses_gpu)
-                    .map(|(i, _)| i)
+                    .map(|(i, _)| (i, note))
                     .ok_or(Outcome::LadderExhausted)
+            }
+        }
+    }
+
+    /// Attempts in a row, ending with the last one, on `tier` that wrote no new checkpoint.
+    fn no_progress_run(&self, tier: usize) -> usize {
+        self.attempts
+            .iter()
+            .rev()
+            .take_while(|a| a.tier == tier && !a.wrote_checkpoint)
+            .count()
+    }
+
+    /// A restart on the same `tier` after [`NO_PROGRESS_LIMIT`] attempts in a row without a new
+    /// checkpoint goes one tier down instead (or ends the run at the bottom of the ladder). Only
+    /// when checkpoints are watched: without them "no checkpoint" says nothing.
+    fn after_no_progress(&self, next: usize, tier: usize) -> Result<usize, (String, Outcome)> {
+        if !self.policy.checkpoints_watched
+            || next != tier
+            || self.no_progress_run(tier) < NO_PROGRESS_LIMIT
+        {
+            return Ok(next);
+        }
+        if tier + 1 < self.ladder.len() {
+            Ok(tier + 1)
+        } else {
+            Err((
+                format!(
+                    "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint, and it is the last tier: giving up",
+                    self.tier_name(tier)
+                ),
+                Outcome::LadderExhausted,
+            ))
+        }
+    }
+
+    /// Restarts that count against the budget now: all of them, or those of the window.
+    fn restarts_in_window(&mut self, now: Instant) -> u32 {
+        match self.policy.restart_window {
+            None => self.restarts,
+            Some(window) => {
+                self.restart_times
+                    .retain(|t| now.saturating_duration_since(*t) < window);
+                self.restart_times.len() as u32
             }
         }
     }
@@ -927,6 +1062,18 @@ fn fault_record(attempt: u32, fault: &Fault) -> Record {
         captures: fault.captures.clone(),
         facility: fault.facility.clone(),
         attribution: fault.attribution.clone(),
+    }
+}
+
+/// `1h`, `20m`, `90s`.
+fn window_text(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{:.0}s", d.as_secs_f64())
     }
 }
 
@@ -1005,6 +1152,8 @@ mod tests {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             stall_timeout: None,
+            restart_window: None,
+            checkpoints_watched: false,
         }
     }
 
@@ -1807,5 +1956,133 @@ mod tests {
             group_alive: false,
         });
         assert!(r.advance(Duration::from_secs(30)).is_empty());
+    }
+
+    // ---- crash-loop sense (issue 11) ----
+
+    /// Runs attempt `attempt` from `checkpoint`: spawned, optionally writes a checkpoint, then
+    /// ends with a fault of `class` (its default action) and the backoff is waited out.
+    fn attempt_with(
+        r: &mut Run,
+        attempt: u32,
+        checkpoint: Option<&str>,
+        writes: bool,
+        class: FaultClass,
+    ) {
+        r.feed(Event::Spawned {
+            attempt,
+            checkpoint: checkpoint.map(PathBuf::from),
+        });
+        if writes {
+            let at = r.now;
+            r.feed(Event::Checkpoint { attempt, at });
+        }
+        r.feed(Event::Fault {
+            attempt,
+            fault: fault(class, class.default_action()),
+        });
+        r.exit(attempt, JobExit::Code(1));
+        if let Some(deadline) = r.sup.next_deadline() {
+            r.now = deadline;
+            r.feed(Event::Tick);
+        }
+    }
+
+    #[test]
+    fn the_same_fault_from_the_same_checkpoint_twice_goes_down_the_ladder() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("c4"), false, FaultClass::GpuReset);
+        // gpu_reset never escalated before; from the same checkpoint twice it is deterministic.
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 1)]);
+        assert!(r.log.iter().any(
+            |e| matches!(e, Effect::Say(m) if m.contains("deterministic") && m.contains("c4"))
+        ));
+    }
+
+    #[test]
+    fn the_same_fault_at_a_different_step_each_time_stays_on_the_tier() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        // A GPU hang escalates on repeat, but each time after progress: transient, stay.
+        attempt_with(&mut r, 1, Some("c2"), true, FaultClass::GpuHang);
+        attempt_with(&mut r, 2, Some("c4"), true, FaultClass::GpuHang);
+        attempt_with(&mut r, 3, Some("c6"), true, FaultClass::GpuHang);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn three_restarts_without_a_new_checkpoint_end_the_tier() {
+        let mut p = policy();
+        p.checkpoints_watched = true;
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        // Different classes (so never "the same fault twice"), and no checkpoint written.
+        attempt_with(&mut r, 1, Some("c"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("c"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 3, Some("c"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 1)]);
+        assert!(
+            r.log
+                .iter()
+                .any(|e| matches!(e, Effect::Say(m) if m.contains("wrote no new checkpoint")))
+        );
+        // On the last tier it ends the run.
+        attempt_with(&mut r, 4, Some("c"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 5, Some("c"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 6, Some("c"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.outcome(), Some(Outcome::LadderExhausted));
+    }
+
+    #[test]
+    fn without_watched_checkpoints_no_checkpoint_is_not_no_progress() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, None, false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("a"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 3, Some("b"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn the_restart_budget_counts_a_sliding_window() {
+        let mut p = policy();
+        p.max_restarts = 2;
+        p.backoff_max = Duration::from_secs(1);
+        p.restart_window = Some(Duration::from_secs(3600));
+        let mut r = Run::new(p, &[("gpu", true)]);
+        r.feed(Event::Start);
+        // Two crashes at the start of the night, then an hour of work, then two more: fine.
+        for attempt in 1..=2 {
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(1));
+        }
+        r.now += Duration::from_secs(3600);
+        for attempt in 3..=4 {
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(1));
+        }
+        assert_eq!(r.outcome(), None);
+        assert_eq!(r.spawns().len(), 5);
+        let left: Vec<u32> = r
+            .log
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::RestartScheduled { restarts_left, .. }) => {
+                    Some(*restarts_left)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(left, [1, 0, 1, 0]);
+        // A third within the window spends it.
+        r.exit(5, JobExit::Code(1));
+        assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+        assert!(
+            r.log.iter().any(
+                |e| matches!(e, Effect::Say(m) if m.contains("budget (2 within 1h) is spent"))
+            )
+        );
     }
 }
