@@ -59,6 +59,10 @@ pub enum Command {
     // -- overnight: report and resume (issue 11) --
     /// Show what happened in a run, from its journal: attempts, faults, time per tier, goodput.
     Report(ReportArgs),
+    /// Continue a run whose gpuwarden died (reboot, OOM killer, kill -9): same run directory
+    /// and journal, the tier and attempt count where it stopped, the newest complete checkpoint.
+    #[command(after_help = gpuwarden::exit::TABLE)]
+    Resume(ResumeArgs),
     // -- end overnight --
     /// (internal) The guard that kills the job if gpuwarden is killed.
     #[command(name = "__guard", hide = true)]
@@ -212,6 +216,13 @@ pub struct ReportArgs {
     /// Print the report as one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The run directory of the run to continue.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
 }
 // -- end overnight --
 

@@ -63,6 +63,15 @@ pub enum Record {
         rules: usize,
         gpuwarden_pid: u32,
         version: &'static str,
+        /// gpuwarden's own command line as given (lossy UTF-8) and its working directory:
+        /// what `gpuwarden resume` starts again from.
+        #[serde(default)]
+        argv: Vec<String>,
+        cwd: Option<PathBuf>,
+        /// The config file that was read, if any.
+        config_file: Option<PathBuf>,
+        stall_timeout_seconds: Option<f64>,
+        restart_window_seconds: Option<f64>,
     },
     /// The pre-flight probe's verdict (rules/quirks.toml), when a known GPU problem applies:
     /// the tier attempt 1 starts on, the tiers skipped, and the problems behind it.
@@ -199,6 +208,20 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// Opens the existing `run_dir/journal.jsonl` of a run to continue it (`gpuwarden resume`):
+    /// appended to, never rewritten. A torn last line (the old gpuwarden died mid-write) is
+    /// closed with a newline first, so every new record stands on a line of its own.
+    pub fn append_to(run_dir: &Path) -> io::Result<Journal> {
+        let path = run_dir.join("journal.jsonl");
+        let mut file = OpenOptions::new().append(true).open(&path)?;
+        let bytes = std::fs::read(&path)?;
+        if bytes.last().is_some_and(|b| *b != b'\n') {
+            file.write_all(b"\n")?;
+            file.sync_data()?;
+        }
+        Ok(Journal { file, path })
+    }
+
     /// Creates `run_dir/journal.jsonl`. An existing journal is never reused or truncated: two
     /// runs given the same directory get `AlreadyExists` for the second, atomically.
     pub fn create(run_dir: &Path) -> io::Result<Journal> {

@@ -188,3 +188,90 @@ fn report_json_agrees_with_the_journal() {
     assert!(shown.contains("Memory access fault"), "{shown}");
     assert!(shown.contains("skipped 2 of"), "{shown}");
 }
+
+#[test]
+fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
+    use std::time::{Duration, Instant};
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let mut child = scene
+        .command(
+            &["--config", &config],
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--steps",
+                "14",
+                "--sleep",
+                "0.2",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a checkpoint the rescan has journaled, then kill gpuwarden outright.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !scene
+        .journal()
+        .iter()
+        .any(|r| r["event"] == "checkpoint_saved")
+    {
+        assert!(Instant::now() < deadline, "no checkpoint_saved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send(child.id(), nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let before = std::fs::read_to_string(scene.run_dir().join("journal.jsonl")).unwrap();
+    // The guard stops the job; wait for it to be gone before resuming.
+    let pid = scene.starts()[0]["pid"].as_i64().unwrap() as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dead(pid) {
+        assert!(Instant::now() < deadline, "the job outlived gpuwarden");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = Command::new(BIN)
+        .arg("resume")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    // Append-only: the old journal is a prefix of the new one.
+    let after = std::fs::read_to_string(scene.run_dir().join("journal.jsonl")).unwrap();
+    assert!(after.starts_with(&before));
+    let journal = scene.journal();
+    let resumed = journal
+        .iter()
+        .find(|r| r["event"] == "run_resumed")
+        .unwrap();
+    assert_eq!(resumed["attempt"], 2);
+    assert_eq!(resumed["tier"], "gpu");
+    assert_eq!(resumed["restarts_left"], 5);
+    let starts: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_started")
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[1]["attempt"], 2);
+    let from = starts[1]["checkpoint"].as_str().unwrap();
+    assert!(from.contains("ckpt-step"), "{from}");
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+    // The trainer's second start resumed from that checkpoint.
+    assert_eq!(arg_after(&scene.starts()[1], "--resume"), Some(from));
+    // A finished run is not resumed again.
+    let again = Command::new(BIN)
+        .arg("resume")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("is over"));
+    // And the report tells both parts.
+    let report = report_json(&scene);
+    assert_eq!(report["resumed"], 1);
+    assert_eq!(report["attempts"].as_array().unwrap().len(), 2);
+}

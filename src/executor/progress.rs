@@ -35,18 +35,22 @@ pub(super) struct Seen {
 impl Executor<'_> {
     /// Looks for a checkpoint newer than the last one seen; journals it and answers a progress
     /// event for `attempt` when there is one.
+    /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
+    /// so a checkpoint written in its last seconds is still credited to it.
     pub(super) fn rescan_checkpoints(
         &mut self,
         attempt: u32,
         now: Instant,
+        last: bool,
     ) -> Result<Option<Event>, RunError> {
         let Some(spec) = &self.plan.checkpoints else {
             return Ok(None);
         };
-        if self
-            .checkpoints_seen
-            .scanned
-            .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
+        if !last
+            && self
+                .checkpoints_seen
+                .scanned
+                .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
         {
             return Ok(None);
         }

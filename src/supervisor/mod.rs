@@ -311,6 +311,9 @@ pub struct Supervisor {
     restarts: u32,
     /// When each restart within the restart window was decided (only with a window).
     restart_times: Vec<Instant>,
+    /// The attempt number and tier `Event::Start` begins with: 1 and the first tier, unless a
+    /// resumed run continues where its journal stopped.
+    start: (u32, usize),
     attempts: Vec<AttemptSummary>,
 }
 
@@ -322,6 +325,7 @@ impl Supervisor {
             phase: Phase::Idle,
             restarts: 0,
             restart_times: Vec::new(),
+            start: (1, 0),
             attempts: Vec::new(),
         }
     }
@@ -333,6 +337,16 @@ impl Supervisor {
             Phase::Live(live) => Some(live.attempt),
             _ => None,
         }
+    }
+
+    /// Continues a run whose gpuwarden died (`gpuwarden resume`): `Event::Start` begins with
+    /// `attempt` on `tier`, with `restarts` of the budget already used.
+    pub fn resume_at(&mut self, attempt: u32, tier: usize, restarts: u32) {
+        self.start = (
+            attempt.max(1),
+            tier.min(self.ladder.len().saturating_sub(1)),
+        );
+        self.restarts = restarts;
     }
 
     /// Restarts used so far.
@@ -394,7 +408,8 @@ impl Supervisor {
         match event {
             Event::Start => {
                 if matches!(self.phase, Phase::Idle) {
-                    self.spawn(1, 0, now, &mut out);
+                    let (attempt, tier) = self.start;
+                    self.spawn(attempt, tier, now, &mut out);
                 }
             }
             Event::Spawned {
