@@ -21,6 +21,7 @@
 mod attempt;
 mod outside;
 mod progress;
+mod start;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -46,6 +47,7 @@ use crate::supervisor::{Effect, Event, Outcome, Policy, Supervisor, TierInfo};
 use crate::voice::say;
 
 pub use outside::KernelFault;
+pub use start::Resume;
 
 /// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
 pub const GUARD_GRACE: Duration = Duration::from_secs(1);
@@ -115,19 +117,6 @@ pub struct Watch {
     pub board: Board,
     /// Continue the run in an existing run directory (`gpuwarden resume`) instead of a new one.
     pub resume: Option<Resume>,
-}
-
-/// Where a resumed run continues, read from its journal by `gpuwarden resume`.
-#[derive(Clone, Debug)]
-pub struct Resume {
-    /// The attempt number to start with (one after the last one journaled).
-    pub attempt: u32,
-    /// The tier to start on, by name; the first tier of the plan when it is not on the ladder.
-    pub tier: String,
-    /// Restarts already used by the run.
-    pub restarts: u32,
-    /// Why the previous gpuwarden is taken to be gone.
-    pub reason: String,
 }
 
 /// How often the job's process tree is re-read for attribution while an attempt runs.
@@ -210,63 +199,7 @@ pub fn run(
             ..JobInfo::default()
         })
     });
-    let resume_tier = watch.resume.as_ref().map(|r| {
-        plan.ladder
-            .iter()
-            .position(|t| t.name == r.tier)
-            .unwrap_or(0)
-    });
-    match &watch.resume {
-        None => exec.journal(&Record::RunStarted {
-            command: exec.command_words(),
-            ladder: plan.ladder.iter().map(|t| t.name.clone()).collect(),
-            checkpoints: plan.checkpoints.clone(),
-            max_restarts: plan.max_restarts,
-            grace_seconds: plan.grace.as_secs_f64(),
-            rules: exec.rules.rules().len(),
-            gpuwarden_pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION"),
-            argv: std::env::args_os()
-                .map(|a| a.to_string_lossy().into_owned())
-                .collect(),
-            cwd: std::env::current_dir().ok(),
-            config_file: plan.config_file.clone(),
-            stall_timeout_seconds: plan.stall_timeout.map(|d| d.as_secs_f64()),
-            restart_window_seconds: plan.restart_window.map(|d| d.as_secs_f64()),
-        })?,
-        Some(r) => {
-            let tier = resume_tier.unwrap_or(0);
-            let checkpoint = plan.checkpoints.as_ref().and_then(|spec| {
-                crate::checkpoints::Spec::new(spec, Some(&run_dir), std::path::Path::new(""))
-                    .and_then(|s| s.discover())
-                    .ok()
-                    .and_then(|d| d.newest)
-                    .map(|c| c.path)
-            });
-            say(&format!(
-                "resuming the run in {} as attempt {} on tier `{}`, {} restart(s) left{}",
-                run_dir.display(),
-                r.attempt,
-                plan.ladder.get(tier).map_or("?", |t| t.name.as_str()),
-                plan.max_restarts.saturating_sub(r.restarts),
-                match &checkpoint {
-                    Some(c) => format!(", from {}", c.display()),
-                    None => String::new(),
-                }
-            ));
-            exec.journal(&Record::RunResumed {
-                attempt: r.attempt,
-                tier: plan
-                    .ladder
-                    .get(tier)
-                    .map_or_else(|| r.tier.clone(), |t| t.name.clone()),
-                restarts_left: plan.max_restarts.saturating_sub(r.restarts),
-                checkpoint,
-                gpuwarden_pid: std::process::id(),
-                reason: r.reason.clone(),
-            })?
-        }
-    }
+    let resume_tier = exec.journal_start(watch.resume.as_ref())?;
     for message in &plan.warnings {
         exec.warn(message.clone())?;
     }
@@ -427,9 +360,7 @@ impl Executor<'_> {
             if let Some(attempt) = sup.live_attempt()
                 && self.plan.checkpoints.is_some()
             {
-                if let Some(event) = self.rescan_checkpoints(attempt, now, false)? {
-                    pending.push(event);
-                }
+                self.rescan_checkpoints(attempt, now, false, &mut pending)?;
                 timeout = timeout.min(progress::CHECKPOINT_SCAN);
             }
             if timeout.is_zero() {
@@ -441,22 +372,12 @@ impl Executor<'_> {
             }
             match rx.recv_timeout(timeout) {
                 Ok(input) => {
-                    let ended = match &input {
-                        Input::Group {
-                            attempt,
-                            event: GroupEvent::Empty,
-                        } if sup.live_attempt() == Some(*attempt) => Some(*attempt),
-                        _ => None,
-                    };
+                    let ended = progress::ended_attempt(&input, sup.live_attempt());
                     if let Some(event) = self.event_of(input, sup.live_attempt())? {
                         pending.push(event);
                     }
-                    // Pushed last, so the supervisor hears of it before the group's end.
-                    if let Some(attempt) = ended
-                        && let Some(event) =
-                            self.rescan_checkpoints(attempt, Instant::now(), true)?
-                    {
-                        pending.push(event);
+                    if let Some(attempt) = ended {
+                        self.rescan_checkpoints(attempt, Instant::now(), true, &mut pending)?;
                     }
                 }
                 // The loop holds a sender itself, so the channel cannot disconnect.

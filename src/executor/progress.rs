@@ -11,11 +11,29 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{Executor, RunError};
+use super::{Executor, Input, RunError};
 use crate::checkpoints;
 use crate::journal::Record;
+use crate::process::GroupEvent;
 use crate::supervisor::Event;
 use crate::voice::say;
+
+/// The attempt whose process group `input` says is gone (or whose leader exited alone), when it
+/// is the live one: its checkpoint location gets a last look before the attempt can end, so the
+/// crash-loop sense knows how far it got.
+pub(super) fn ended_attempt(input: &Input, live: Option<u32>) -> Option<u32> {
+    match input {
+        Input::Group {
+            attempt,
+            event:
+                GroupEvent::Empty
+                | GroupEvent::LeaderExited {
+                    group_alive: false, ..
+                },
+        } if live == Some(*attempt) => Some(*attempt),
+        _ => None,
+    }
+}
 
 /// How often the checkpoint location is looked at while an attempt runs.
 pub(super) const CHECKPOINT_SCAN: Duration = Duration::from_secs(2);
@@ -33,8 +51,9 @@ pub(super) struct Seen {
 }
 
 impl Executor<'_> {
-    /// Looks for a checkpoint newer than the last one seen; journals it and answers a progress
-    /// event for `attempt` when there is one.
+    /// Looks for a checkpoint newer than the last one seen; journals it and pushes a checkpoint
+    /// event for `attempt` onto `pending` (a stack: the supervisor hears of it before whatever
+    /// was pushed earlier, such as the end of the attempt's group).
     /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
     /// so a checkpoint written in its last seconds is still credited to it.
     pub(super) fn rescan_checkpoints(
@@ -42,9 +61,10 @@ impl Executor<'_> {
         attempt: u32,
         now: Instant,
         last: bool,
-    ) -> Result<Option<Event>, RunError> {
+        pending: &mut Vec<Event>,
+    ) -> Result<(), RunError> {
         let Some(spec) = &self.plan.checkpoints else {
-            return Ok(None);
+            return Ok(());
         };
         if !last
             && self
@@ -52,17 +72,17 @@ impl Executor<'_> {
                 .scanned
                 .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
         {
-            return Ok(None);
+            return Ok(());
         }
         self.checkpoints_seen.scanned = Some(now);
         let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
             .and_then(|s| s.discover());
         let Ok(found) = found else {
             // Said when the next attempt starts, where it matters.
-            return Ok(None);
+            return Ok(());
         };
         let Some(newest) = found.newest else {
-            return Ok(None);
+            return Ok(());
         };
         let is_new = match &mut self.checkpoints_seen.newest {
             Some((path, modified)) if *path == newest.path => match modified {
@@ -76,12 +96,12 @@ impl Executor<'_> {
             _ => true,
         };
         if !is_new {
-            return Ok(None);
+            return Ok(());
         }
         self.checkpoints_seen.newest = Some((newest.path.clone(), Some(newest.modified)));
         self.journal(&Record::CheckpointSaved {
             attempt,
-            path: newest.path,
+            path: newest.path.clone(),
             step: newest.step,
         })?;
         // The progress happened when the file was written, not when the scan found it (up to
@@ -90,10 +110,12 @@ impl Executor<'_> {
             .duration_since(newest.modified)
             .unwrap_or_default();
         let now = Instant::now();
-        Ok(Some(Event::Checkpoint {
+        pending.push(Event::Checkpoint {
             attempt,
+            path: newest.path,
             at: now.checked_sub(age).unwrap_or(now),
-        }))
+        });
+        Ok(())
     }
 
     /// `py-spy dump --pid PID` of the attempt's leader into `attempt-N.stacks.txt`, when py-spy

@@ -101,9 +101,13 @@ pub enum Event {
     /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
     /// streams, or a new complete checkpoint.
     Progress { attempt: u32, at: Instant },
-    /// A new complete checkpoint of `attempt` was found, written at `at`: progress, and
-    /// progress that a restart keeps.
-    Checkpoint { attempt: u32, at: Instant },
+    /// A new complete checkpoint of `attempt`, `path`, was found, written at `at`: progress,
+    /// and progress that a restart keeps.
+    Checkpoint {
+        attempt: u32,
+        at: Instant,
+        path: PathBuf,
+    },
     /// Time passed.
     Tick,
 }
@@ -230,6 +234,9 @@ pub struct AttemptSummary {
     pub ending: Ending,
     /// Whether it wrote a new checkpoint (`Event::Checkpoint`).
     pub wrote_checkpoint: bool,
+    /// The newest checkpoint it got to: the last one it wrote, else the one it resumed from.
+    /// Two attempts that fault at the same point got to the same checkpoint.
+    pub reached: Option<PathBuf>,
 }
 
 /// The attempt that is running or being stopped.
@@ -473,7 +480,7 @@ impl Supervisor {
                     live.last_progress = at;
                 }
             }
-            Event::Checkpoint { attempt, at } => {
+            Event::Checkpoint { attempt, at, path } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
                 {
@@ -487,6 +494,7 @@ impl Supervisor {
                         .find(|a| a.attempt == attempt)
                     {
                         a.wrote_checkpoint = true;
+                        a.reached = Some(path);
                     }
                 }
             }
@@ -529,6 +537,7 @@ impl Supervisor {
             ended: None,
             ending: Ending::Running,
             wrote_checkpoint: false,
+            reached: None,
         });
         out.push(Effect::Spawn { attempt, tier });
     }
@@ -538,6 +547,7 @@ impl Supervisor {
             return;
         }
         if let Some(a) = self.attempts.last_mut() {
+            a.reached.clone_from(&checkpoint);
             a.checkpoint = checkpoint;
         }
     }
@@ -928,11 +938,11 @@ impl Supervisor {
     /// The tier to restart on after `fault` ended an attempt on `tier` (with a note to say when
     /// the crash-loop sense changed the fault's own action), or why the run ends.
     ///
-    /// A class that restarts is judged by where the attempt started: the same class ending an
-    /// earlier attempt on this tier that resumed from the same checkpoint (or from scratch both
-    /// times) will end the next one too: it is deterministic, so the run goes down the ladder
-    /// (or stops, for a host OOM). The same class after progress (a newer checkpoint each time)
-    /// is transient: the run stays on the tier.
+    /// A class that restarts is judged by how far the attempt got (its newest checkpoint,
+    /// written or resumed from): the same class ending an earlier attempt on this tier that got
+    /// to the same checkpoint (or to none, both times) faulted at the same point of training and
+    /// will end the next one too: it is deterministic, so the run goes down the ladder (or stops,
+    /// for a host OOM). The same class at a later point each time is transient: the run stays.
     fn after_fault(
         &self,
         fault: &Fault,
@@ -942,15 +952,15 @@ impl Supervisor {
         let mut action = fault.action;
         let mut note = None;
         if action == Action::Restart {
-            let resumed = self
+            let reached = self
                 .attempts
                 .iter()
                 .find(|a| a.attempt == attempt)
-                .map(|a| a.checkpoint.clone());
+                .map(|a| a.reached.clone());
             let deterministic = self.attempts.iter().any(|a| {
                 a.attempt != attempt
                     && a.tier == tier
-                    && Some(&a.checkpoint) == resumed.as_ref()
+                    && Some(&a.reached) == reached.as_ref()
                     && matches!(&a.ending, Ending::Fault { class, .. } if *class == fault.class)
             });
             if deterministic {
@@ -958,12 +968,12 @@ impl Supervisor {
                     .class
                     .escalates_on_repeat()
                     .unwrap_or(Action::Fallback);
-                let from = match resumed.flatten() {
+                let from = match reached.flatten() {
                     Some(c) => format!("checkpoint {}", c.display()),
-                    None => "scratch".to_string(),
+                    None => "start (no checkpoint)".to_string(),
                 };
                 note = Some(format!(
-                    "{} again after resuming from the same {from}: deterministic, not a fluke ({action})",
+                    "{} again at the same point of training, the {from}: deterministic, not a fluke ({action})",
                     fault.class
                 ));
             }
@@ -1990,7 +2000,8 @@ mod tests {
         });
         if writes {
             let at = r.now;
-            r.feed(Event::Checkpoint { attempt, at });
+            let path = PathBuf::from(format!("written-by-{attempt}"));
+            r.feed(Event::Checkpoint { attempt, at, path });
         }
         r.feed(Event::Fault {
             attempt,
@@ -2014,6 +2025,17 @@ mod tests {
         assert!(r.log.iter().any(
             |e| matches!(e, Effect::Say(m) if m.contains("deterministic") && m.contains("c4"))
         ));
+    }
+
+    #[test]
+    fn a_fault_right_after_the_checkpoint_the_next_attempt_resumes_from_is_deterministic() {
+        // Attempt 1 writes a checkpoint and faults; attempt 2 resumes from it and faults
+        // before writing another: both got exactly as far (the segfault-at-step-3 loop).
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, None, true, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 2, Some("written-by-1"), false, FaultClass::ProcessCrash);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 1)]);
     }
 
     #[test]
