@@ -59,7 +59,7 @@ fn a_hung_job_is_caught_by_the_stall_timeout_and_resumed_from_its_checkpoint() {
         arg_after(&starts[1], "--resume"),
         Some(resumed.to_str().unwrap())
     );
-    let journal = scene.journal();
+    let journal = scene.full_journal();
     let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
     assert_eq!(fault["class"], "gpu_hang");
     assert_eq!(fault["rule"], "stall-timeout");
@@ -215,7 +215,7 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
     // Wait for a checkpoint the rescan has journaled, then kill gpuwarden outright.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !scene
-        .journal()
+        .full_journal()
         .iter()
         .any(|r| r["event"] == "checkpoint_saved")
     {
@@ -243,7 +243,7 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
     // Append-only: the old journal is a prefix of the new one.
     let after = std::fs::read_to_string(scene.run_dir().join("journal.jsonl")).unwrap();
     assert!(after.starts_with(&before));
-    let journal = scene.journal();
+    let journal = scene.full_journal();
     let resumed = journal
         .iter()
         .find(|r| r["event"] == "run_resumed")

@@ -2034,7 +2034,13 @@ mod tests {
         let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
         r.feed(Event::Start);
         attempt_with(&mut r, 1, None, true, FaultClass::ProcessCrash);
-        attempt_with(&mut r, 2, Some("written-by-1"), false, FaultClass::ProcessCrash);
+        attempt_with(
+            &mut r,
+            2,
+            Some("written-by-1"),
+            false,
+            FaultClass::ProcessCrash,
+        );
         assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 1)]);
     }
 
