@@ -194,15 +194,6 @@ where
                     Err(_) => break,
                 };
                 let bytes = &buf[..n];
-                let now = Instant::now();
-                if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
-                {
-                    progress_sent = Some(now);
-                    progress_held = None;
-                    report(OutputEvent::Progress { at: now });
-                } else {
-                    progress_held = Some(now);
-                }
                 if passing && pass_through(stream, bytes).is_err() {
                     // Our own stdout went away (`gpuwarden run ... | head`): keep logging and
                     // watching; the job must not die of our closed pipe.
@@ -213,6 +204,16 @@ where
                     report(OutputEvent::LogFailed(e));
                 }
                 splitter.feed(bytes, &mut classify);
+                // After the pass-through: the terminal must never wait for the supervisor.
+                let now = Instant::now();
+                if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
+                {
+                    progress_sent = Some(now);
+                    progress_held = None;
+                    report(OutputEvent::Progress { at: now });
+                } else {
+                    progress_held = Some(now);
+                }
             }
             splitter.finish(&mut classify);
             let _ = log.sync_data();
