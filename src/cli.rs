@@ -33,6 +33,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start and moved into its subcommand: the size of the largest variant costs
+// nothing worth a Box.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a training command under supervision.
@@ -53,6 +56,14 @@ pub enum Command {
     /// Show this machine's GPUs, GPU software and environment, and which known GPU problems
     /// (rules/quirks.toml) apply. Exits 0 whatever it finds, "no GPU found" included.
     Probe(ProbeArgs),
+    // -- overnight: report and resume (issue 11) --
+    /// Show what happened in a run, from its journal: attempts, faults, time per tier, goodput.
+    Report(ReportArgs),
+    /// Continue a run whose gpuwarden died (reboot, OOM killer, kill -9): same run directory
+    /// and journal, the tier and attempt count where it stopped, the newest complete checkpoint.
+    #[command(after_help = gpuwarden::exit::TABLE)]
+    Resume(ResumeArgs),
+    // -- end overnight --
     /// (internal) The guard that kills the job if gpuwarden is killed.
     #[command(name = "__guard", hide = true)]
     Guard,
@@ -100,6 +111,16 @@ pub struct RunArgs {
     /// Seconds between two GPU health samples.
     #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
     pub health_interval: f64,
+    // -- overnight: stall and restart window (issue 11) --
+    /// No progress (no output, no new checkpoint) for this long is a fault (`gpu_hang` on a GPU
+    /// tier, `job_stalled` otherwise): `90s`, `20m`, `2h`, or `off` [default: 20m].
+    #[arg(long, value_name = "DURATION")]
+    pub stall_timeout: Option<String>,
+    /// Count --max-restarts within this sliding window instead of over the whole run
+    /// (`1h`, `off`) [default: off].
+    #[arg(long, value_name = "DURATION")]
+    pub restart_window: Option<String>,
+    // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,
     /// The command to supervise, after `--`.
@@ -185,6 +206,25 @@ pub struct ScanArgs {
     #[arg(long, conflicts_with = "files")]
     pub kernel: bool,
 }
+
+// -- overnight: report and resume (issue 11) --
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The run directory (or its journal.jsonl).
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// The run directory of the run to continue.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+}
+// -- end overnight --
 
 #[derive(Debug, Subcommand)]
 pub enum CheckpointCommand {

@@ -23,6 +23,8 @@
 //! backoff = { initial = 1.0, max = 60.0 }     # seconds, at most 86400
 //! rules = ["my-rules/"]           # searched before --rules directories
 //! force_gpu_unsafe = false
+//! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
+//! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
 //!
 //! [[tier]]
 //! name = "gpu-sdk"
@@ -58,6 +60,14 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// The largest `grace`, `backoff.initial` or `backoff.max`, in seconds: one day. Anything longer
 /// is a typo, and a huge value would overflow the `Instant` arithmetic of the supervisor.
 pub const MAX_SECONDS: f64 = 86_400.0;
+/// The default `stall_timeout`: 20 minutes. Long enough for the silent stretches of a healthy
+/// job (a first-run MIOpen/Triton kernel tuning, loading a large dataset, an evaluation pass that
+/// prints only at its end: minutes, rarely above ten), and short enough that a hang at 2 a.m.
+/// costs a few percent of an eight-hour night instead of the rest of it. Output of any kind
+/// (a tqdm bar, a log line) counts as progress, so most jobs are never near it.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// The longest `stall_timeout` or `restart_window`: one week.
+pub const MAX_WINDOW_SECONDS: u64 = 7 * 86_400;
 /// The checkpoints of `gpuwarden demo`: inside its run directory.
 pub const DEMO_CHECKPOINTS: &str = "{run_dir}/checkpoints";
 
@@ -73,6 +83,11 @@ pub struct Overrides {
     pub rule_dirs: Vec<PathBuf>,
     pub force_gpu_unsafe: bool,
     pub config: Option<PathBuf>,
+    // -- overnight (issue 11) --
+    /// `--stall-timeout` as typed (`20m`, `90s`, `off`).
+    pub stall_timeout: Option<String>,
+    /// `--restart-window` as typed (`1h`, `off`).
+    pub restart_window: Option<String>,
 }
 
 /// Everything a run needs to start, checked.
@@ -96,6 +111,14 @@ pub struct Plan {
     pub force_gpu_unsafe: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
+    /// No progress for this long is a fault; `None`: stall detection is off.
+    pub stall_timeout: Option<Duration>,
+    /// `max_restarts` counts the restarts of this window (like systemd's
+    /// `StartLimitIntervalSec`); `None`: of the whole run.
+    pub restart_window: Option<Duration>,
+    /// Things that are not errors but that the user should hear about before the night (a
+    /// checkpoint location that does not exist yet). Said and journaled at the start.
+    pub warnings: Vec<String>,
 }
 
 /// Where a setting came from, for error messages.
@@ -217,6 +240,20 @@ pub enum ConfigError {
     },
 
     #[error(
+        "{at}: {what} = `{value}` is not a duration; write a number with a unit, e.g. `90s`, `20m`, `2h` (at most a week), or `off`"
+    )]
+    BadDuration {
+        what: &'static str,
+        value: String,
+        at: Origin,
+    },
+
+    #[error(
+        "the command uses {{checkpoint}} but no checkpoint location is given, so it would always be dropped and every restart would start from scratch; add --checkpoints DIR (or checkpoints = \"...\" in {CONFIG_FILE_NAME}) where the job writes its checkpoints"
+    )]
+    CheckpointPlaceholderWithoutCheckpoints,
+
+    #[error(
         "{at}: backoff initial ({initial} s) is larger than backoff max ({max} s); make max at least as large as initial"
     )]
     BackoffOrder { initial: f64, max: f64, at: Origin },
@@ -255,6 +292,8 @@ struct RawConfig {
     #[serde(default)]
     rules: Vec<PathBuf>,
     force_gpu_unsafe: Option<bool>,
+    stall_timeout: Option<Spanned<String>>,
+    restart_window: Option<Spanned<String>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
 }
@@ -445,9 +484,38 @@ pub fn plan(
         }
         (None, None) => None,
     };
+    let mut warnings = Vec::new();
     if let Some((spec, at)) = &checkpoints {
         check_checkpoints(spec, at, cwd, &run_dir)?;
+        warnings.extend(missing_checkpoint_location(spec, at, cwd));
+    } else if command
+        .iter()
+        .map(|a| a.to_string_lossy())
+        .chain(
+            chosen
+                .iter()
+                .flat_map(|(d, _)| d.tier.args.iter().map(|a| a.as_str().into())),
+        )
+        .any(|a| a.contains("{checkpoint}"))
+    {
+        return Err(ConfigError::CheckpointPlaceholderWithoutCheckpoints);
     }
+    let stall_timeout = match (overrides.stall_timeout, raw.stall_timeout) {
+        (Some(text), _) => duration("stall_timeout", &text, Origin::Flag("--stall-timeout"))?,
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("stall_timeout", text.get_ref(), at)?
+        }
+        (None, None) => Some(DEFAULT_STALL_TIMEOUT),
+    };
+    let restart_window = match (overrides.restart_window, raw.restart_window) {
+        (Some(text), _) => duration("restart_window", &text, Origin::Flag("--restart-window"))?,
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("restart_window", text.get_ref(), at)?
+        }
+        (None, None) => None,
+    };
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -477,7 +545,79 @@ pub fn plan(
         rule_dirs,
         force_gpu_unsafe: overrides.force_gpu_unsafe || raw.force_gpu_unsafe.unwrap_or(false),
         config_file: source.map(|s| s.path),
+        stall_timeout,
+        restart_window,
+        warnings,
     })
+}
+
+/// The text given for a duration is not one ([`parse_duration`]).
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotADuration;
+
+/// Reads a duration: a number with a unit (`s`, `m`, `h`, `d`; a bare number is seconds), or
+/// `off` (`None`). Zero is `off` too. At most [`MAX_WINDOW_SECONDS`].
+pub fn parse_duration(text: &str) -> Result<Option<Duration>, NotADuration> {
+    let t = text.trim();
+    if matches!(t, "off" | "none" | "never") {
+        return Ok(None);
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number.parse().map_err(|_| NotADuration)?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" => 1.0,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        "d" => 86_400.0,
+        _ => return Err(NotADuration),
+    };
+    let secs = value * scale;
+    if !(0.0..=MAX_WINDOW_SECONDS as f64).contains(&secs) {
+        return Err(NotADuration);
+    }
+    let d = Duration::try_from_secs_f64(secs).map_err(|_| NotADuration)?;
+    Ok((!d.is_zero()).then_some(d))
+}
+
+fn duration(what: &'static str, text: &str, at: Origin) -> Result<Option<Duration>, ConfigError> {
+    parse_duration(text).map_err(|NotADuration| ConfigError::BadDuration {
+        what,
+        value: text.to_owned(),
+        at,
+    })
+}
+
+/// A warning when the checkpoint location does not exist at start: often a typo, and then every
+/// restart would start from scratch. Not an error, since the job may create it. A location in
+/// the run directory is made by the run itself and never warned about.
+fn missing_checkpoint_location(spec: &str, at: &Origin, cwd: &Path) -> Option<String> {
+    if spec.contains(checkpoints::RUN_DIR_PLACEHOLDER) {
+        return None;
+    }
+    // For a glob, the directory part before the first wildcard must exist.
+    let cut = spec.find(['*', '?', '[']).unwrap_or(spec.len());
+    let fixed = &spec[..cut];
+    let dir = if cut < spec.len() {
+        // `ckpt/run-*/x.pt` -> `ckpt/`; `*.pt` -> the current directory.
+        PathBuf::from(fixed.rfind('/').map_or("", |i| &fixed[..=i]))
+    } else {
+        PathBuf::from(fixed)
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        dir
+    };
+    if cwd.join(&dir).exists() {
+        return None;
+    }
+    Some(format!(
+        "{at}: the checkpoint location `{spec}` does not exist yet ({} is missing); if the job does not create it, every restart will start from scratch: check the path",
+        cwd.join(&dir).display()
+    ))
 }
 
 /// The plan of `gpuwarden demo`: `command` (the demo job, never empty) on the default ladder
@@ -505,6 +645,9 @@ pub fn demo_plan(
         rule_dirs: Vec::new(),
         force_gpu_unsafe: false,
         config_file: None,
+        stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+        restart_window: None,
+        warnings: Vec::new(),
     }
 }
 
@@ -942,10 +1085,13 @@ args = ["--amp", "off"]
                 rule_dirs: vec!["flag-rules".into()],
                 force_gpu_unsafe: true,
                 config: None,
+                stall_timeout: Some("90s".into()),
+                restart_window: None,
             },
         )
         .unwrap();
         assert_eq!(plan.checkpoints.as_deref(), Some("b/"));
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(90)));
         assert_eq!(names(&plan), ["gpu"]);
         assert_eq!(plan.run_dir, PathBuf::from("/abs/run"));
         assert_eq!(plan.max_restarts, 0);
@@ -1416,5 +1562,95 @@ args = ["--amp", "off"]
             msg.contains("/opt/rocm_sdk_612/bin/activate_sdk.sh does not exist"),
             "{msg}"
         );
+    }
+
+    // ---- overnight settings and checkpoint sanity (issue 11) ----
+
+    #[test]
+    fn durations_take_units_and_off() {
+        assert_eq!(parse_duration("20m"), Ok(Some(Duration::from_secs(1200))));
+        assert_eq!(parse_duration("2s"), Ok(Some(Duration::from_secs(2))));
+        assert_eq!(parse_duration("1.5h"), Ok(Some(Duration::from_secs(5400))));
+        assert_eq!(parse_duration("90"), Ok(Some(Duration::from_secs(90))));
+        assert_eq!(parse_duration("off"), Ok(None));
+        assert_eq!(parse_duration("0"), Ok(None));
+        for bad in ["", "m", "20 parsecs", "-5s", "8d", "1e9"] {
+            assert_eq!(parse_duration(bad), Err(NotADuration), "{bad}");
+        }
+    }
+
+    #[test]
+    fn stall_and_window_come_from_the_file_with_a_default() {
+        let dir = dir_with_config("stall_timeout = \"5m\"\nrestart_window = \"1h\"\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(plan.restart_window, Some(Duration::from_secs(3600)));
+        let empty = tempfile::tempdir().unwrap();
+        let plan = plan_in(empty.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_timeout, Some(DEFAULT_STALL_TIMEOUT));
+        assert_eq!(plan.restart_window, None);
+        let dir = dir_with_config("stall_timeout = \"soon\"\n");
+        let err = plan_in(dir.path(), Overrides::default()).unwrap_err();
+        assert!(
+            err.to_string().contains(":1:17: stall_timeout = `soon`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_placeholder_without_checkpoints_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let command: Vec<OsString> = ["python", "train.py", "--resume={checkpoint}"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let err = plan(command.clone(), Overrides::default(), dir.path(), STAMP).unwrap_err();
+        assert!(matches!(
+            err,
+            ConfigError::CheckpointPlaceholderWithoutCheckpoints
+        ));
+        assert!(err.to_string().contains("--checkpoints"));
+        std::fs::create_dir(dir.path().join("ckpt")).unwrap();
+        let ok = plan(
+            command,
+            Overrides {
+                checkpoints: Some("ckpt".into()),
+                ..Overrides::default()
+            },
+            dir.path(),
+            STAMP,
+        )
+        .unwrap();
+        assert!(ok.warnings.is_empty(), "{:?}", ok.warnings);
+    }
+
+    #[test]
+    fn a_missing_checkpoint_location_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |spec: &str| {
+            plan(
+                cmd(),
+                Overrides {
+                    checkpoints: Some(spec.into()),
+                    ..Overrides::default()
+                },
+                dir.path(),
+                STAMP,
+            )
+            .unwrap()
+            .warnings
+        };
+        let w = with("chekpoints/");
+        assert_eq!(w.len(), 1);
+        assert!(
+            w[0].contains(
+                "--checkpoints flag: the checkpoint location `chekpoints/` does not exist"
+            ),
+            "{w:?}"
+        );
+        assert_eq!(with("nowhere/*.pt").len(), 1);
+        // Inside the run directory, which the run makes; and a glob in an existing directory.
+        assert!(with("{run_dir}/ckpt").is_empty());
+        assert!(with("*.pt").is_empty());
     }
 }

@@ -106,6 +106,15 @@ pub enum Record {
         rules: usize,
         gpuwarden_pid: u32,
         version: &'static str,
+        /// gpuwarden's own command line as given (lossy UTF-8) and its working directory:
+        /// what `gpuwarden resume` starts again from.
+        #[serde(default)]
+        argv: Vec<String>,
+        cwd: Option<PathBuf>,
+        /// The config file that was read, if any.
+        config_file: Option<PathBuf>,
+        stall_timeout_seconds: Option<f64>,
+        restart_window_seconds: Option<f64>,
     },
     /// The pre-flight probe's verdict (rules/quirks.toml), when a known GPU problem applies:
     /// the tier attempt 1 starts on, the tiers skipped, and the problems behind it.
@@ -194,6 +203,32 @@ pub enum Record {
         delay_seconds: f64,
         restarts_left: u32,
     },
+    /// A new complete checkpoint appeared while `attempt` ran (seen by the periodic rescan of
+    /// the checkpoint location): progress the run can keep.
+    CheckpointSaved {
+        attempt: u32,
+        path: PathBuf,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        step: Option<u64>,
+    },
+    /// The job's Python stacks, captured before a stalled attempt was stopped.
+    StacksCaptured {
+        attempt: u32,
+        /// The file written (py-spy's output), or why none was.
+        path: Option<PathBuf>,
+        detail: String,
+    },
+    /// `gpuwarden resume` took this run over after the gpuwarden that ran it died.
+    RunResumed {
+        /// The attempt the new gpuwarden starts (one after the last one journaled).
+        attempt: u32,
+        tier: String,
+        restarts_left: u32,
+        checkpoint: Option<PathBuf>,
+        gpuwarden_pid: u32,
+        /// Why the previous gpuwarden is taken to be gone.
+        reason: String,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {
@@ -248,6 +283,28 @@ pub enum Written {
 }
 
 impl Journal {
+    /// Opens the existing `run_dir/journal.jsonl` of a run to continue it (`gpuwarden resume`):
+    /// appended to, never rewritten. A torn last line (the old gpuwarden died mid-write) is
+    /// closed with a newline first, so every new record stands on a line of its own.
+    pub fn append_to(run_dir: &Path) -> io::Result<Journal> {
+        let path = run_dir.join("journal.jsonl");
+        let mut file = OpenOptions::new().append(true).open(&path)?;
+        let bytes = std::fs::read(&path)?;
+        let mut len = bytes.len() as u64;
+        if bytes.last().is_some_and(|b| *b != b'\n') {
+            file.write_all(b"\n")?;
+            file.sync_data()?;
+            len += 1;
+        }
+        Ok(Journal {
+            file,
+            path,
+            len,
+            held: Default::default(),
+            lost: 0,
+        })
+    }
+
     /// Creates `run_dir/journal.jsonl`. An existing journal is never reused or truncated: two
     /// runs given the same directory get `AlreadyExists` for the second, atomically.
     pub fn create(run_dir: &Path) -> io::Result<Journal> {

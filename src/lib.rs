@@ -37,6 +37,7 @@ pub mod ladder;
 pub mod probe;
 pub mod process;
 pub mod quirks;
+pub mod report;
 pub mod rules;
 pub mod scan;
 pub mod snapshot;

@@ -15,8 +15,10 @@ fn main() {
     // Before any thread exists (the env_script capture starts some): every thread must inherit
     // the blocked mask, or a SIGTERM could land on one of them and kill gpuwarden outright
     // instead of being forwarded to the job.
-    if matches!(cli.command, Command::Run(_) | Command::Demo(_))
-        && let Err(e) = gpuwarden::process::block_signals()
+    if matches!(
+        cli.command,
+        Command::Run(_) | Command::Demo(_) | Command::Resume(_)
+    ) && let Err(e) = gpuwarden::process::block_signals()
     {
         cmd::error(format_args!("cannot block signals for forwarding: {e}"));
         std::process::exit(exit::INTERNAL);
@@ -30,6 +32,8 @@ fn main() {
             cmd::checkpoint::verify(&file, json)
         }
         Command::Probe(args) => cmd::probe::probe(args),
+        Command::Resume(args) => cmd::resume::resume(&args.run_dir),
+        Command::Report(args) => cmd::report::report(&args.run_dir, args.json),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::executor::GUARD_GRACE),
         Command::DemoJob(args) => cmd::demo::demo_job(args),
     };

@@ -7,6 +7,8 @@
 pub mod checkpoint;
 pub mod demo;
 pub mod probe;
+pub mod report;
+pub mod resume;
 pub mod rules;
 pub mod run;
 pub mod scan;

@@ -16,6 +16,12 @@ use super::{current_dir, error};
 use crate::cli::RunArgs;
 
 pub fn run(args: RunArgs) -> i32 {
+    run_with(args, None)
+}
+
+/// `run`, or with `resume` the continuation of a run whose gpuwarden died (`gpuwarden resume`:
+/// `args` are the original run's flags with its run directory).
+pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i32 {
     let explicit_run_dir = args.run_dir.is_some();
     let overrides = Overrides {
         checkpoints: args.checkpoints,
@@ -26,6 +32,8 @@ pub fn run(args: RunArgs) -> i32 {
         rule_dirs: args.rules,
         force_gpu_unsafe: args.force_gpu_unsafe,
         config: args.config,
+        stall_timeout: args.stall_timeout,
+        restart_window: args.restart_window,
     };
     let Some(cwd) = current_dir() else {
         return exit::USAGE;
@@ -76,6 +84,7 @@ pub fn run(args: RunArgs) -> i32 {
         kernel,
         gpus,
         health,
+        resume,
         ..Watch::default()
     };
     supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)

@@ -214,6 +214,8 @@ impl Executor<'_> {
             stdout_log,
             stderr_log,
         })?;
+        // The rescan reports checkpoints newer than the one resumed from.
+        self.checkpoints_seen.newest = checkpoint.clone().map(|c| (c, None));
         Ok(Event::Spawned {
             attempt,
             checkpoint,

@@ -20,6 +20,8 @@
 
 mod attempt;
 mod outside;
+mod progress;
+mod start;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -46,6 +48,7 @@ use crate::supervisor::{Effect, Event, Outcome, Policy, Supervisor, TierInfo};
 use crate::voice::say;
 
 pub use outside::KernelFault;
+pub use start::Resume;
 
 /// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
 pub const GUARD_GRACE: Duration = Duration::from_secs(1);
@@ -118,6 +121,8 @@ pub struct Watch {
     pub health: Option<HealthConfig>,
     /// Where the run's state is published for views (the live display, metrics).
     pub board: Board,
+    /// Continue the run in an existing run directory (`gpuwarden resume`) instead of a new one.
+    pub resume: Option<Resume>,
 }
 
 /// How often the job's process tree is re-read for attribution while an attempt runs.
@@ -154,11 +159,12 @@ pub fn run(
         }
     })?;
     // Logs are never overwritten: a directory that holds another run's would end this run at
-    // its first attempt, after the job was started. Refused now instead.
+    // its first attempt, after the job was started. Refused now instead (a resumed run appends
+    // to its own).
     let has_journal = run_dir.join("journal.jsonl").exists();
     if let Some(stale) = std::fs::read_dir(&run_dir)
         .ok()
-        .filter(|_| !has_journal)
+        .filter(|_| !has_journal && watch.resume.is_none())
         .and_then(|entries| {
             entries.flatten().map(|e| e.file_name()).find(|name| {
                 let name = name.to_string_lossy();
@@ -171,7 +177,11 @@ pub fn run(
             stale.to_string_lossy().into_owned(),
         ));
     }
-    let journal = Journal::create(&run_dir).map_err(|source| {
+    let opened = match &watch.resume {
+        Some(_) => Journal::append_to(&run_dir),
+        None => Journal::create(&run_dir),
+    };
+    let journal = opened.map_err(|source| {
         if source.kind() == io::ErrorKind::AlreadyExists {
             RunError::RunDirInUse(run_dir.clone())
         } else {
@@ -209,6 +219,7 @@ pub fn run(
         run_cgroup: RunCgroup::create().ok(),
         cgroups: HashMap::new(),
         board: watch.board,
+        checkpoints_seen: progress::Seen::default(),
     };
     exec.board.update(|s| {
         s.job = Some(JobInfo {
@@ -218,16 +229,10 @@ pub fn run(
             ..JobInfo::default()
         })
     });
-    exec.journal(&Record::RunStarted {
-        command: exec.command_words(),
-        ladder: plan.ladder.iter().map(|t| t.name.clone()).collect(),
-        checkpoints: plan.checkpoints.clone(),
-        max_restarts: plan.max_restarts,
-        grace_seconds: plan.grace.as_secs_f64(),
-        rules: exec.rules.rules().len(),
-        gpuwarden_pid: std::process::id(),
-        version: env!("CARGO_PKG_VERSION"),
-    })?;
+    let resume_tier = exec.journal_start(watch.resume.as_ref())?;
+    for message in &plan.warnings {
+        exec.warn(message.clone())?;
+    }
     if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
         for message in verdict.messages() {
             say(&message);
@@ -266,6 +271,9 @@ pub fn run(
         settle: crate::supervisor::SETTLE,
         backoff_initial: plan.backoff_initial,
         backoff_max: plan.backoff_max,
+        stall_timeout: plan.stall_timeout,
+        restart_window: plan.restart_window,
+        checkpoints_watched: plan.checkpoints.is_some(),
     };
     let tiers = plan
         .ladder
@@ -276,6 +284,9 @@ pub fn run(
         })
         .collect();
     let mut sup = Supervisor::new(policy, tiers);
+    if let (Some(r), Some(tier)) = (&watch.resume, resume_tier) {
+        sup.resume_at(r.attempt, tier, r.restarts);
+    }
     let outcome = match exec.drive(&mut sup, &rx) {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -348,6 +359,8 @@ struct Executor<'a> {
     run_cgroup: Option<RunCgroup>,
     cgroups: HashMap<u32, Cgroup>,
     board: Board,
+    /// The newest checkpoint seen by the rescan (issue 11: checkpoints are progress).
+    checkpoints_seen: progress::Seen,
 }
 
 /// Locks shared state; a panic elsewhere while holding it leaves data that is still usable.
@@ -395,6 +408,12 @@ impl Executor<'_> {
                 }
             }
             timeout = timeout.min(FOREIGN_CHECK);
+            if let Some(attempt) = sup.live_attempt()
+                && self.plan.checkpoints.is_some()
+            {
+                self.rescan_checkpoints(attempt, now, false, &mut pending)?;
+                timeout = timeout.min(progress::CHECKPOINT_SCAN);
+            }
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
                 // the kernel log), and a Tick only on an empty channel would never come: the
@@ -404,8 +423,12 @@ impl Executor<'_> {
             }
             match rx.recv_timeout(timeout) {
                 Ok(input) => {
+                    let ended = progress::ended_attempt(&input, sup.live_attempt());
                     if let Some(event) = self.event_of(input, sup.live_attempt())? {
                         pending.push(event);
+                    }
+                    if let Some(attempt) = ended {
+                        self.rescan_checkpoints(attempt, Instant::now(), true, &mut pending)?;
                     }
                 }
                 // The loop holds a sender itself, so the channel cannot disconnect.
@@ -460,6 +483,7 @@ impl Executor<'_> {
             } => match event {
                 OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
                 OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
+                OutputEvent::Progress { at } => Some(Event::Progress { attempt, at }),
                 OutputEvent::Idle { at } => Some(Event::OutputIdle {
                     attempt,
                     stream,
@@ -574,6 +598,7 @@ impl Executor<'_> {
                 self.journal(&record)?
             }
             Effect::Say(message) => say(&message),
+            Effect::CaptureStacks { attempt } => self.capture_stacks(attempt)?,
             Effect::Finish(outcome) => return Ok(Some(outcome)),
         }
         Ok(None)

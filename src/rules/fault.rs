@@ -27,6 +27,9 @@ pub enum Stream {
     /// Not a rule stream: the job's exit status itself (a crash signal is evidence of a fault
     /// whatever the logs said). No rule names it; `ALL` leaves it out.
     Exit,
+    /// Not a rule stream: the absence of progress (no output and no new checkpoint for the
+    /// stall timeout). No rule names it; `ALL` leaves it out.
+    Progress,
 }
 
 impl Stream {
@@ -41,6 +44,7 @@ impl Stream {
             Stream::Kernel => "kernel",
             Stream::Tool => "tool",
             Stream::Exit => "exit",
+            Stream::Progress => "progress",
         }
     }
 
@@ -187,11 +191,15 @@ pub enum FaultClass {
     HostOom,
     /// The job crashed without a GPU-specific message.
     ProcessCrash,
+    /// The job stopped making progress (no output, no new checkpoint for the stall timeout)
+    /// on a tier without a GPU: a deadlock or a stuck data loader rather than a GPU hang. No
+    /// rule file names it; the supervisor's stall timeout raises it.
+    JobStalled,
 }
 
 impl FaultClass {
     /// Every class, in the order of `CLASSES.md`.
-    pub const ALL: [FaultClass; 16] = [
+    pub const ALL: [FaultClass; 17] = [
         FaultClass::GpuMemoryFault,
         FaultClass::GpuException,
         FaultClass::GpuUnsupportedKernel,
@@ -208,6 +216,7 @@ impl FaultClass {
         FaultClass::CollectiveFailure,
         FaultClass::HostOom,
         FaultClass::ProcessCrash,
+        FaultClass::JobStalled,
     ];
 
     /// The name used in rule files and in JSON output (`gpu_memory_fault`).
@@ -229,6 +238,7 @@ impl FaultClass {
             FaultClass::CollectiveFailure => "collective_failure",
             FaultClass::HostOom => "host_oom",
             FaultClass::ProcessCrash => "process_crash",
+            FaultClass::JobStalled => "job_stalled",
         }
     }
 
@@ -257,7 +267,8 @@ impl FaultClass {
             | FaultClass::GpuRuntimeError
             | FaultClass::CollectiveFailure
             | FaultClass::HostOom
-            | FaultClass::ProcessCrash => Action::Restart,
+            | FaultClass::ProcessCrash
+            | FaultClass::JobStalled => Action::Restart,
             FaultClass::DeviceAssert => Action::Stop,
         }
     }

@@ -66,7 +66,7 @@ fn action_orders_from_note_to_stop() {
 
 #[test]
 fn names_round_trip_and_match_serde() {
-    assert_eq!(FaultClass::ALL.len(), 16);
+    assert_eq!(FaultClass::ALL.len(), 17);
     for class in FaultClass::ALL {
         assert_eq!(FaultClass::from_name(class.as_str()), Some(class));
         assert_eq!(class.to_string(), class.as_str());

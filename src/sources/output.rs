@@ -31,6 +31,9 @@ pub const OVERLAP: usize = 1024;
 
 const CHUNK: usize = 256 * 1024;
 
+/// The most often a pump reports [`OutputEvent::Progress`].
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
 /// Pipe capacity asked for (the default `/proc/sys/fs/pipe-max-size` allows 1 MiB).
 const PIPE_SIZE: i32 = 1024 * 1024;
 
@@ -46,6 +49,12 @@ pub enum OutputEvent {
     /// The pipe was seen empty at `at` after [`IDLE_AFTER`] without data: everything written
     /// before `at` has been passed through, logged and classified (and its faults sent first).
     Idle {
+        at: Instant,
+    },
+    /// New output arrived at `at`: the job is alive. Sent at most once per
+    /// [`PROGRESS_EVERY`]; output held back by that limit is reported when the pipe goes quiet,
+    /// so the supervisor always learns the time of the last output within about a second.
+    Progress {
         at: Instant,
     },
     /// End of file: every process holding the pipe has closed it.
@@ -155,11 +164,17 @@ where
             // While reads fill the buffer, data is flowing and the pipe cannot be idle: poll
             // only after a short read, which keeps the flood path at one syscall a chunk.
             let mut drained = true;
+            // Progress: when it was last reported, and output since then not yet reported.
+            let mut progress_sent: Option<Instant> = None;
+            let mut progress_held: Option<Instant> = None;
             loop {
                 if drained {
                     let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
                     match poll(&mut fds, idle_ms) {
                         Ok(0) => {
+                            if let Some(at) = progress_held.take() {
+                                report(OutputEvent::Progress { at });
+                            }
                             report(OutputEvent::Idle { at: Instant::now() });
                             continue;
                         }
@@ -189,6 +204,16 @@ where
                     report(OutputEvent::LogFailed(e));
                 }
                 splitter.feed(bytes, &mut classify);
+                // After the pass-through: the terminal must never wait for the supervisor.
+                let now = Instant::now();
+                if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
+                {
+                    progress_sent = Some(now);
+                    progress_held = None;
+                    report(OutputEvent::Progress { at: now });
+                } else {
+                    progress_held = Some(now);
+                }
             }
             splitter.finish(&mut classify);
             let _ = log.sync_data();

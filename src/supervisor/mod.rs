@@ -42,7 +42,20 @@ pub struct Policy {
     pub settle: Duration,
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
+    /// No progress (new output, a new checkpoint) for this long is a fault: `gpu_hang` on a GPU
+    /// tier, `job_stalled` otherwise. `None` turns stall detection off.
+    pub stall_timeout: Option<Duration>,
+    /// `max_restarts` counts the restarts of this sliding window (systemd's
+    /// `StartLimitIntervalSec`); `None`: of the whole run.
+    pub restart_window: Option<Duration>,
+    /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
+    /// only then can "no new checkpoint" mean "no progress".
+    pub checkpoints_watched: bool,
 }
+
+/// Attempts in a row on one tier that wrote no new checkpoint, after which the tier is given
+/// up on (NVIDIA's resiliency launcher stops after 3 such cycles).
+pub const NO_PROGRESS_LIMIT: usize = 3;
 
 /// What the supervisor needs to know of a tier.
 #[derive(Clone, Debug)]
@@ -85,6 +98,16 @@ pub enum Event {
     GroupEmpty { attempt: u32 },
     /// gpuwarden itself received a signal.
     Signal(Sig),
+    /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
+    /// streams, or a new complete checkpoint.
+    Progress { attempt: u32, at: Instant },
+    /// A new complete checkpoint of `attempt`, `path`, was found, written at `at`: progress,
+    /// and progress that a restart keeps.
+    Checkpoint {
+        attempt: u32,
+        at: Instant,
+        path: PathBuf,
+    },
     /// Time passed.
     Tick,
 }
@@ -156,6 +179,9 @@ pub enum Effect {
     Journal(Record),
     /// Tell the user (one line on stderr).
     Say(String),
+    /// Capture the stacks of `attempt`'s processes into the run directory (py-spy, bounded in
+    /// time) before it is stopped for a stall. Comes before the `Signal` that stops it.
+    CaptureStacks { attempt: u32 },
     /// The run is over.
     Finish(Outcome),
 }
@@ -206,6 +232,11 @@ pub struct AttemptSummary {
     pub started: Instant,
     pub ended: Option<Instant>,
     pub ending: Ending,
+    /// Whether it wrote a new checkpoint (`Event::Checkpoint`).
+    pub wrote_checkpoint: bool,
+    /// The newest checkpoint it got to: the last one it wrote, else the one it resumed from.
+    /// Two attempts that fault at the same point got to the same checkpoint.
+    pub reached: Option<PathBuf>,
 }
 
 /// The attempt that is running or being stopped.
@@ -230,6 +261,8 @@ struct Live {
     drained: Vec<Stream>,
     /// Faults seen in this attempt, by rule id, with how often each was seen.
     seen: BTreeMap<String, u64>,
+    /// The latest evidence of progress (the start counts as progress).
+    last_progress: Instant,
 }
 
 impl Live {
@@ -283,6 +316,11 @@ pub struct Supervisor {
     ladder: Vec<TierInfo>,
     phase: Phase,
     restarts: u32,
+    /// When each restart within the restart window was decided (only with a window).
+    restart_times: Vec<Instant>,
+    /// The attempt number and tier `Event::Start` begins with: 1 and the first tier, unless a
+    /// resumed run continues where its journal stopped.
+    start: (u32, usize),
     attempts: Vec<AttemptSummary>,
 }
 
@@ -293,6 +331,8 @@ impl Supervisor {
             ladder,
             phase: Phase::Idle,
             restarts: 0,
+            restart_times: Vec::new(),
+            start: (1, 0),
             attempts: Vec::new(),
         }
     }
@@ -304,6 +344,16 @@ impl Supervisor {
             Phase::Live(live) => Some(live.attempt),
             _ => None,
         }
+    }
+
+    /// Continues a run whose gpuwarden died (`gpuwarden resume`): `Event::Start` begins with
+    /// `attempt` on `tier`, with `restarts` of the budget already used.
+    pub fn resume_at(&mut self, attempt: u32, tier: usize, restarts: u32) {
+        self.start = (
+            attempt.max(1),
+            tier.min(self.ladder.len().saturating_sub(1)),
+        );
+        self.restarts = restarts;
     }
 
     /// Restarts used so far.
@@ -339,10 +389,24 @@ impl Supervisor {
                     (Some(due), None, false) => Some(due),
                     _ => None,
                 };
-                term_at.or(kill_at).or(give_up_at)
+                term_at
+                    .or(kill_at)
+                    .or(give_up_at)
+                    .or_else(|| self.stall_at(live))
             }
             Phase::Idle | Phase::Done => None,
         }
+    }
+
+    /// When `live` counts as stalled if no progress comes first; `None` when stall detection is
+    /// off or the attempt is already ending.
+    fn stall_at(&self, live: &Live) -> Option<Instant> {
+        let timeout = self.policy.stall_timeout?;
+        let watching = live.stop.is_none()
+            && live.term_sent.is_none()
+            && live.exit.is_none()
+            && !live.group_empty;
+        watching.then(|| live.last_progress + timeout)
     }
 
     /// Feed one event; get back what to do, in order.
@@ -351,7 +415,8 @@ impl Supervisor {
         match event {
             Event::Start => {
                 if matches!(self.phase, Phase::Idle) {
-                    self.spawn(1, 0, now, &mut out);
+                    let (attempt, tier) = self.start;
+                    self.spawn(attempt, tier, now, &mut out);
                 }
             }
             Event::Spawned {
@@ -407,7 +472,36 @@ impl Supervisor {
                 }
             }
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
-            Event::Tick => self.on_tick(now, &mut out),
+            Event::Progress { attempt, at } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                    && at > live.last_progress
+                {
+                    live.last_progress = at;
+                }
+            }
+            Event::Checkpoint { attempt, at, path } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                {
+                    if at > live.last_progress {
+                        live.last_progress = at;
+                    }
+                    if let Some(a) = self
+                        .attempts
+                        .iter_mut()
+                        .rev()
+                        .find(|a| a.attempt == attempt)
+                    {
+                        a.wrote_checkpoint = true;
+                        a.reached = Some(path);
+                    }
+                }
+            }
+            Event::Tick => {
+                self.check_stall(now, &mut out);
+                self.on_tick(now, &mut out);
+            }
         }
         out
     }
@@ -433,6 +527,7 @@ impl Supervisor {
             open: vec![Stream::Stdout, Stream::Stderr],
             drained: Vec::new(),
             seen: BTreeMap::new(),
+            last_progress: now,
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -441,6 +536,8 @@ impl Supervisor {
             started: now,
             ended: None,
             ending: Ending::Running,
+            wrote_checkpoint: false,
+            reached: None,
         });
         out.push(Effect::Spawn { attempt, tier });
     }
@@ -450,6 +547,7 @@ impl Supervisor {
             return;
         }
         if let Some(a) = self.attempts.last_mut() {
+            a.reached.clone_from(&checkpoint);
             a.checkpoint = checkpoint;
         }
     }
@@ -597,6 +695,43 @@ impl Supervisor {
         }
     }
 
+    /// A live attempt without progress for the stall timeout is stopped as a fault: its stacks
+    /// are captured first (while it is still there to be looked at), then SIGTERM.
+    fn check_stall(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &self.phase else {
+            return;
+        };
+        let (Some(due), Some(timeout)) = (self.stall_at(live), self.policy.stall_timeout) else {
+            return;
+        };
+        if now < due {
+            return;
+        }
+        let uses_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
+        let silent = now.saturating_duration_since(live.last_progress);
+        let fault = stall_fault(uses_gpu, silent, timeout);
+        let grace = self.policy.grace;
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        let attempt = live.attempt;
+        live.seen.insert(fault.rule.clone(), 1);
+        out.push(Effect::Journal(fault_record(attempt, &fault)));
+        out.push(Effect::Say(format!(
+            "fault in attempt {attempt}: {} ({}): {}",
+            fault.class,
+            fault.line,
+            fault.advice.trim()
+        )));
+        live.stop = Some(StopCause::Fault(fault));
+        out.push(Effect::CaptureStacks { attempt });
+        if live.stop_group(Sig::Terminate, now, out) {
+            out.push(Effect::Say(format!(
+                "stopping the stalled job: SIGTERM to its process group, SIGKILL after {grace:.0?}"
+            )));
+        }
+    }
+
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
         let grace = self.policy.grace;
         match &mut self.phase {
@@ -729,7 +864,12 @@ impl Supervisor {
             ),
             Some(StopCause::Fault(fault)) => {
                 match self.after_fault(&fault, live.tier, live.attempt) {
-                    Ok(tier) => (tier, format!("{} ({})", fault.class, fault.rule)),
+                    Ok((tier, note)) => {
+                        if let Some(note) = note {
+                            out.push(Effect::Say(note));
+                        }
+                        (tier, format!("{} ({})", fault.class, fault.rule))
+                    }
                     Err(outcome) => {
                         self.finish(outcome, out);
                         return;
@@ -737,16 +877,40 @@ impl Supervisor {
                 }
             }
         };
+        let next_tier = match self.after_no_progress(next_tier, live.tier) {
+            Ok(tier) => {
+                if tier != next_tier {
+                    out.push(Effect::Say(format!(
+                        "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint: giving up on the tier",
+                        self.tier_name(live.tier)
+                    )));
+                }
+                tier
+            }
+            Err((note, outcome)) => {
+                out.push(Effect::Say(note));
+                self.finish(outcome, out);
+                return;
+            }
+        };
 
-        if self.restarts >= self.policy.max_restarts {
+        let used = self.restarts_in_window(now);
+        if used >= self.policy.max_restarts {
+            let within = match self.policy.restart_window {
+                Some(w) => format!(" within {}", window_text(w)),
+                None => String::new(),
+            };
             out.push(Effect::Say(format!(
-                "{reason}; the restart budget ({}) is spent",
+                "{reason}; the restart budget ({}{within}) is spent",
                 self.policy.max_restarts
             )));
             self.finish(Outcome::BudgetSpent, out);
             return;
         }
         self.restarts += 1;
+        if self.policy.restart_window.is_some() {
+            self.restart_times.push(now);
+        }
         let delay = self.backoff(next_tier);
         let attempt = live.attempt + 1;
         let tier_name = self.tier_name(next_tier);
@@ -755,7 +919,7 @@ impl Supervisor {
             tier: tier_name.clone(),
             reason: reason.clone(),
             delay_seconds: delay.as_secs_f64(),
-            restarts_left: self.policy.max_restarts - self.restarts,
+            restarts_left: self.policy.max_restarts.saturating_sub(used + 1),
         }));
         out.push(Effect::Say(format!(
             "{reason}: restarting as attempt {attempt} on tier `{tier_name}` in {delay:.1?}"
@@ -771,21 +935,47 @@ impl Supervisor {
         }
     }
 
-    /// The tier to restart on after `fault` ended an attempt on `tier`, or why the run ends.
-    fn after_fault(&self, fault: &Fault, tier: usize, attempt: u32) -> Result<usize, Outcome> {
+    /// The tier to restart on after `fault` ended an attempt on `tier` (with a note to say when
+    /// the crash-loop sense changed the fault's own action), or why the run ends.
+    ///
+    /// A class that restarts is judged by how far the attempt got (its newest checkpoint,
+    /// written or resumed from): the same class ending an earlier attempt on this tier that got
+    /// to the same checkpoint (or to none, both times) faulted at the same point of training and
+    /// will end the next one too: it is deterministic, so the run goes down the ladder (or stops,
+    /// for a host OOM). The same class at a later point each time is transient: the run stays.
+    fn after_fault(
+        &self,
+        fault: &Fault,
+        tier: usize,
+        attempt: u32,
+    ) -> Result<(usize, Option<String>), Outcome> {
         let mut action = fault.action;
-        // "Restart once, then ...": a class that already ended an earlier attempt on this
-        // tier escalates (a second GPU hang on the same tier means fall back).
-        if action == Action::Restart
-            && let Some(escalated) = fault.class.escalates_on_repeat()
-        {
-            let repeated = self.attempts.iter().any(|a| {
+        let mut note = None;
+        if action == Action::Restart {
+            let reached = self
+                .attempts
+                .iter()
+                .find(|a| a.attempt == attempt)
+                .map(|a| a.reached.clone());
+            let deterministic = self.attempts.iter().any(|a| {
                 a.attempt != attempt
                     && a.tier == tier
+                    && Some(&a.reached) == reached.as_ref()
                     && matches!(&a.ending, Ending::Fault { class, .. } if *class == fault.class)
             });
-            if repeated {
-                action = escalated;
+            if deterministic {
+                action = fault
+                    .class
+                    .escalates_on_repeat()
+                    .unwrap_or(Action::Fallback);
+                let from = match reached.flatten() {
+                    Some(c) => format!("checkpoint {}", c.display()),
+                    None => "start (no checkpoint)".to_string(),
+                };
+                note = Some(format!(
+                    "{} again at the same point of training, the {from}: deterministic, not a fluke ({action})",
+                    fault.class
+                ));
             }
         }
         match action {
@@ -793,7 +983,7 @@ impl Supervisor {
                 rule: fault.rule.clone(),
                 class: fault.class,
             }),
-            Action::Restart | Action::Note => Ok(tier),
+            Action::Restart | Action::Note => Ok((tier, note)),
             Action::Fallback => {
                 // No kernel for this architecture (or no GPU at all): every GPU tier will fail
                 // the same way, so go straight to the first tier that does not use a GPU.
@@ -803,8 +993,52 @@ impl Supervisor {
                     .enumerate()
                     .skip(tier + 1)
                     .find(|(_, t)| !skip_gpu || !t.uses_gpu)
-                    .map(|(i, _)| i)
+                    .map(|(i, _)| (i, note))
                     .ok_or(Outcome::LadderExhausted)
+            }
+        }
+    }
+
+    /// Attempts in a row, ending with the last one, on `tier` that wrote no new checkpoint.
+    fn no_progress_run(&self, tier: usize) -> usize {
+        self.attempts
+            .iter()
+            .rev()
+            .take_while(|a| a.tier == tier && !a.wrote_checkpoint)
+            .count()
+    }
+
+    /// A restart on the same `tier` after [`NO_PROGRESS_LIMIT`] attempts in a row without a new
+    /// checkpoint goes one tier down instead (or ends the run at the bottom of the ladder). Only
+    /// when checkpoints are watched: without them "no checkpoint" says nothing.
+    fn after_no_progress(&self, next: usize, tier: usize) -> Result<usize, (String, Outcome)> {
+        if !self.policy.checkpoints_watched
+            || next != tier
+            || self.no_progress_run(tier) < NO_PROGRESS_LIMIT
+        {
+            return Ok(next);
+        }
+        if tier + 1 < self.ladder.len() {
+            Ok(tier + 1)
+        } else {
+            Err((
+                format!(
+                    "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint, and it is the last tier: giving up",
+                    self.tier_name(tier)
+                ),
+                Outcome::LadderExhausted,
+            ))
+        }
+    }
+
+    /// Restarts that count against the budget now: all of them, or those of the window.
+    fn restarts_in_window(&mut self, now: Instant) -> u32 {
+        match self.policy.restart_window {
+            None => self.restarts,
+            Some(window) => {
+                self.restart_times
+                    .retain(|t| now.saturating_duration_since(*t) < window);
+                self.restart_times.len() as u32
             }
         }
     }
@@ -856,6 +1090,48 @@ fn fault_record(attempt: u32, fault: &Fault) -> Record {
     }
 }
 
+/// `1h`, `20m`, `90s`.
+fn window_text(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 && s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else if s >= 60 && s.is_multiple_of(60) {
+        format!("{}m", s / 60)
+    } else {
+        format!("{:.0}s", d.as_secs_f64())
+    }
+}
+
+/// The fault of an attempt that made no progress for `silent` (at least the stall `timeout`):
+/// `gpu_hang` on a GPU tier (a wedged kernel or collective is the usual reason a GPU job goes
+/// quiet), `job_stalled` elsewhere.
+pub fn stall_fault(uses_gpu: bool, silent: Duration, timeout: Duration) -> Fault {
+    let class = if uses_gpu {
+        FaultClass::GpuHang
+    } else {
+        FaultClass::JobStalled
+    };
+    Fault {
+        rule: "stall-timeout".to_string(),
+        class,
+        severity: crate::rules::Severity::Error,
+        action: class.default_action(),
+        stream: Stream::Progress,
+        line: format!(
+            "no progress for {:.1} s (no output, no new checkpoint; the stall timeout is {:.1} s)",
+            silent.as_secs_f64(),
+            timeout.as_secs_f64()
+        ),
+        captures: std::collections::BTreeMap::from([(
+            "silent_seconds".to_string(),
+            format!("{:.1}", silent.as_secs_f64()),
+        )]),
+        advice: "The job printed nothing and wrote no checkpoint for the whole stall timeout. On a GPU this is usually a hung kernel or a collective waiting for a rank that died; on the CPU a deadlock or a stuck data loader. The stacks captured before the stop (when py-spy is installed) show where it waited. A job that is silent by design needs a longer --stall-timeout, or --stall-timeout off.".to_string(),
+        facility: None,
+        attribution: None,
+    }
+}
+
 /// The fault a job's exit status is evidence of: death by SIGSEGV, SIGBUS, SIGILL, SIGFPE or
 /// SIGABRT is a crash (`process_crash`), whatever the logs said or when they were read.
 pub fn crash_fault(status: JobExit) -> Option<Fault> {
@@ -900,6 +1176,9 @@ mod tests {
             settle: SETTLE,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            stall_timeout: None,
+            restart_window: None,
+            checkpoints_watched: false,
         }
     }
 
@@ -1607,5 +1886,246 @@ mod tests {
         });
         r.exit(1, JobExit::Signal(15));
         assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+    }
+
+    // ---- stall detection (issue 11) ----
+
+    fn stalling(timeout: u64) -> Policy {
+        let mut p = policy();
+        p.stall_timeout = Some(Duration::from_secs(timeout));
+        p
+    }
+
+    fn journaled_faults(effects: &[Effect]) -> Vec<FaultClass> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::Fault { class, .. }) => Some(*class),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn progress_keeps_a_job_alive_and_silence_is_a_gpu_hang_on_a_gpu_tier() {
+        let mut r = Run::new(stalling(60), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        assert_eq!(r.sup.next_deadline(), Some(r.t0 + Duration::from_secs(60)));
+        // Output every 50 s: never a stall.
+        for _ in 0..4 {
+            assert!(r.advance(Duration::from_secs(50)).is_empty());
+            let at = r.now;
+            r.feed(Event::Progress { attempt: 1, at });
+        }
+        assert_eq!(r.sup.next_deadline(), Some(r.now + Duration::from_secs(60)));
+        // Progress stamped earlier than one already seen changes nothing.
+        r.feed(Event::Progress {
+            attempt: 1,
+            at: r.t0,
+        });
+        assert!(r.advance(Duration::from_secs(59)).is_empty());
+        let out = r.advance(Duration::from_secs(1));
+        assert_eq!(journaled_faults(&out), [FaultClass::GpuHang]);
+        // The stacks are captured while the job is still there, then SIGTERM.
+        let capture = out
+            .iter()
+            .position(|e| matches!(e, Effect::CaptureStacks { attempt: 1 }))
+            .unwrap();
+        let term = out
+            .iter()
+            .position(|e| {
+                matches!(
+                    e,
+                    Effect::Signal {
+                        sig: Sig::Terminate,
+                        ..
+                    }
+                )
+            })
+            .unwrap();
+        assert!(capture < term);
+        // A hang restarts on the same tier first.
+        r.exit(1, JobExit::Signal(15));
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), [(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn silence_on_a_cpu_tier_is_job_stalled() {
+        let mut r = Run::new(stalling(10), &[("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.advance(Duration::from_secs(10));
+        assert_eq!(journaled_faults(&out), [FaultClass::JobStalled]);
+        assert_eq!(signals(&out), [Sig::Terminate]);
+        // While it is being stopped, no second stall fault; SIGKILL after the grace.
+        let out = r.advance(Duration::from_secs(10));
+        assert!(journaled_faults(&out).is_empty());
+        assert_eq!(signals(&out), [Sig::Kill]);
+    }
+
+    #[test]
+    fn no_stall_timeout_means_no_stall() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        assert_eq!(r.sup.next_deadline(), None);
+        assert!(r.advance(Duration::from_secs(86_400)).is_empty());
+    }
+
+    #[test]
+    fn a_job_that_exited_is_not_stalled_while_its_output_drains() {
+        let mut r = Run::new(stalling(5), &[("gpu", true)]);
+        r.feed(Event::Start);
+        r.feed(Event::Exited {
+            attempt: 1,
+            status: JobExit::Code(0),
+            group_alive: false,
+        });
+        assert!(r.advance(Duration::from_secs(30)).is_empty());
+    }
+
+    // ---- crash-loop sense (issue 11) ----
+
+    /// Runs attempt `attempt` from `checkpoint`: spawned, optionally writes a checkpoint, then
+    /// ends with a fault of `class` (its default action) and the backoff is waited out.
+    fn attempt_with(
+        r: &mut Run,
+        attempt: u32,
+        checkpoint: Option<&str>,
+        writes: bool,
+        class: FaultClass,
+    ) {
+        r.feed(Event::Spawned {
+            attempt,
+            checkpoint: checkpoint.map(PathBuf::from),
+        });
+        if writes {
+            let at = r.now;
+            let path = PathBuf::from(format!("written-by-{attempt}"));
+            r.feed(Event::Checkpoint { attempt, at, path });
+        }
+        r.feed(Event::Fault {
+            attempt,
+            fault: fault(class, class.default_action()),
+        });
+        r.exit(attempt, JobExit::Code(1));
+        if let Some(deadline) = r.sup.next_deadline() {
+            r.now = deadline;
+            r.feed(Event::Tick);
+        }
+    }
+
+    #[test]
+    fn the_same_fault_from_the_same_checkpoint_twice_goes_down_the_ladder() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("c4"), false, FaultClass::GpuReset);
+        // gpu_reset never escalated before; from the same checkpoint twice it is deterministic.
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 1)]);
+        assert!(r.log.iter().any(
+            |e| matches!(e, Effect::Say(m) if m.contains("deterministic") && m.contains("c4"))
+        ));
+    }
+
+    #[test]
+    fn a_fault_right_after_the_checkpoint_the_next_attempt_resumes_from_is_deterministic() {
+        // Attempt 1 writes a checkpoint and faults; attempt 2 resumes from it and faults
+        // before writing another: both got exactly as far (the segfault-at-step-3 loop).
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, None, true, FaultClass::ProcessCrash);
+        attempt_with(
+            &mut r,
+            2,
+            Some("written-by-1"),
+            false,
+            FaultClass::ProcessCrash,
+        );
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn the_same_fault_at_a_different_step_each_time_stays_on_the_tier() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        // A GPU hang escalates on repeat, but each time after progress: transient, stay.
+        attempt_with(&mut r, 1, Some("c2"), true, FaultClass::GpuHang);
+        attempt_with(&mut r, 2, Some("c4"), true, FaultClass::GpuHang);
+        attempt_with(&mut r, 3, Some("c6"), true, FaultClass::GpuHang);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn three_restarts_without_a_new_checkpoint_end_the_tier() {
+        let mut p = policy();
+        p.checkpoints_watched = true;
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        // Different classes (so never "the same fault twice"), and no checkpoint written.
+        attempt_with(&mut r, 1, Some("c"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("c"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 3, Some("c"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 1)]);
+        assert!(
+            r.log
+                .iter()
+                .any(|e| matches!(e, Effect::Say(m) if m.contains("wrote no new checkpoint")))
+        );
+        // On the last tier it ends the run.
+        attempt_with(&mut r, 4, Some("c"), false, FaultClass::GpuReset);
+        attempt_with(&mut r, 5, Some("c"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 6, Some("c"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.outcome(), Some(Outcome::LadderExhausted));
+    }
+
+    #[test]
+    fn without_watched_checkpoints_no_checkpoint_is_not_no_progress() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        attempt_with(&mut r, 1, None, false, FaultClass::GpuReset);
+        attempt_with(&mut r, 2, Some("a"), false, FaultClass::ProcessCrash);
+        attempt_with(&mut r, 3, Some("b"), false, FaultClass::CollectiveFailure);
+        assert_eq!(r.spawns(), [(1, 0), (2, 0), (3, 0), (4, 0)]);
+    }
+
+    #[test]
+    fn the_restart_budget_counts_a_sliding_window() {
+        let mut p = policy();
+        p.max_restarts = 2;
+        p.backoff_max = Duration::from_secs(1);
+        p.restart_window = Some(Duration::from_secs(3600));
+        let mut r = Run::new(p, &[("gpu", true)]);
+        r.feed(Event::Start);
+        // Two crashes at the start of the night, then an hour of work, then two more: fine.
+        for attempt in 1..=2 {
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(1));
+        }
+        r.now += Duration::from_secs(3600);
+        for attempt in 3..=4 {
+            r.exit(attempt, JobExit::Code(1));
+            r.advance(Duration::from_secs(1));
+        }
+        assert_eq!(r.outcome(), None);
+        assert_eq!(r.spawns().len(), 5);
+        let left: Vec<u32> = r
+            .log
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::RestartScheduled { restarts_left, .. }) => {
+                    Some(*restarts_left)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(left, [1, 0, 1, 0]);
+        // A third within the window spends it.
+        r.exit(5, JobExit::Code(1));
+        assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+        assert!(
+            r.log.iter().any(
+                |e| matches!(e, Effect::Say(m) if m.contains("budget (2 within 1h) is spent"))
+            )
+        );
     }
 }

@@ -97,7 +97,16 @@ impl Scene {
         read_jsonl(&self.path("record.jsonl"))
     }
 
+    /// The journal without `checkpoint_saved` records, whose number and place depend on when
+    /// the periodic checkpoint scan looked (see [`events`]); [`Scene::full_journal`] has them.
     pub fn journal(&self) -> Vec<serde_json::Value> {
+        self.full_journal()
+            .into_iter()
+            .filter(|r| r["event"] != "checkpoint_saved")
+            .collect()
+    }
+
+    pub fn full_journal(&self) -> Vec<serde_json::Value> {
         read_jsonl(&self.run_dir().join("journal.jsonl"))
     }
 }
@@ -112,10 +121,13 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
     }
 }
 
+/// The journal's events in order, without `checkpoint_saved`: how many of those a run gets
+/// depends on when the periodic checkpoint scan happens to look (tests/overnight.rs checks them).
 pub fn events(journal: &[serde_json::Value]) -> Vec<String> {
     journal
         .iter()
         .map(|r| r["event"].as_str().unwrap().to_string())
+        .filter(|e| e != "checkpoint_saved")
         .collect()
 }
 

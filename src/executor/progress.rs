@@ -1,0 +1,189 @@
+//! Progress the supervisor cannot see in the job's output: new checkpoints (a rescan of the
+//! checkpoint location every [`CHECKPOINT_SCAN`]), and the job's stacks captured before a
+//! stalled attempt is stopped.
+//!
+//! The rescan is the fallback FACTS.md recommends over file events; it is cheap (one directory
+//! listing and a check of the newest candidate's end) and needs no watcher thread.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{Executor, Input, RunError};
+use crate::checkpoints;
+use crate::journal::Record;
+use crate::process::GroupEvent;
+use crate::supervisor::Event;
+use crate::voice::say;
+
+/// The attempt whose process group `input` says is gone (or whose leader exited alone), when it
+/// is the live one: its checkpoint location gets a last look before the attempt can end, so the
+/// crash-loop sense knows how far it got.
+pub(super) fn ended_attempt(input: &Input, live: Option<u32>) -> Option<u32> {
+    match input {
+        Input::Group {
+            attempt,
+            event:
+                GroupEvent::Empty
+                | GroupEvent::LeaderExited {
+                    group_alive: false, ..
+                },
+        } if live == Some(*attempt) => Some(*attempt),
+        _ => None,
+    }
+}
+
+/// How often the checkpoint location is looked at while an attempt runs.
+pub(super) const CHECKPOINT_SCAN: Duration = Duration::from_secs(2);
+
+/// The longest `py-spy dump` may take: a job stuck in the GPU driver can make it hang too, and
+/// the stop of a stalled job must not wait on it for long.
+const STACKS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The newest complete checkpoint as last seen: its path and modification time (`None` until
+/// a scan has read it).
+#[derive(Debug, Default)]
+pub(super) struct Seen {
+    pub(super) newest: Option<(PathBuf, Option<SystemTime>)>,
+    pub(super) scanned: Option<Instant>,
+}
+
+impl Executor<'_> {
+    /// Looks for a checkpoint newer than the last one seen; journals it and pushes a checkpoint
+    /// event for `attempt` onto `pending` (a stack: the supervisor hears of it before whatever
+    /// was pushed earlier, such as the end of the attempt's group).
+    /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
+    /// so a checkpoint written in its last seconds is still credited to it.
+    pub(super) fn rescan_checkpoints(
+        &mut self,
+        attempt: u32,
+        now: Instant,
+        last: bool,
+        pending: &mut Vec<Event>,
+    ) -> Result<(), RunError> {
+        let Some(spec) = &self.plan.checkpoints else {
+            return Ok(());
+        };
+        if !last
+            && self
+                .checkpoints_seen
+                .scanned
+                .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
+        {
+            return Ok(());
+        }
+        self.checkpoints_seen.scanned = Some(now);
+        let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
+            .and_then(|s| s.discover());
+        let Ok(found) = found else {
+            // Said when the next attempt starts, where it matters.
+            return Ok(());
+        };
+        let Some(newest) = found.newest else {
+            return Ok(());
+        };
+        let is_new = match &mut self.checkpoints_seen.newest {
+            Some((path, modified)) if *path == newest.path => match modified {
+                // The baseline from the attempt's start has no time yet: take it, not news.
+                None => {
+                    *modified = Some(newest.modified);
+                    false
+                }
+                Some(m) => *m != newest.modified,
+            },
+            _ => true,
+        };
+        if !is_new {
+            return Ok(());
+        }
+        self.checkpoints_seen.newest = Some((newest.path.clone(), Some(newest.modified)));
+        self.journal(&Record::CheckpointSaved {
+            attempt,
+            path: newest.path.clone(),
+            step: newest.step,
+        })?;
+        // The progress happened when the file was written, not when the scan found it (up to
+        // CHECKPOINT_SCAN later): stamped so, a stall is timed from the job's last sign of life.
+        let age = SystemTime::now()
+            .duration_since(newest.modified)
+            .unwrap_or_default();
+        let now = Instant::now();
+        pending.push(Event::Checkpoint {
+            attempt,
+            path: newest.path,
+            at: now.checked_sub(age).unwrap_or(now),
+        });
+        Ok(())
+    }
+
+    /// `py-spy dump --pid PID` of the attempt's leader into `attempt-N.stacks.txt`, when py-spy
+    /// is on PATH, for at most [`STACKS_TIMEOUT`]; journaled either way.
+    pub(super) fn capture_stacks(&mut self, attempt: u32) -> Result<(), RunError> {
+        let Some(&pid) = self.groups.get(&attempt) else {
+            return Ok(());
+        };
+        let Some(py_spy) = on_path("py-spy") else {
+            return self.journal(&Record::StacksCaptured {
+                attempt,
+                path: None,
+                detail: "py-spy is not on PATH (pip install py-spy to get the stacks of a stalled Python job)".into(),
+            });
+        };
+        let path = self.run_dir.join(format!("attempt-{attempt}.stacks.txt"));
+        let detail = match dump(&py_spy, pid, &path) {
+            Ok(()) => {
+                say(&format!(
+                    "attempt {attempt}: the job's stacks are in {}",
+                    path.display()
+                ));
+                "py-spy dump".to_string()
+            }
+            Err(e) => {
+                say(&format!(
+                    "attempt {attempt}: could not capture the job's stacks: {e}"
+                ));
+                e
+            }
+        };
+        self.journal(&Record::StacksCaptured {
+            attempt,
+            path: Some(path),
+            detail,
+        })
+    }
+}
+
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+/// Runs py-spy with its output in `path`, killing it past the timeout.
+fn dump(py_spy: &Path, pid: u32, path: &Path) -> Result<(), String> {
+    let out = File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let err = out.try_clone().map_err(|e| e.to_string())?;
+    let mut child = Command::new(py_spy)
+        .args(["dump", "--pid", &pid.to_string()])
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", py_spy.display()))?;
+    let deadline = Instant::now() + STACKS_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(status)) => return Err(format!("py-spy failed ({status}); see the file")),
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("py-spy took longer than {STACKS_TIMEOUT:?}"));
+            }
+            Ok(None) => thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}

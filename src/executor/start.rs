@@ -1,0 +1,92 @@
+//! The run's first journal record: `run_started` for a new run (with what `gpuwarden resume`
+//! needs to start it again), or `run_resumed` when `gpuwarden resume` continues one.
+
+use super::{Executor, RunError};
+use crate::journal::Record;
+use crate::voice::say;
+
+/// Where a resumed run continues, read from its journal by `gpuwarden resume`.
+#[derive(Clone, Debug)]
+pub struct Resume {
+    /// The attempt number to start with (one after the last one journaled).
+    pub attempt: u32,
+    /// The tier to start on, by name; the first tier of the plan when it is not on the ladder.
+    pub tier: String,
+    /// Restarts already used by the run.
+    pub restarts: u32,
+    /// Why the previous gpuwarden is taken to be gone.
+    pub reason: String,
+}
+
+impl Executor<'_> {
+    /// Journals the start (or the resumption) of the run; answers the ladder index a resumed run
+    /// continues on.
+    pub(super) fn journal_start(
+        &mut self,
+        resume: Option<&Resume>,
+    ) -> Result<Option<usize>, RunError> {
+        let plan = self.plan;
+        let resume_tier = resume.map(|r| {
+            plan.ladder
+                .iter()
+                .position(|t| t.name == r.tier)
+                .unwrap_or(0)
+        });
+        match resume {
+            None => self.journal(&Record::RunStarted {
+                command: self.command_words(),
+                ladder: plan.ladder.iter().map(|t| t.name.clone()).collect(),
+                checkpoints: plan.checkpoints.clone(),
+                max_restarts: plan.max_restarts,
+                grace_seconds: plan.grace.as_secs_f64(),
+                rules: self.rules.rules().len(),
+                gpuwarden_pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION"),
+                argv: std::env::args_os()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect(),
+                cwd: std::env::current_dir().ok(),
+                config_file: plan.config_file.clone(),
+                stall_timeout_seconds: plan.stall_timeout.map(|d| d.as_secs_f64()),
+                restart_window_seconds: plan.restart_window.map(|d| d.as_secs_f64()),
+            })?,
+            Some(r) => {
+                let tier = resume_tier.unwrap_or(0);
+                let checkpoint = plan.checkpoints.as_ref().and_then(|spec| {
+                    crate::checkpoints::Spec::new(
+                        spec,
+                        Some(&self.run_dir),
+                        std::path::Path::new(""),
+                    )
+                    .and_then(|s| s.discover())
+                    .ok()
+                    .and_then(|d| d.newest)
+                    .map(|c| c.path)
+                });
+                say(&format!(
+                    "resuming the run in {} as attempt {} on tier `{}`, {} restart(s) left{}",
+                    self.run_dir.display(),
+                    r.attempt,
+                    plan.ladder.get(tier).map_or("?", |t| t.name.as_str()),
+                    plan.max_restarts.saturating_sub(r.restarts),
+                    match &checkpoint {
+                        Some(c) => format!(", from {}", c.display()),
+                        None => String::new(),
+                    }
+                ));
+                self.journal(&Record::RunResumed {
+                    attempt: r.attempt,
+                    tier: plan
+                        .ladder
+                        .get(tier)
+                        .map_or_else(|| r.tier.clone(), |t| t.name.clone()),
+                    restarts_left: plan.max_restarts.saturating_sub(r.restarts),
+                    checkpoint,
+                    gpuwarden_pid: std::process::id(),
+                    reason: r.reason.clone(),
+                })?
+            }
+        }
+        Ok(resume_tier)
+    }
+}

@@ -1,0 +1,277 @@
+//! Unattended overnight runs (issue 11), end to end with the real binary and the fake trainer:
+//! a hung job is caught by the stall timeout and resumed from its checkpoint, and `report`
+//! tells the night from the journal.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn fast_config(scene: &Scene) -> String {
+    let path = scene.path("fast.toml");
+    std::fs::write(&path, "backoff = { initial = 0.05, max = 0.2 }\n").unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn report_json(scene: &Scene) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .arg("report")
+        .arg(scene.run_dir())
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_hung_job_is_caught_by_the_stall_timeout_and_resumed_from_its_checkpoint() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--stall-timeout", "2s", "--grace", "2"],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--sleep",
+            "0.05",
+            "--hang-at",
+            "5",
+            "--hang-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+
+    // Attempt 1 hung after step 4; attempt 2, on the same GPU tier (a first hang restarts),
+    // resumed from step 4 and finished.
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_eq!(arg_after(&starts[1], "--device"), Some("cuda"));
+    let resumed = scene.ckpt().join("ckpt-step00004.safetensors");
+    assert_eq!(
+        arg_after(&starts[1], "--resume"),
+        Some(resumed.to_str().unwrap())
+    );
+    let journal = scene.full_journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["class"], "gpu_hang");
+    assert_eq!(fault["rule"], "stall-timeout");
+    assert_eq!(fault["stream"], "progress");
+    assert!(journal.iter().any(|r| r["event"] == "stacks_captured"));
+    assert!(
+        journal
+            .iter()
+            .any(|r| r["event"] == "checkpoint_saved" && r["attempt"] == 1)
+    );
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+
+    // From the job's last output to the SIGTERM it got, on the trainer's own clock.
+    let records = scene.records();
+    let last = records
+        .iter()
+        .find_map(|r| r["last_output"].as_f64())
+        .unwrap();
+    let term = records
+        .iter()
+        .find(|r| r["hang_signal"] == 15)
+        .and_then(|r| r["at"].as_f64())
+        .unwrap();
+    let gap = term - last;
+    eprintln!("stall: last output -> SIGTERM {gap:.3} s (stall timeout 2 s)");
+    assert!(
+        (2.0..3.0).contains(&gap),
+        "last output -> SIGTERM {gap:.3} s"
+    );
+}
+
+#[test]
+fn report_json_agrees_with_the_journal() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--sleep",
+            "0.3",
+            "--fault-at",
+            "5",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // A torn last line and an event from a newer gpuwarden must not stop the report.
+    let path = scene.run_dir().join("journal.jsonl");
+    let mut journal_text = std::fs::read_to_string(&path).unwrap();
+    journal_text.push_str(
+        "{\"at\":\"2026-12-05T01:00:00.000000Z\",\"event\":\"from_the_future\"}\n{\"at\":\"20",
+    );
+    std::fs::write(&path, &journal_text).unwrap();
+
+    let journal: Vec<serde_json::Value> = journal_text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let report = report_json(&scene);
+    let started: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_started")
+        .collect();
+    let ended: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_ended")
+        .collect();
+    let attempts = report["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), started.len());
+    assert_eq!(attempts.len(), 2);
+    for ((a, s), e) in attempts.iter().zip(&started).zip(&ended) {
+        assert_eq!(a["attempt"], s["attempt"]);
+        assert_eq!(a["tier"], s["tier"]);
+        assert_eq!(a["device"], s["device"]);
+        assert_eq!(a["checkpoint"], s["checkpoint"]);
+        assert_eq!(a["seconds"], e["seconds"]);
+        assert_eq!(a["ended_by"], e["ended_by"]);
+    }
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(attempts[0]["fault"]["line"], fault["line"]);
+    assert_eq!(attempts[0]["fault"]["class"], "gpu_memory_fault");
+    let finished = journal
+        .iter()
+        .find(|r| r["event"] == "run_finished")
+        .unwrap();
+    assert_eq!(report["outcome"], finished["outcome"]);
+    assert_eq!(report["exit_code"], finished["exit_code"]);
+    let saved = journal
+        .iter()
+        .filter(|r| r["event"] == "checkpoint_saved")
+        .count();
+    // The rescan (every 2 s) sees the newest checkpoint; ones written faster are seen once.
+    assert!(saved >= 1, "the rescan saw the checkpoints: {saved}");
+    assert_eq!(
+        report["checkpoints_written"].as_array().unwrap().len(),
+        saved
+    );
+    let tier_seconds: f64 = report["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["seconds"].as_f64().unwrap())
+        .sum();
+    let attempt_seconds: f64 = ended.iter().map(|e| e["seconds"].as_f64().unwrap()).sum();
+    assert!((tier_seconds - attempt_seconds).abs() < 1e-9);
+    let ratio = report["goodput"]["ratio"].as_f64().unwrap();
+    assert!(ratio > 0.0 && ratio <= 1.0, "{ratio}");
+    // The two bad lines are reported as skipped, with their line numbers.
+    let skipped = report["skipped"].as_array().unwrap();
+    assert_eq!(skipped.len(), 2, "{skipped:?}");
+    assert_eq!(skipped[1]["line"], journal_text.lines().count());
+
+    // The text form: one screen.
+    let out = Command::new(BIN)
+        .arg("report")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(shown.contains("goodput:"), "{shown}");
+    assert!(shown.contains("Memory access fault"), "{shown}");
+    assert!(shown.contains("skipped 2 of"), "{shown}");
+}
+
+#[test]
+fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
+    use std::time::{Duration, Instant};
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let mut child = scene
+        .command(
+            &["--config", &config],
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--steps",
+                "14",
+                "--sleep",
+                "0.2",
+            ],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait for a checkpoint the rescan has journaled, then kill gpuwarden outright.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !scene
+        .full_journal()
+        .iter()
+        .any(|r| r["event"] == "checkpoint_saved")
+    {
+        assert!(Instant::now() < deadline, "no checkpoint_saved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    send(child.id(), nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let before = std::fs::read_to_string(scene.run_dir().join("journal.jsonl")).unwrap();
+    // The guard stops the job; wait for it to be gone before resuming.
+    let pid = scene.starts()[0]["pid"].as_i64().unwrap() as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dead(pid) {
+        assert!(Instant::now() < deadline, "the job outlived gpuwarden");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let out = Command::new(BIN)
+        .arg("resume")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    // Append-only: the old journal is a prefix of the new one.
+    let after = std::fs::read_to_string(scene.run_dir().join("journal.jsonl")).unwrap();
+    assert!(after.starts_with(&before));
+    let journal = scene.full_journal();
+    let resumed = journal
+        .iter()
+        .find(|r| r["event"] == "run_resumed")
+        .unwrap();
+    assert_eq!(resumed["attempt"], 2);
+    assert_eq!(resumed["tier"], "gpu");
+    assert_eq!(resumed["restarts_left"], 5);
+    let starts: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_started")
+        .collect();
+    assert_eq!(starts.len(), 2);
+    assert_eq!(starts[1]["attempt"], 2);
+    let from = starts[1]["checkpoint"].as_str().unwrap();
+    assert!(from.contains("ckpt-step"), "{from}");
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+    // The trainer's second start resumed from that checkpoint.
+    assert_eq!(arg_after(&scene.starts()[1], "--resume"), Some(from));
+    // A finished run is not resumed again.
+    let again = Command::new(BIN)
+        .arg("resume")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+    assert!(text(&again.stderr).contains("is over"));
+    // And the report tells both parts.
+    let report = report_json(&scene);
+    assert_eq!(report["resumed"], 1);
+    assert_eq!(report["attempts"].as_array().unwrap().len(), 2);
+}
