@@ -30,6 +30,7 @@ fn main() {
             cmd::checkpoint::verify(&file, json)
         }
         Command::Probe(args) => cmd::probe::probe(args),
+        Command::Watch(args) => cmd::watch::watch(args),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::executor::GUARD_GRACE),
         Command::DemoJob(args) => cmd::demo::demo_job(args),
     };

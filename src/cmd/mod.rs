@@ -10,6 +10,7 @@ pub mod probe;
 pub mod rules;
 pub mod run;
 pub mod scan;
+pub mod watch;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -1,0 +1,170 @@
+//! `gpuwarden watch`: GPU health live in the terminal, or one sample (`--once`) as a table or
+//! JSON for scripts.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use gpuwarden::exit;
+use gpuwarden::rules::RuleSet;
+use gpuwarden::snapshot::Board;
+use gpuwarden::sources::health::{GpuSample, HealthConfig, Value};
+use gpuwarden::sources::kernel::KernelSource;
+use gpuwarden::ui::{self, View, collect};
+
+use super::error;
+use crate::cli::WatchArgs;
+
+/// How long `--once` waits for the slowest source (a hung nvidia-smi is killed at 10 s).
+const ONCE_DEADLINE: Duration = Duration::from_secs(12);
+
+pub fn watch(args: WatchArgs) -> i32 {
+    let health = HealthConfig {
+        interval: Duration::from_secs_f64(args.interval),
+        sysfs_root: args.sysfs_root.clone(),
+        ..HealthConfig::default()
+    };
+    if args.once {
+        return once(health, args.json);
+    }
+    if let Some(why) = ui::terminal::unusable() {
+        error(format_args!(
+            "the live display needs a terminal ({why}); `gpuwarden watch --once [--json]` prints one sample instead"
+        ));
+        return exit::USAGE;
+    }
+    let rules = match RuleSet::load(&args.rules) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            error(e);
+            return exit::USAGE;
+        }
+    };
+    let kernel = if args.no_kernel_log {
+        None
+    } else if args.kernel_log.is_file() {
+        Some(KernelSource::File {
+            path: args.kernel_log,
+            from_start: false,
+        })
+    } else {
+        Some(KernelSource::Kmsg(args.kernel_log))
+    };
+    let board = Board::new();
+    let collector = match collect::start(&board, Some(health), kernel, rules) {
+        Ok(c) => c,
+        Err(e) => {
+            error(format_args!("cannot start the GPU health collectors: {e}"));
+            return exit::INTERNAL;
+        }
+    };
+    let shown = ui::terminal::run(&board, View::new("watch"), false, || false, |_| {});
+    collector.stop();
+    match shown {
+        Ok(()) => exit::SUCCESS,
+        Err(e) => {
+            error(format_args!("the terminal failed: {e}"));
+            exit::INTERNAL
+        }
+    }
+}
+
+fn once(health: HealthConfig, json: bool) -> i32 {
+    let reading = match collect::one_reading(health, ONCE_DEADLINE) {
+        Ok(r) => r,
+        Err(e) => {
+            error(format_args!("cannot start the GPU health sampler: {e}"));
+            return exit::INTERNAL;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    let written = if json {
+        let value = serde_json::json!({
+            "sources": reading.sources,
+            "gpus": reading.gpus,
+            "notes": reading.notes,
+        });
+        writeln!(out, "{value}")
+    } else {
+        write_table(&mut out, &reading)
+    };
+    // A closed pipe (`| head`) is not an error worth a message.
+    let _ = written;
+    exit::SUCCESS
+}
+
+fn mib(v: &Value<u64>) -> String {
+    shown(v, |b| format!("{:.0}", b as f64 / (1u64 << 20) as f64))
+}
+
+fn shown<T: Copy>(v: &Value<T>, f: impl Fn(T) -> String) -> String {
+    match v {
+        Value::Known(x) => f(*x),
+        Value::Unknown => "-".into(),
+        Value::Error(text) => format!("ERR({text})"),
+    }
+}
+
+fn ecc(sample: &GpuSample) -> String {
+    if sample.ecc.is_empty() {
+        return "-".into();
+    }
+    let ue: u64 = sample
+        .ecc
+        .iter()
+        .filter_map(|c| c.uncorrectable.known())
+        .sum();
+    let ce: u64 = sample
+        .ecc
+        .iter()
+        .filter_map(|c| c.correctable.known())
+        .sum();
+    format!("{ue}/{ce}")
+}
+
+fn write_table(out: &mut impl Write, reading: &collect::OneReading) -> std::io::Result<()> {
+    if reading.gpus.is_empty() {
+        writeln!(out, "no GPU found")?;
+    } else {
+        writeln!(
+            out,
+            "{:<4} {:<24} {:<8} {:>5} {:>17} {:>6} {:>7} {:>9}",
+            "GPU", "NAME", "ARCH", "UTIL", "VRAM USED/TOTAL", "TEMP", "POWER", "ECC UE/CE"
+        )?;
+    }
+    for g in &reading.gpus {
+        let index = g.device.index.map_or("?".into(), |i| i.to_string());
+        let name: String = g
+            .name
+            .as_deref()
+            .unwrap_or("unknown")
+            .chars()
+            .take(24)
+            .collect();
+        let vram = format!(
+            "{}/{} MiB",
+            mib(&g.vram_used_bytes),
+            mib(&g.vram_total_bytes)
+        );
+        writeln!(
+            out,
+            "{:<4} {:<24} {:<8} {:>5} {:>17} {:>6} {:>7} {:>9}",
+            index,
+            name,
+            g.arch.as_deref().unwrap_or("-"),
+            shown(&g.utilization_percent, |u| format!("{u:.0}%")),
+            vram,
+            shown(&g.temperature_c, |c| format!("{c:.0}C")),
+            shown(&g.power_w, |w| format!("{w:.0}W")),
+            ecc(g),
+        )?;
+    }
+    let names: Vec<&str> = reading.sources.iter().map(|s| s.as_str()).collect();
+    if !names.is_empty() {
+        writeln!(out, "source: {}", names.join(", "))?;
+    }
+    for note in &reading.notes {
+        writeln!(out, "note: {note}")?;
+    }
+    Ok(())
+}
