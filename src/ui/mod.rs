@@ -101,13 +101,23 @@ pub fn key(view: &mut View, c: char, ctrl: bool, job: bool) -> Key {
     Key::Nothing
 }
 
-/// Rows of one GPU: the numbers, then the 60 s history.
+/// Rows of one GPU at least: the numbers, then the 60 s history.
 const GPU_ROWS: u16 = 2;
+
+/// Rows each GPU gets: the history grows taller (up to 3 rows) where the screen has room and
+/// the fault feed keeps at least 8.
+fn gpu_rows(area: Rect, gpus: usize, job: bool) -> u16 {
+    let n = gpus.max(1) as u16;
+    let fixed = 1 + 1 + 2 + if job { 4 + 6 } else { 0 };
+    let room = area.height.saturating_sub(fixed + 8) / n;
+    room.clamp(GPU_ROWS, GPU_ROWS + 2)
+}
 
 /// Draws everything. Pure: what it shows comes from `snap` and `view` only.
 pub fn draw(frame: &mut Frame<'_>, snap: &Snapshot, view: &View) {
     let area = frame.area();
-    let gpu_rows = (snap.gpus.len().max(1) as u16) * GPU_ROWS + 2;
+    let per_gpu = gpu_rows(area, snap.gpus.len(), snap.job.is_some());
+    let gpu_rows = (snap.gpus.len().max(1) as u16) * per_gpu + 2;
     let job_rows = if snap.job.is_some() { 4 } else { 0 };
     let [title, gpus, job, rest, bottom] = Layout::vertical([
         Constraint::Length(1),
@@ -118,15 +128,15 @@ pub fn draw(frame: &mut Frame<'_>, snap: &Snapshot, view: &View) {
     ])
     .areas(area);
     draw_title(frame, title, snap, view);
-    draw_gpus(frame, gpus, snap, view);
+    draw_gpus(frame, gpus, per_gpu, snap);
     if let Some(info) = &snap.job {
         draw_job(frame, job, info, view);
         let [output, faults] =
             Layout::vertical([Constraint::Percentage(60), Constraint::Percentage(40)]).areas(rest);
         draw_output(frame, output, snap, view);
-        draw_faults(frame, faults, snap, view);
+        draw_faults(frame, faults, snap);
     } else {
-        draw_faults(frame, rest, snap, view);
+        draw_faults(frame, rest, snap);
     }
     draw_sources(frame, bottom, snap, view);
     if view.help {
@@ -233,7 +243,7 @@ fn fit(text: &str, width: usize) -> String {
     format!("{cut:<width$}")
 }
 
-fn draw_gpus(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) {
+fn draw_gpus(frame: &mut Frame<'_>, area: Rect, rows: u16, snap: &Snapshot) {
     let block = Block::new().borders(Borders::ALL).title(Line::from(vec![
         Span::styled(" GPUs ", Style::new().add_modifier(Modifier::BOLD)),
         Span::raw("util / VRAM / temp over 60 s "),
@@ -250,8 +260,8 @@ fn draw_gpus(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) {
         return;
     }
     for (i, gpu) in snap.gpus.iter().enumerate() {
-        let top = inner.y + (i as u16) * GPU_ROWS;
-        if top + GPU_ROWS > inner.y + inner.height {
+        let top = inner.y + (i as u16) * rows;
+        if top + rows > inner.y + inner.height {
             let more = snap.gpus.len() - i;
             if top < inner.y + inner.height {
                 let row = Rect::new(inner.x, top, inner.width, 1);
@@ -259,16 +269,11 @@ fn draw_gpus(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) {
             }
             break;
         }
-        draw_gpu(
-            frame,
-            Rect::new(inner.x, top, inner.width, GPU_ROWS),
-            gpu,
-            view,
-        );
+        draw_gpu(frame, Rect::new(inner.x, top, inner.width, rows), gpu);
     }
 }
 
-fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, view: &View) {
+fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {
     let s = &gpu.sample;
     let width = area.width as usize;
     // Fixed columns: index 3, arch 9, util 5, VRAM text 12, temperature 6, power 6, ECC 6.
@@ -278,7 +283,6 @@ fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, view: &View) {
     let index = s.device.index.map_or("?".into(), |i| i.to_string());
     let name = s.name.clone().unwrap_or_else(|| "unknown GPU".into());
     let arch = s.arch.clone().unwrap_or_else(|| "-".into());
-    let util = s.utilization_percent.known();
     let (bar, vram, vram_color) = vram_gauge(s, bar_width);
     let temperature = s.temperature_c.known();
     let (ecc, ecc_style) = ecc_text(s);
@@ -319,15 +323,16 @@ fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, view: &View) {
             ),
         ];
     }
-    let _ = util;
     frame.render_widget(Line::from(spans), Rect::new(area.x, area.y, area.width, 1));
-    let history = Rect::new(area.x, area.y + 1, area.width, 1);
-    draw_history(frame, history, gpu, view);
+    let history = Rect::new(area.x, area.y + 1, area.width, area.height - 1);
+    draw_history(frame, history, gpu);
 }
 
-fn draw_history(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, view: &View) {
-    let age = view.now.saturating_duration_since(gpu.at);
-    let label = format!("   {:>4}s ago", age.as_secs());
+fn draw_history(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {
+    let label = match gpu.sample.hotspot_c.known() {
+        Some(c) => format!("   hot {c:>3.0}°C"),
+        None => String::new(),
+    };
     let [label_area, util, vram, temp] = Layout::horizontal([
         Constraint::Length(12),
         Constraint::Fill(1),
@@ -337,45 +342,46 @@ fn draw_history(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, view: &View) 
     .spacing(1)
     .areas(area);
     frame.render_widget(
-        Span::styled(label, Style::new().fg(Color::DarkGray)),
+        Span::styled(label, temperature_style(gpu.sample.hotspot_c.known())),
         label_area,
     );
     let total = gpu.sample.vram_total_bytes.known().unwrap_or(0).max(1) as f64;
-    let series: [(
-        &str,
-        Rect,
-        u64,
-        Color,
-        Box<dyn Fn(&crate::snapshot::Point) -> Option<u64>>,
-    ); 3] = [
+    let line = |pick: &dyn Fn(&crate::snapshot::Point) -> Option<u64>| -> Vec<u64> {
+        gpu.history.iter().map(|p| pick(p).unwrap_or(0)).collect()
+    };
+    let series = [
         (
             "util",
             util,
             100,
             Color::Green,
-            Box::new(|p| p.utilization_percent.map(|u| u.round() as u64)),
+            line(&|p| p.utilization_percent.map(|u| u.round() as u64)),
         ),
         (
             "vram",
             vram,
             100,
             Color::Magenta,
-            Box::new(move |p| p.vram_used_bytes.map(|b| (b as f64 * 100.0 / total) as u64)),
+            line(&|p| p.vram_used_bytes.map(|b| (b as f64 * 100.0 / total) as u64)),
         ),
         (
             "temp",
             temp,
-            100,
+            80,
             Color::Yellow,
-            Box::new(|p| p.temperature_c.map(|c| c.round().max(0.0) as u64)),
+            // 20 °C to 100 °C: the range where a change means something.
+            line(&|p| {
+                p.temperature_c
+                    .map(|c| (c - 20.0).round().clamp(0.0, 80.0) as u64)
+            }),
         ),
     ];
-    for (name, rect, max, color, pick) in series {
+    for (name, rect, max, color, points) in series {
         let [tag, line] =
             Layout::horizontal([Constraint::Length(5), Constraint::Fill(1)]).areas(rect);
+        let tag = Rect::new(tag.x, tag.y + tag.height - 1, tag.width, 1);
         frame.render_widget(Span::styled(name, Style::new().fg(Color::DarkGray)), tag);
         // The newest points on the right, as many as fit.
-        let points: Vec<u64> = gpu.history.iter().map(|p| pick(p).unwrap_or(0)).collect();
         let skip = points.len().saturating_sub(line.width as usize);
         frame.render_widget(
             Sparkline::default()
@@ -514,7 +520,7 @@ fn fault_line(note: &FaultNote, job: bool) -> Line<'_> {
     Line::from(spans)
 }
 
-fn draw_faults(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) {
+fn draw_faults(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot) {
     let job = snap.job.is_some();
     let total: u64 = snap.fault_counts.values().sum();
     let foreign: u64 = snap
@@ -544,7 +550,6 @@ fn draw_faults(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) 
         frame.render_widget(Span::styled(text, Style::new().fg(Color::DarkGray)), inner);
         return;
     }
-    let _ = view;
     // Newest on top.
     let lines: Vec<Line<'_>> = snap
         .faults
@@ -560,24 +565,24 @@ fn draw_sources(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View)
     let src = &snap.sources;
     let (kernel, kernel_style) = match &src.kernel {
         KernelState::Off => (
-            "kernel log: off".to_string(),
+            "kernel log off".to_string(),
             Style::new().fg(Color::DarkGray),
         ),
         KernelState::Following => (
-            "kernel log: followed".to_string(),
+            "kernel log followed".to_string(),
             Style::new().fg(Color::Green),
         ),
         KernelState::Unavailable(why) => (
-            format!("kernel log: unreadable ({why})"),
+            format!("kernel log unreadable: {why}"),
             Style::new().fg(Color::Yellow),
         ),
         KernelState::GaveUp(why) => (
-            format!("kernel log: gave up ({why})"),
+            format!("kernel log given up: {why}"),
             Style::new().fg(Color::Red),
         ),
     };
     let sample = match snap.sample_age(view.now) {
-        Some(a) => format!("sample {:.1}s ago", a.as_secs_f64()),
+        Some(a) => format!("{:.1}s ago", a.as_secs_f64()),
         None => "no sample yet".into(),
     };
     let health = if src.health.is_empty() {
@@ -585,24 +590,35 @@ fn draw_sources(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View)
     } else {
         src.health.join("+")
     };
-    let mut spans = vec![
-        Span::raw(format!("{health}: {sample}")),
-        Span::raw(" | "),
-        Span::raw(format!("tool timeouts {}", src.tool_timeouts)),
-    ];
+    let mut spans = Vec::new();
+    if let Some(notice) = &view.notice {
+        spans.push(Span::styled(
+            format!("{notice} | "),
+            Style::new().fg(Color::Cyan),
+        ));
+    }
+    spans.push(Span::styled(kernel, kernel_style));
     if src.kernel_lost > 0 {
         spans.push(Span::styled(
-            format!(" | {} kernel records lost", src.kernel_lost),
+            format!(" ({} records lost)", src.kernel_lost),
             Style::new().fg(Color::Yellow),
         ));
     }
-    spans.push(Span::raw(" | "));
-    spans.push(Span::styled(kernel, kernel_style));
-    if let Some(notice) = &view.notice {
-        spans.insert(
-            0,
-            Span::styled(format!("{notice} | "), Style::new().fg(Color::Cyan)),
-        );
+    spans.push(Span::raw(format!(" | {health} {sample}")));
+    let timeouts = Style::new().fg(if src.tool_timeouts > 0 {
+        Color::Yellow
+    } else {
+        Color::Reset
+    });
+    spans.push(Span::styled(
+        format!(" | {} tool timeouts", src.tool_timeouts),
+        timeouts,
+    ));
+    if let Some(note) = &src.last_note {
+        spans.push(Span::styled(
+            format!(" | {note}"),
+            Style::new().fg(Color::DarkGray),
+        ));
     }
     frame.render_widget(Line::from(spans), area);
 }
