@@ -216,7 +216,7 @@ fn watch_in_a_real_terminal_follows_sysfs_and_the_kernel_log_and_quits_cleanly()
     // `q` gives the terminal back: main screen, cursor shown, the prompt on a clean screen.
     tmux.run(&["send-keys", "-t", "t", "q"]);
     let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| {
-        s.lines().filter(|l| !l.trim().is_empty()).last() == Some("PROMPT$")
+        s.lines().rfind(|l| !l.trim().is_empty()) == Some("PROMPT$")
     });
     assert!(ok, "the shell prompt after q:\n{screen}");
     assert!(
