@@ -106,6 +106,11 @@ pub struct RunArgs {
     pub health_interval: f64,
     #[command(flatten)]
     pub machine: MachineArgs,
+    // The live display (src/ui/).
+    /// Show the live display while supervising: GPU health, the job, its output, faults. Keys:
+    /// q leave it, s stop the job (asks), p pause, ? help. Without a terminal, runs as without.
+    #[arg(long)]
+    pub ui: bool,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
@@ -260,6 +265,14 @@ pub struct DemoArgs {
     /// Run directory [default: ./gpuwarden-runs/<UTC timestamp>].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    // The live display (src/ui/).
+    /// Tell the demo's story in the live display (see `run --ui`).
+    #[arg(long)]
+    pub ui: bool,
+    /// With --ui: the sysfs tree whose GPUs the display shows [default: a simulated
+    /// Radeon RX 6800, made in the run directory].
+    #[arg(long, value_name = "DIR", requires = "ui")]
+    pub sysfs_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -55,7 +55,7 @@ pub fn demo(args: DemoArgs) -> i32 {
         args.fault_at_step
     );
     // The demo's fault is simulated: the probe has no say in it.
-    supervise(&plan, explicit_run_dir, None, Watch::default())
+    supervise(&plan, explicit_run_dir, None, Watch::default(), args.ui)
 }
 
 /// `__demo-job`: the demo's training job, run by `demo` as the supervised command.

@@ -78,7 +78,7 @@ pub fn run(args: RunArgs) -> i32 {
         health,
         ..Watch::default()
     };
-    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
+    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch, args.ui)
 }
 
 /// Loads the rules, checks the command, and runs the plan (for `run` and `demo`).
@@ -87,6 +87,7 @@ pub fn supervise(
     explicit_run_dir: bool,
     preflight: Option<&Verdict>,
     watch: Watch,
+    ui: bool,
 ) -> i32 {
     let rules = match RuleSet::load(&plan.rule_dirs) {
         Ok(r) => Arc::new(r),
@@ -99,7 +100,11 @@ pub fn supervise(
         error(e);
         return exit::USAGE;
     }
-    match gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch) {
+    let board = watch.board.clone();
+    let result = super::watch::around_run(&board, ui, || {
+        gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch)
+    });
+    match result {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             error(&e);

@@ -2,8 +2,8 @@
 //! JSON for scripts.
 
 use std::io::Write;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use gpuwarden::exit;
 use gpuwarden::rules::RuleSet;
@@ -167,4 +167,79 @@ fn write_table(out: &mut impl Write, reading: &collect::OneReading) -> std::io::
         writeln!(out, "note: {note}")?;
     }
     Ok(())
+}
+
+/// How long the display stays up after the run has ended, so its last state can be seen.
+const LINGER: Duration = Duration::from_millis(1500);
+
+/// Runs `run` (the supervision) with the live display over it when `ui` is asked for and there
+/// is a terminal. The display runs on its own thread and reads `board`; while it is up, the
+/// job's output and gpuwarden's lines go to its output pane, and gpuwarden's lines are printed
+/// once it closes (at the end of the run, or at `q`, after which the run goes on as without it).
+pub fn around_run<T>(board: &Board, ui: bool, run: impl FnOnce() -> T) -> T {
+    if !ui {
+        return run();
+    }
+    if let Some(why) = ui::terminal::unusable() {
+        gpuwarden::voice::say(&format!(
+            "--ui: the live display needs a terminal ({why}); supervising without it"
+        ));
+        return run();
+    }
+    let ended: Arc<Mutex<Option<Instant>>> = Arc::default();
+    ui::console::take(board);
+    let display = {
+        let board = board.clone();
+        let ended = Arc::clone(&ended);
+        std::thread::Builder::new()
+            .name("display".into())
+            .spawn(move || {
+                let over = || {
+                    ended
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .is_some_and(|at| at.elapsed() >= LINGER)
+                };
+                let shown = ui::terminal::run(&board, View::new("run"), true, over, ask);
+                let said = ui::console::give_back();
+                let mut err = std::io::stderr().lock();
+                if let Err(e) = shown {
+                    let _ = writeln!(
+                        err,
+                        "gpuwarden: the live display failed ({e}); supervising without it"
+                    );
+                }
+                for line in said {
+                    let _ = err.write_all(line.as_bytes());
+                }
+            })
+    };
+    let display = match display {
+        Ok(thread) => Some(thread),
+        Err(e) => {
+            let _ = ui::console::give_back();
+            gpuwarden::voice::say(&format!(
+                "--ui: cannot start the live display ({e}); supervising without it"
+            ));
+            None
+        }
+    };
+    let result = run();
+    *ended.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    if let Some(thread) = display {
+        let _ = thread.join();
+    }
+    result
+}
+
+/// Carries out what a key asks of the run: the same signal the user could send, so the
+/// supervisor handles it exactly as it would that signal.
+fn ask(key: ui::Key) {
+    use nix::sys::signal::{Signal, kill};
+    let signal = match key {
+        ui::Key::Stop => Signal::SIGTERM,
+        ui::Key::Interrupt => Signal::SIGINT,
+        ui::Key::Quit | ui::Key::Nothing => return,
+    };
+    let _ = kill(nix::unistd::Pid::this(), signal);
 }

@@ -12,6 +12,7 @@
 //! owns the run, never into the snapshot.
 
 pub mod collect;
+pub mod console;
 pub mod terminal;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -65,14 +66,20 @@ impl View {
 pub enum Key {
     Nothing,
     Quit,
-    /// Stop the job gracefully (confirmed).
+    /// Stop the job gracefully (confirmed): what SIGTERM does.
     Stop,
+    /// Ctrl-C during a run: what Ctrl-C does without the display (SIGINT; twice kills).
+    Interrupt,
 }
 
 /// Applies one key press to the view and says what it asks for. `job` is whether there is a job
 /// to stop (`run --ui`); without one `s` does nothing.
 pub fn key(view: &mut View, c: char, ctrl: bool, job: bool) -> Key {
     if ctrl && c == 'c' {
+        if job {
+            view.notice = Some("interrupting the job (Ctrl-C again kills it)".into());
+            return Key::Interrupt;
+        }
         return Key::Quit;
     }
     if view.confirm_stop {
@@ -410,7 +417,7 @@ fn draw_job(frame: &mut Frame<'_>, area: Rect, job: &JobInfo, view: &View) {
         JobState::Running => ("running".to_string(), Color::Green),
         JobState::Stopping => ("stopping".to_string(), Color::Yellow),
         JobState::Backoff => ("waiting to restart".to_string(), Color::Yellow),
-        JobState::Finished(outcome) => (format!("finished: {outcome}"), Color::Cyan),
+        JobState::Finished(outcome) => (outcome.clone(), Color::Cyan),
     };
     let block = Block::new().borders(Borders::ALL).title(Line::from(vec![
         Span::styled(" Job ", Style::new().add_modifier(Modifier::BOLD)),
@@ -464,7 +471,10 @@ fn draw_output(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot, view: &View) 
         .iter()
         .skip(snap.output.len().saturating_sub(rows))
         .map(|(stderr, text)| {
-            if *stderr {
+            // gpuwarden's own lines (see `console::voice`) stand apart from the job's.
+            if text.starts_with("gpuwarden:") {
+                Line::styled(text.as_str(), Style::new().fg(Color::Cyan))
+            } else if *stderr {
                 Line::styled(text.as_str(), Style::new().fg(Color::LightRed))
             } else {
                 Line::raw(text.as_str())
@@ -635,21 +645,22 @@ fn centered(area: Rect, width: u16, height: u16) -> Rect {
 }
 
 fn draw_help(frame: &mut Frame<'_>, area: Rect, job: bool) {
-    let mut lines = vec![
-        Line::from("q, Ctrl-C  quit the display"),
-        Line::from("p          pause / follow the feeds"),
-        Line::from("?          this help"),
-    ];
-    if job {
-        lines.push(Line::from(
-            "s          stop the job gracefully (asks first)",
-        ));
-        lines.push(Line::from(
-            "f          force a fallback (not available yet)",
-        ));
-        lines.push(Line::from(""));
-        lines.push(Line::from("q leaves the display; the job goes on."));
-    }
+    let lines = if job {
+        vec![
+            Line::from("q          leave the display; the job goes on"),
+            Line::from("s          stop the job gracefully (asks first)"),
+            Line::from("Ctrl-C     interrupt the job, as without the display"),
+            Line::from("p          pause / follow the output and faults"),
+            Line::from("f          force a fallback (not available yet)"),
+            Line::from("?          this help"),
+        ]
+    } else {
+        vec![
+            Line::from("q, Ctrl-C  quit"),
+            Line::from("p          pause / follow the fault feed"),
+            Line::from("?          this help"),
+        ]
+    };
     let rect = centered(area, 56, lines.len() as u16 + 2);
     frame.render_widget(Clear, rect);
     frame.render_widget(

@@ -251,6 +251,7 @@ fn stop_needs_a_confirmation_and_only_y_confirms() {
     assert!(!v.confirm_stop);
     assert_eq!(key(&mut v, 's', false, true), Key::Nothing);
     assert_eq!(key(&mut v, 'y', false, true), Key::Stop);
+    assert_eq!(key(&mut v, 'c', true, true), Key::Interrupt);
     // No job, no stop.
     let mut w = View::new("watch");
     assert_eq!(key(&mut w, 's', false, false), Key::Nothing);
