@@ -5,6 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use gpuwarden::executor::Watch;
 use gpuwarden::exit;
 use gpuwarden::rules::RuleSet;
 use gpuwarden::snapshot::Board;
@@ -242,4 +243,47 @@ fn ask(key: ui::Key) {
         ui::Key::Quit | ui::Key::Nothing => return,
     };
     let _ = kill(nix::unistd::Pid::this(), signal);
+}
+
+/// What `demo` watches: nothing without `--ui`; with it, the GPUs of `sysfs_root`, or a
+/// simulated RX 6800 (kept moving with the demo job) written to a temporary directory. The
+/// animation stops, and the directory goes, when the second value is dropped.
+pub fn demo_watch(
+    ui: bool,
+    sysfs_root: Option<std::path::PathBuf>,
+) -> (Watch, Option<ui::simulated::Animation>) {
+    let mut watch = Watch::default();
+    if !ui {
+        return (watch, None);
+    }
+    let mut animation = None;
+    let root = match sysfs_root {
+        Some(root) => Some(root),
+        None => {
+            let dir =
+                std::env::temp_dir().join(format!("gpuwarden-demo-gpu-{}", std::process::id()));
+            match ui::simulated::rx6800(&dir) {
+                Ok(root) => {
+                    animation = ui::simulated::animate(&dir, &watch.board).ok();
+                    Some(root)
+                }
+                Err(e) => {
+                    error(format_args!(
+                        "cannot write the demo's simulated GPU under {}: {e}",
+                        dir.display()
+                    ));
+                    None
+                }
+            }
+        }
+    };
+    watch.health = root.map(|sysfs_root| HealthConfig {
+        sysfs_root,
+        // The demo's GPU is the simulated one only: no vendor tool is asked.
+        nvidia_smi: "/nonexistent/nvidia-smi".into(),
+        rocm_smi: "/nonexistent/rocm-smi".into(),
+        amd_smi: "/nonexistent/amd-smi".into(),
+        ..HealthConfig::default()
+    });
+    (watch, animation)
 }

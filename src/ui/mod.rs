@@ -13,6 +13,7 @@
 
 pub mod collect;
 pub mod console;
+pub mod simulated;
 pub mod terminal;
 
 use std::time::{Duration, Instant, SystemTime};
@@ -440,7 +441,10 @@ fn draw_job(frame: &mut Frame<'_>, area: Rect, job: &JobInfo, view: &View) {
             let ago = view.wall.duration_since(*at).map_or("-".into(), age);
             format!("checkpoint {} ({ago} ago)", path.display())
         }
-        None => "no checkpoint yet".into(),
+        None => match &job.resumed_from {
+            Some(path) => format!("resumed from {}", path.display()),
+            None => "no checkpoint yet".into(),
+        },
     };
     let command = job.command.join(" ");
     let lines = vec![
