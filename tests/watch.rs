@@ -306,3 +306,104 @@ fn the_live_display_without_a_terminal_says_why_and_exits_2() {
     );
     assert!(out.stdout.is_empty(), "no escape codes on a pipe");
 }
+
+#[test]
+fn demo_ui_tells_the_story_in_the_display_and_logs_every_byte() {
+    if !tmux_or_skip("demo_ui") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let tmux = Tmux::start(dir.path(), 100, 30);
+    tmux.type_line(&format!(
+        "{BIN} demo --ui --step-ms 150 --run-dir {}; echo status=$?",
+        run.display()
+    ));
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(15), |s| {
+        s.contains("AMD Radeon RX 6800")
+            && s.contains("attempt 1 on gpu")
+            && s.contains("[demo] step")
+    });
+    assert!(ok, "the simulated GPU, the job and its output:\n{screen}");
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(20), |s| {
+        s.contains("attempt 2 on cpu") && s.contains("gpu_memory_fault")
+    });
+    assert!(ok, "the fallback and the fault:\n{screen}");
+    // At the end the display closes and what gpuwarden said is printed on the main screen.
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(20), |s| s.contains("status=0"));
+    assert!(ok, "the demo ends well:\n{screen}");
+    assert!(
+        screen.contains("gpuwarden: the job finished after 2 attempts"),
+        "{screen}"
+    );
+    assert!(!screen.contains('│'), "the display is gone:\n{screen}");
+    assert!(
+        !screen.contains("[demo] step"),
+        "the job's output went to the pane, not raw to the terminal:\n{screen}"
+    );
+    let log = std::fs::read_to_string(run.join("attempt-1.stdout.log")).unwrap();
+    assert!(log.contains("\n[demo] step 1/40  loss"), "{log}");
+}
+
+#[test]
+fn run_ui_stops_the_job_with_s_after_asking() {
+    if !tmux_or_skip("run_ui_stop") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = sysfs_copy(dir.path());
+    let run = dir.path().join("run");
+    let tmux = Tmux::start(dir.path(), 100, 30);
+    tmux.type_line(&format!(
+        "{BIN} run --ui --no-kernel-log --sysfs-root {} --run-dir {} -- sh -c 'echo started; sleep 60'; echo status=$?",
+        sysfs.display(),
+        run.display()
+    ));
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(10), |s| {
+        s.contains("attempt 1 on gpu") && s.contains("started")
+    });
+    assert!(ok, "{screen}");
+    tmux.run(&["send-keys", "-t", "t", "s"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| s.contains("Stop the job now?"));
+    assert!(ok, "s asks first:\n{screen}");
+    tmux.run(&["send-keys", "-t", "t", "n"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| {
+        s.contains("the job keeps running")
+    });
+    assert!(ok, "n keeps it running:\n{screen}");
+    assert!(screen.contains("running"), "{screen}");
+    tmux.run(&["send-keys", "-t", "t", "s"]);
+    tmux.wait_for(Duration::from_secs(3), |s| s.contains("Stop the job now?"));
+    tmux.run(&["send-keys", "-t", "t", "y"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(15), |s| s.contains("status="));
+    assert!(ok, "the run ends after y:\n{screen}");
+    assert!(
+        screen.contains("SIGTERM"),
+        "stopped as SIGTERM would:\n{screen}"
+    );
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert!(journal.contains("SIGTERM"), "{journal}");
+}
+
+#[test]
+fn run_ui_without_a_terminal_says_why_and_runs_as_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--ui", "--no-kernel-log", "--no-health", "--run-dir"])
+        .arg(dir.path().join("run"))
+        .args(["--", "sh", "-c", "echo plain output"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--ui: the live display needs a terminal"),
+        "{err}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "plain output\n");
+}
