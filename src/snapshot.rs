@@ -52,6 +52,17 @@ pub struct GpuState {
     pub at: Instant,
     /// Oldest first, at most [`HISTORY`] points.
     pub history: VecDeque<Point>,
+    /// The processes using it and their VRAM (KFD on AMD), for the live display.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process holding memory on a GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// `/proc/PID/comm`, when readable.
+    pub name: Option<String>,
+    pub vram_bytes: u64,
 }
 
 /// Where the job stands.
@@ -177,6 +188,7 @@ impl Snapshot {
                     sample: sample.clone(),
                     at,
                     history: VecDeque::from([point]),
+                    processes: Vec::new(),
                 }),
             }
         }

@@ -172,6 +172,12 @@ fn watch_in_a_real_terminal_follows_sysfs_and_the_kernel_log_and_quits_cleanly()
     let dir = tempfile::tempdir().unwrap();
     let sysfs = sysfs_copy(dir.path());
     set_busy(&sysfs, 42);
+    // This test's own process holds 3 GiB on the GPU, as KFD tells it (gpu_id 38442 is the
+    // RX 6800's KFD node).
+    let pid = std::process::id();
+    let proc_dir = sysfs.join(format!("class/kfd/kfd/proc/{pid}"));
+    std::fs::create_dir_all(&proc_dir).unwrap();
+    std::fs::write(proc_dir.join("vram_38442"), "3221225472\n").unwrap();
     let kmsg = dir.path().join("kmsg");
     File::create(&kmsg).unwrap();
     let tmux = Tmux::start(dir.path(), 100, 30);
@@ -188,6 +194,10 @@ fn watch_in_a_real_terminal_follows_sysfs_and_the_kernel_log_and_quits_cleanly()
     assert!(ok, "the GPU's name, gfx target and utilisation:\n{screen}");
     assert!(screen.contains("49°C"), "the temperature:\n{screen}");
     assert!(screen.contains("kernel log followed"), "{screen}");
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| {
+        s.contains("procs") && s.contains(&format!("{pid} 3.0G"))
+    });
+    assert!(ok, "the process from KFD with its VRAM:\n{screen}");
 
     // A new utilisation is on screen within 3 s (1 s samples, 4 redraws a second).
     set_busy(&sysfs, 87);

@@ -6,15 +6,16 @@
 //! [`one_reading`] is `watch --once`: one sample of every source, then stop.
 
 use std::io;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::rules::{Fault, RuleSet, Stream};
-use crate::snapshot::{Board, FaultNote, GpuState, KernelState, Snapshot};
+use crate::snapshot::{Board, FaultNote, GpuProcess, GpuState, KernelState, Snapshot};
 use crate::sources::health::{
-    self, GpuSample, HealthConfig, HealthEvent, HealthSource, SourceKind,
+    self, DeviceRef, GpuSample, HealthConfig, HealthEvent, HealthSource, SourceKind,
 };
 use crate::sources::kernel::{self, FollowConfig, Follower, KernelEvent, KernelSource};
 
@@ -27,6 +28,7 @@ pub struct Collector {
     health: Option<HealthSource>,
     kernel: Option<Follower>,
     pump: Option<JoinHandle<()>>,
+    processes: Option<ProcessPoller>,
 }
 
 impl Collector {
@@ -36,6 +38,7 @@ impl Collector {
     }
 
     fn halt(&mut self) {
+        self.processes.take();
         if let Some(h) = self.health.take() {
             h.stop();
         }
@@ -67,8 +70,14 @@ pub fn start(
         health: None,
         kernel: None,
         pump: None,
+        processes: None,
     };
     if let Some(config) = health {
+        collector.processes = Some(ProcessPoller::spawn(
+            board,
+            &config.sysfs_root,
+            config.interval.max(Duration::from_secs(1)),
+        )?);
         let board = board.clone();
         collector.health = Some(health::spawn(config, move |event| {
             board.update(|s| health_event(s, event, Instant::now()));
@@ -113,6 +122,7 @@ pub fn health_event(snap: &mut Snapshot, event: HealthEvent, now: Instant) {
                         sample,
                         at: now,
                         history: Default::default(),
+                        processes: Vec::new(),
                     });
                 }
             }
@@ -246,4 +256,120 @@ pub fn one_reading(config: HealthConfig, deadline: Duration) -> io::Result<OneRe
         .gpus
         .sort_by_key(|g| (g.device.vendor as u8, g.device.index));
     Ok(reading)
+}
+
+/// Reads which processes hold VRAM on which AMD GPU, from KFD
+/// (`<sysfs>/class/kfd/kfd/proc/<pid>/vram_<gpu_id>`), into the board's GPU rows; stops when
+/// dropped. DRM fdinfo would miss ROCm's compute queues; KFD sees them. NVIDIA's processes
+/// are not read here (that needs NVML).
+#[derive(Debug)]
+pub struct ProcessPoller {
+    stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ProcessPoller {
+    pub fn spawn(board: &Board, sysfs_root: &Path, every: Duration) -> io::Result<ProcessPoller> {
+        let stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)> = Arc::default();
+        let (flag, board, root) = (Arc::clone(&stop), board.clone(), sysfs_root.to_path_buf());
+        let thread = thread::Builder::new()
+            .name("kfd-processes".into())
+            .spawn(move || {
+                // KFD node -> gpu_id, once: the topology does not change under a running driver.
+                let (gpus, _) = crate::probe::inventory(&root, Path::new("/"));
+                let ids: Vec<(DeviceRef, String)> = gpus
+                    .iter()
+                    .filter_map(|g| {
+                        let node = g.kfd_node?;
+                        let path = root.join(format!("class/kfd/kfd/topology/nodes/{node}/gpu_id"));
+                        let id = std::fs::read_to_string(path).ok()?.trim().to_string();
+                        Some((DeviceRef::of(g), id))
+                    })
+                    .collect();
+                if ids.is_empty() {
+                    return;
+                }
+                let procs = root.join("class/kfd/kfd/proc");
+                let (lock, wake) = &*flag;
+                let mut stopped = lock
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                while !*stopped {
+                    let found = kfd_processes(&procs, &ids);
+                    board.update(|s| {
+                        for gpu in &mut s.gpus {
+                            gpu.processes = found
+                                .iter()
+                                .filter(|(d, _)| *d == gpu.sample.device)
+                                .map(|(_, p)| p.clone())
+                                .collect();
+                        }
+                    });
+                    stopped = wake
+                        .wait_timeout(stopped, every)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            })?;
+        Ok(ProcessPoller {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ProcessPoller {
+    fn drop(&mut self) {
+        let (lock, wake) = &*self.stop;
+        *lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        wake.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One pass over KFD's process directory: every process with VRAM on a known GPU, biggest
+/// first.
+pub fn kfd_processes(procs: &Path, ids: &[(DeviceRef, String)]) -> Vec<(DeviceRef, GpuProcess)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(procs) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|n| n.trim().to_string());
+        for (device, id) in ids {
+            let Ok(text) = std::fs::read_to_string(entry.path().join(format!("vram_{id}"))) else {
+                continue;
+            };
+            let Ok(vram_bytes) = text.trim().parse::<u64>() else {
+                continue;
+            };
+            found.push((
+                device.clone(),
+                GpuProcess {
+                    pid,
+                    name: name.clone(),
+                    vram_bytes,
+                },
+            ));
+        }
+    }
+    found.sort_by(|a, b| {
+        b.1.vram_bytes
+            .cmp(&a.1.vram_bytes)
+            .then(a.1.pid.cmp(&b.1.pid))
+    });
+    found
 }

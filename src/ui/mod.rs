@@ -114,17 +114,19 @@ const GPU_ROWS: u16 = 2;
 
 /// Rows each GPU gets: the history grows taller (up to 3 rows) where the screen has room and
 /// the fault feed keeps at least 8.
-fn gpu_rows(area: Rect, gpus: usize, job: bool) -> u16 {
-    let n = gpus.max(1) as u16;
-    let fixed = 1 + 1 + 2 + if job { 4 + 6 } else { 0 };
+/// A GPU with processes gets one row more for them.
+fn gpu_rows(area: Rect, snap: &Snapshot) -> u16 {
+    let n = snap.gpus.len().max(1) as u16;
+    let fixed = 1 + 1 + 2 + if snap.job.is_some() { 4 + 6 } else { 0 };
+    let processes = u16::from(snap.gpus.iter().any(|g| !g.processes.is_empty()));
     let room = area.height.saturating_sub(fixed + 8) / n;
-    room.clamp(GPU_ROWS, GPU_ROWS + 2)
+    room.clamp(GPU_ROWS + processes, GPU_ROWS + 2 + processes)
 }
 
 /// Draws everything. Pure: what it shows comes from `snap` and `view` only.
 pub fn draw(frame: &mut Frame<'_>, snap: &Snapshot, view: &View) {
     let area = frame.area();
-    let per_gpu = gpu_rows(area, snap.gpus.len(), snap.job.is_some());
+    let per_gpu = gpu_rows(area, snap);
     let gpu_rows = (snap.gpus.len().max(1) as u16) * per_gpu + 2;
     let job_rows = if snap.job.is_some() { 4 } else { 0 };
     let [title, gpus, job, rest, bottom] = Layout::vertical([
@@ -332,8 +334,37 @@ fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {
         ];
     }
     frame.render_widget(Line::from(spans), Rect::new(area.x, area.y, area.width, 1));
-    let history = Rect::new(area.x, area.y + 1, area.width, area.height - 1);
+    let mut rows = area.height - 1;
+    if !gpu.processes.is_empty() && rows >= 2 {
+        rows -= 1;
+        let line = Rect::new(area.x, area.y + area.height - 1, area.width, 1);
+        frame.render_widget(process_line(gpu, area.width as usize), line);
+    }
+    let history = Rect::new(area.x, area.y + 1, area.width, rows);
     draw_history(frame, history, gpu);
+}
+
+/// `procs python3 4242 8.9G  rccl 77 0.2G  +3 more`, as many as fit.
+fn process_line(gpu: &GpuState, width: usize) -> Line<'static> {
+    let mut text = String::from("   procs");
+    let mut shown = 0;
+    for p in &gpu.processes {
+        let item = format!(
+            "  {} {} {:.1}G",
+            p.name.as_deref().unwrap_or("pid"),
+            p.pid,
+            gib(p.vram_bytes)
+        );
+        if text.chars().count() + item.chars().count() + 10 > width {
+            break;
+        }
+        text.push_str(&item);
+        shown += 1;
+    }
+    if shown < gpu.processes.len() {
+        text.push_str(&format!("  +{} more", gpu.processes.len() - shown));
+    }
+    Line::styled(text, Style::new().fg(Color::Gray))
 }
 
 fn draw_history(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {

@@ -13,7 +13,7 @@ use ratatui::buffer::Buffer;
 use super::*;
 use crate::gpu::{Gpu, Vendor};
 use crate::rules::FaultClass;
-use crate::snapshot::{FaultNote, JobInfo, JobState, KernelState, Snapshot};
+use crate::snapshot::{FaultNote, GpuProcess, JobInfo, JobState, KernelState, Snapshot};
 use crate::sources::health::{EccCount, GpuSample, Value};
 
 /// 2026-12-05 09:30:00 UTC.
@@ -83,6 +83,18 @@ fn scene(base: Instant) -> Snapshot {
         snap.add_sample(&[a, b], base + Duration::from_secs(u64::from(i)));
     }
     snap.add_sample(&[rx6800(), a100()], base + Duration::from_secs(60));
+    snap.gpus[0].processes = vec![
+        GpuProcess {
+            pid: 4242,
+            name: Some("python3".into()),
+            vram_bytes: 8_589_934_592,
+        },
+        GpuProcess {
+            pid: 977,
+            name: None,
+            vram_bytes: 268_435_456,
+        },
+    ];
     snap.sources.health = vec!["amdgpu sysfs".into(), "nvidia-smi".into()];
     snap.sources.kernel = KernelState::Following;
     snap.add_fault(FaultNote {
@@ -164,6 +176,7 @@ fn watch_at_100x30() {
     assert!(out.contains("AMD Radeon RX 6800"), "{out}");
     assert!(out.contains("gfx1030") && out.contains("8.0"), "{out}");
     assert!(out.contains("37%") && out.contains("98%"), "{out}");
+    assert!(out.contains("python3 4242 8.0G"), "KFD processes: {out}");
     check("watch-100x30", &out);
 }
 
@@ -260,4 +273,25 @@ fn stop_needs_a_confirmation_and_only_y_confirms() {
     assert_eq!(key(&mut w, 'c', true, false), Key::Quit);
     assert_eq!(key(&mut w, 'p', false, false), Key::Nothing);
     assert!(w.paused);
+}
+
+#[test]
+fn kfd_processes_are_read_per_gpu_biggest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let procs = dir.path().join("proc");
+    for (pid, file, bytes) in [
+        ("100", "vram_38442", "1048576"),
+        ("200", "vram_38442", "4194304"),
+        ("200", "vram_999", "7"),
+        ("300", "vram_12345", "5"),
+        ("self", "vram_38442", "1"),
+    ] {
+        std::fs::create_dir_all(procs.join(pid)).unwrap();
+        std::fs::write(procs.join(pid).join(file), bytes).unwrap();
+    }
+    let gpu = rx6800().device;
+    let found = collect::kfd_processes(&procs, &[(gpu.clone(), "38442".into())]);
+    let seen: Vec<(u32, u64)> = found.iter().map(|(_, p)| (p.pid, p.vram_bytes)).collect();
+    assert_eq!(seen, vec![(200, 4_194_304), (100, 1_048_576)]);
+    assert!(found.iter().all(|(d, _)| *d == gpu));
 }
