@@ -417,3 +417,33 @@ fn run_ui_without_a_terminal_says_why_and_runs_as_before() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "plain output\n");
 }
+
+#[test]
+fn watch_killed_with_sigterm_gives_the_terminal_back() {
+    if !tmux_or_skip("watch_sigterm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = sysfs_copy(dir.path());
+    let tmux = Tmux::start(dir.path(), 100, 30);
+    tmux.type_line(&format!(
+        "{BIN} watch --no-kernel-log --sysfs-root {}",
+        sysfs.display()
+    ));
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(10), |s| s.contains("gfx1030"));
+    assert!(ok, "{screen}");
+    let shell = tmux.display("#{pane_pid}");
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap();
+    let watch = children.split_whitespace().next().unwrap().to_string();
+    let status = Command::new("kill")
+        .args(["-TERM", &watch])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| {
+        s.lines().rfind(|l| !l.trim().is_empty()) == Some("PROMPT$")
+    });
+    assert!(ok, "the prompt after SIGTERM:\n{screen}");
+    assert_eq!(tmux.display("#{alternate_on}"), "0");
+    assert_eq!(tmux.display("#{cursor_flag}"), "1");
+}

@@ -101,7 +101,8 @@ pub fn supervise(
         return exit::USAGE;
     }
     let board = watch.board.clone();
-    let result = super::watch::around_run(&board, ui, || {
+    let sysfs_root = watch.health.as_ref().map(|h| h.sysfs_root.clone());
+    let result = super::watch::around_run(&board, ui, sysfs_root, || {
         gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch)
     });
     match result {

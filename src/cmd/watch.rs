@@ -51,6 +51,17 @@ pub fn watch(args: WatchArgs) -> i32 {
     } else {
         Some(KernelSource::Kmsg(args.kernel_log))
     };
+    // SIGTERM, SIGHUP or SIGINT (from outside: in raw mode Ctrl-C is a key) end the display
+    // like `q`, so the terminal is given back instead of left raw on the alternate screen.
+    // Blocked before the collectors start, so that no thread of theirs takes the signal.
+    let (tx, signals) = std::sync::mpsc::sync_channel(4);
+    let caught = gpuwarden::process::block_signals()
+        .and_then(|()| gpuwarden::process::spawn_signal_thread(tx, |sig| sig));
+    if let Err(e) = caught {
+        error(format_args!(
+            "cannot catch signals ({e}); a kill leaves the terminal raw"
+        ));
+    }
     let board = Board::new();
     let collector = match collect::start(&board, Some(health), kernel, rules) {
         Ok(c) => c,
@@ -59,7 +70,8 @@ pub fn watch(args: WatchArgs) -> i32 {
             return exit::INTERNAL;
         }
     };
-    let shown = ui::terminal::run(&board, View::new("watch"), false, || false, |_| {});
+    let signalled = || signals.try_recv().is_ok();
+    let shown = ui::terminal::run(&board, View::new("watch"), false, signalled, |_| {});
     collector.stop();
     match shown {
         Ok(()) => exit::SUCCESS,
@@ -177,7 +189,12 @@ const LINGER: Duration = Duration::from_millis(1500);
 /// is a terminal. The display runs on its own thread and reads `board`; while it is up, the
 /// job's output and gpuwarden's lines go to its output pane, and gpuwarden's lines are printed
 /// once it closes (at the end of the run, or at `q`, after which the run goes on as without it).
-pub fn around_run<T>(board: &Board, ui: bool, run: impl FnOnce() -> T) -> T {
+pub fn around_run<T>(
+    board: &Board,
+    ui: bool,
+    sysfs_root: Option<std::path::PathBuf>,
+    run: impl FnOnce() -> T,
+) -> T {
     if !ui {
         return run();
     }
@@ -188,6 +205,9 @@ pub fn around_run<T>(board: &Board, ui: bool, run: impl FnOnce() -> T) -> T {
         return run();
     }
     let ended: Arc<Mutex<Option<Instant>>> = Arc::default();
+    // The GPUs' processes (KFD): the executor's health events do not carry them.
+    let _processes = sysfs_root
+        .and_then(|root| collect::ProcessPoller::spawn(board, &root, Duration::from_secs(2)).ok());
     ui::console::take(board);
     let display = {
         let board = board.clone();
