@@ -537,6 +537,27 @@ fn severity_tag(s: Severity) -> &'static str {
     }
 }
 
+/// A fault in the feed: one line (header and message), or two where there is room (the
+/// header with the reason a foreign fault was not acted on, then the message whole).
+fn fault_lines(note: &FaultNote, job: bool, roomy: bool) -> Vec<Line<'_>> {
+    let mut header = fault_line(note, job);
+    if !roomy {
+        return vec![header];
+    }
+    header.spans.pop();
+    if let Some(reason) = &note.reason {
+        header.spans.push(Span::styled(
+            format!("  ({reason})"),
+            Style::new().fg(Color::DarkGray),
+        ));
+    }
+    let message = Line::styled(
+        format!("    {}", note.line.trim()),
+        Style::new().fg(Color::Gray),
+    );
+    vec![header, message]
+}
+
 fn fault_line(note: &FaultNote, job: bool) -> Line<'_> {
     let mut spans = vec![
         Span::raw(format!("{} ", clock(note.at))),
@@ -596,12 +617,13 @@ fn draw_faults(frame: &mut Frame<'_>, area: Rect, snap: &Snapshot) {
         return;
     }
     // Newest on top.
+    let roomy = snap.faults.len() * 2 <= inner.height as usize;
     let lines: Vec<Line<'_>> = snap
         .faults
         .iter()
         .rev()
         .take(inner.height as usize)
-        .map(|n| fault_line(n, job))
+        .flat_map(|n| fault_lines(n, job, roomy))
         .collect();
     frame.render_widget(Paragraph::new(lines), inner);
 }
