@@ -447,3 +447,40 @@ fn watch_killed_with_sigterm_gives_the_terminal_back() {
     assert_eq!(tmux.display("#{alternate_on}"), "0");
     assert_eq!(tmux.display("#{cursor_flag}"), "1");
 }
+
+#[test]
+fn a_run_keeps_its_gpu_health_in_health_jsonl() {
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = sysfs_copy(dir.path());
+    set_busy(&sysfs, 42);
+    let run = dir.path().join("run");
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--no-kernel-log",
+            "--health-interval",
+            "0.2",
+            "--sysfs-root",
+        ])
+        .arg(&sysfs)
+        .arg("--run-dir")
+        .arg(&run)
+        .args(["--", "sleep", "2.5"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(run.join("health.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["name"], "AMD Radeon RX 6800", "{text}");
+    assert_eq!(first["utilization_percent"], 42.0, "{text}");
+    assert_eq!(first["temperature_c"], 49.0, "{text}");
+    assert_eq!(first["vram_used_bytes"], 17_453_056, "{text}");
+    assert!(first["at"].is_string(), "{text}");
+    // Nothing changed and 10 s did not pass: one line.
+    assert_eq!(text.lines().count(), 1, "{text}");
+}

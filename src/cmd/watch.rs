@@ -185,16 +185,22 @@ fn write_table(out: &mut impl Write, reading: &collect::OneReading) -> std::io::
 /// How long the display stays up after the run has ended, so its last state can be seen.
 const LINGER: Duration = Duration::from_millis(1500);
 
-/// Runs `run` (the supervision) with the live display over it when `ui` is asked for and there
-/// is a terminal. The display runs on its own thread and reads `board`; while it is up, the
-/// job's output and gpuwarden's lines go to its output pane, and gpuwarden's lines are printed
-/// once it closes (at the end of the run, or at `q`, after which the run goes on as without it).
+/// Runs `run` (the supervision) with the readers of its board: the health history
+/// (`health.jsonl`, whenever health is sampled, i.e. `sysfs_root` is given) and the live display
+/// when `ui` is asked for and there is a terminal. The display runs on its own thread; while it
+/// is up, the job's output and gpuwarden's lines go to its output pane, and gpuwarden's lines
+/// are printed once it closes (at the end of the run, or at `q`, after which the run goes on as
+/// without it).
 pub fn around_run<T>(
     board: &Board,
     ui: bool,
     sysfs_root: Option<std::path::PathBuf>,
     run: impl FnOnce() -> T,
 ) -> T {
+    let _history = sysfs_root
+        .is_some()
+        .then(|| ui::history::start(board).ok())
+        .flatten();
     if !ui {
         return run();
     }

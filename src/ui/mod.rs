@@ -8,11 +8,15 @@
 //! - [`terminal`] owns the real terminal (raw mode, alternate screen, cursor, panic hook) and the
 //!   loop that redraws a few times a second and turns keys into [`Key`]s.
 //!
+//! Beside them, [`console`] routes the job's output to the display while it is up, and
+//! [`history`] writes the run's GPU health to `health.jsonl` (with or without the display).
+//!
 //! It is not for decisions: a key that asks for something (stop the job) goes back to whoever
 //! owns the run, never into the snapshot.
 
 pub mod collect;
 pub mod console;
+pub mod history;
 pub mod simulated;
 pub mod terminal;
 
