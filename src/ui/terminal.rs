@@ -17,8 +17,12 @@ use ratatui::crossterm::{cursor, execute, terminal};
 use super::{Key, View, draw, key};
 use crate::snapshot::Board;
 
-/// The shortest time between two timed redraws (four a second).
+/// The time between two timed redraws (four a second).
 pub const FRAME: Duration = Duration::from_millis(250);
+
+/// The shortest time between two redraws, keys and resizes included: a held key or a window
+/// being dragged does not redraw more than ten times a second.
+const MIN_FRAME: Duration = Duration::from_millis(100);
 
 /// Why the full-screen display cannot start here, or `None` when it can: it needs a terminal on
 /// both stdin (keys) and stdout (the screen).
@@ -91,6 +95,7 @@ pub fn run(
     // What the feeds showed when `p` was pressed: they stay still while GPU rows go on.
     let mut frozen = None;
     let mut due = Instant::now();
+    let mut drawn = Instant::now();
     loop {
         let now = Instant::now();
         if now >= due {
@@ -106,6 +111,7 @@ pub fn run(
             view.now = now;
             view.wall = SystemTime::now();
             guard.terminal.draw(|frame| draw(frame, &snap, &view))?;
+            drawn = now;
             due = now + FRAME;
         }
         if finished() {
@@ -127,9 +133,9 @@ pub fn run(
                     Key::Nothing => {}
                     asked => on_key(asked),
                 }
-                due = Instant::now();
+                due = drawn + MIN_FRAME;
             }
-            Event::Resize(..) => due = Instant::now(),
+            Event::Resize(..) => due = drawn + MIN_FRAME,
             _ => {}
         }
     }

@@ -295,3 +295,30 @@ fn kfd_processes_are_read_per_gpu_biggest_first() {
     assert_eq!(seen, vec![(200, 4_194_304), (100, 1_048_576)]);
     assert!(found.iter().all(|(d, _)| *d == gpu));
 }
+
+#[test]
+fn eight_gpus_on_a_small_screen_say_how_many_are_not_shown() {
+    let base = Instant::now();
+    let mut snap = job_scene(base);
+    let samples: Vec<GpuSample> = (0..8)
+        .map(|i| {
+            let mut s = a100();
+            s.device.index = Some(i);
+            s.device.pci = Some(format!("0000:{:02x}:00.0", 0x41 + i));
+            s
+        })
+        .collect();
+    snap.gpus.clear();
+    snap.add_sample(&samples, base);
+    let out = render(&snap, &view(base, "run"), 80, 24);
+    assert!(out.contains("more GPU(s)"), "{out}");
+    assert!(
+        out.contains("attempt 2 on cpu"),
+        "the job panel stays: {out}"
+    );
+    let out = render(&snap, &view(base, "watch"), 100, 40);
+    assert!(
+        out.contains(" 7 NVIDIA A100"),
+        "all eight fit in 40 rows: {out}"
+    );
+}
