@@ -53,6 +53,10 @@ pub enum Command {
     /// Check checkpoint files: complete? With the `torch` feature, also loadable by libtorch.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Show GPU health live: utilisation, VRAM, temperature, power, ECC, their last 60 s, and
+    /// the kernel log's GPU faults (full screen; --once for one sample as a table or JSON).
+    #[command(after_help = WATCH_HELP)]
+    Watch(WatchArgs),
     /// Show this machine's GPUs, GPU software and environment, and which known GPU problems
     /// (rules/quirks.toml) apply. Exits 0 whatever it finds, "no GPU found" included.
     Probe(ProbeArgs),
@@ -123,6 +127,11 @@ pub struct RunArgs {
     // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,
+    // The live display (src/ui/).
+    /// Show the live display while supervising: GPU health, the job, its output, faults. Keys:
+    /// q leave it, s stop the job (asks), p pause, ? help. Without a terminal, runs as without.
+    #[arg(long)]
+    pub ui: bool,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
@@ -142,6 +151,45 @@ pub struct MachineArgs {
     /// A file of known GPU problems, added to the built-in rules/quirks.toml. Repeatable.
     #[arg(long = "quirks", value_name = "FILE")]
     pub quirks: Vec<PathBuf>,
+}
+
+// `gpuwarden watch` (the live display, src/ui/).
+const WATCH_HELP: &str = "\
+KEYS: q or Ctrl-C quit, p pause the fault feed, ? help.
+
+EXAMPLES:
+  gpuwarden watch
+  gpuwarden watch --once --json | jq '.gpus[].utilization_percent'
+  gpuwarden watch --sysfs-root tests/data/sysfs --kernel-log drill.kmsg
+
+EXIT CODES:
+  0  done (q, Ctrl-C, or one sample printed)
+  2  usage: the full-screen display needs a terminal (use --once), or bad flags";
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// Print one sample of every GPU and exit (a table, or JSON with --json).
+    #[arg(long)]
+    pub once: bool,
+    /// With --once: print JSON.
+    #[arg(long, requires = "once")]
+    pub json: bool,
+    /// Seconds between two GPU health samples.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
+    pub interval: f64,
+    /// Where sysfs is mounted (a simulated tree in tests).
+    #[arg(long, value_name = "DIR", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+    /// The kernel log to follow for GPU faults: /dev/kmsg, or a file of records in its format
+    /// (followed from its end).
+    #[arg(long, value_name = "PATH", default_value = "/dev/kmsg")]
+    pub kernel_log: PathBuf,
+    /// Do not follow the kernel log.
+    #[arg(long)]
+    pub no_kernel_log: bool,
+    /// A directory of extra rule files (*.toml) for the fault feed. Repeatable.
+    #[arg(long = "rules", value_name = "DIR")]
+    pub rules: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +305,14 @@ pub struct DemoArgs {
     /// Run directory [default: ./gpuwarden-runs/<UTC timestamp>].
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+    // The live display (src/ui/).
+    /// Tell the demo's story in the live display (see `run --ui`).
+    #[arg(long)]
+    pub ui: bool,
+    /// With --ui: the sysfs tree whose GPUs the display shows [default: a simulated
+    /// Radeon RX 6800, made in the run directory].
+    #[arg(long, value_name = "DIR", requires = "ui")]
+    pub sysfs_root: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,4 +47,5 @@ pub mod supervisor;
 pub mod time;
 #[cfg(feature = "torch")]
 pub mod torch;
+pub mod ui;
 pub mod voice;

@@ -52,6 +52,17 @@ pub struct GpuState {
     pub at: Instant,
     /// Oldest first, at most [`HISTORY`] points.
     pub history: VecDeque<Point>,
+    /// The processes using it and their VRAM (KFD on AMD), for the live display.
+    pub processes: Vec<GpuProcess>,
+}
+
+/// A process holding memory on a GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// `/proc/PID/comm`, when readable.
+    pub name: Option<String>,
+    pub vram_bytes: u64,
 }
 
 /// Where the job stands.
@@ -150,6 +161,9 @@ pub struct Snapshot {
     pub sources: SourceState,
     /// Faults by (class, source, foreign), for the whole run.
     pub fault_counts: std::collections::BTreeMap<(String, String, bool), u64>,
+    /// The tail of the job's output for `run --ui`: `(stderr, line)`, newest last, at most
+    /// [`OUTPUT_TAIL`]. Empty unless the display asked for it (`Board::keep_output`).
+    pub output: VecDeque<(bool, String)>,
 }
 
 impl Snapshot {
@@ -174,6 +188,7 @@ impl Snapshot {
                     sample: sample.clone(),
                     at,
                     history: VecDeque::from([point]),
+                    processes: Vec::new(),
                 }),
             }
         }
@@ -201,6 +216,20 @@ impl Snapshot {
         self.sources
             .last_sample
             .map(|at| now.saturating_duration_since(at))
+    }
+}
+
+/// Lines of the job's output kept for the display.
+pub const OUTPUT_TAIL: usize = 500;
+
+impl Snapshot {
+    /// Adds a line of the job's output to the tail (lossy text; the log keeps the bytes).
+    pub fn add_output(&mut self, stderr: bool, line: &[u8]) {
+        if self.output.len() == OUTPUT_TAIL {
+            self.output.pop_front();
+        }
+        self.output
+            .push_back((stderr, String::from_utf8_lossy(line).into_owned()));
     }
 }
 

@@ -45,6 +45,10 @@ fn shared_console() -> bool {
 
 /// Writes one of gpuwarden's lines on stderr, after a newline if the job left a line open.
 fn write_line(text: &str) {
+    // `run --ui`: the display holds the terminal; the line is shown there (and printed after).
+    if crate::ui::console::voice(text) {
+        return;
+    }
     let mut err = io::stderr().lock();
     let open = OPEN_LINE[1].load(Ordering::Relaxed)
         || (shared_console() && OPEN_LINE[0].load(Ordering::Relaxed));

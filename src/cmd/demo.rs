@@ -5,7 +5,6 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use gpuwarden::config;
-use gpuwarden::executor::Watch;
 use gpuwarden::exit;
 
 use super::run::supervise;
@@ -55,7 +54,8 @@ pub fn demo(args: DemoArgs) -> i32 {
         args.fault_at_step
     );
     // The demo's fault is simulated: the probe has no say in it.
-    supervise(&plan, explicit_run_dir, None, Watch::default())
+    let (watch, _gpu) = super::watch::demo_watch(args.ui, args.sysfs_root);
+    supervise(&plan, explicit_run_dir, None, watch, args.ui)
 }
 
 /// `__demo-job`: the demo's training job, run by `demo` as the supervised command.

@@ -12,6 +12,7 @@ pub mod resume;
 pub mod rules;
 pub mod run;
 pub mod scan;
+pub mod watch;
 
 use std::io::Write;
 use std::path::PathBuf;

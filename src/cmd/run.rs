@@ -87,7 +87,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         resume,
         ..Watch::default()
     };
-    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
+    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch, args.ui)
 }
 
 /// Loads the rules, checks the command, and runs the plan (for `run` and `demo`).
@@ -96,6 +96,7 @@ pub fn supervise(
     explicit_run_dir: bool,
     preflight: Option<&Verdict>,
     watch: Watch,
+    ui: bool,
 ) -> i32 {
     let rules = match RuleSet::load(&plan.rule_dirs) {
         Ok(r) => Arc::new(r),
@@ -108,7 +109,12 @@ pub fn supervise(
         error(e);
         return exit::USAGE;
     }
-    match gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch) {
+    let board = watch.board.clone();
+    let sysfs_root = watch.health.as_ref().map(|h| h.sysfs_root.clone());
+    let result = super::watch::around_run(&board, ui, sysfs_root, || {
+        gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch)
+    });
+    match result {
         Ok(outcome) => outcome.exit_code(),
         Err(e) => {
             error(&e);

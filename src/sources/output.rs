@@ -222,6 +222,10 @@ where
 }
 
 fn pass_through(stream: Stream, bytes: &[u8]) -> io::Result<()> {
+    // `run --ui`: the display's output pane shows it instead (the log still gets every byte).
+    if crate::ui::console::job_output(stream != Stream::Stdout, bytes) {
+        return Ok(());
+    }
     if stream == Stream::Stdout {
         let mut out = io::stdout().lock();
         out.write_all(bytes)?;
