@@ -147,6 +147,9 @@ pub enum Record {
         delay_seconds: f64,
         restarts_left: u32,
     },
+    /// A signal for the job (SIGUSR1/SIGUSR2: Slurm's checkpoint-before-preemption request)
+    /// that gpuwarden passed to the attempt's process group; supervision went on.
+    SignalForwarded { attempt: u32, signal: String },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {
