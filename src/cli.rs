@@ -33,6 +33,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: boxing `RunArgs` to save a few hundred bytes would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a training command under supervision.
@@ -102,9 +104,38 @@ pub struct RunArgs {
     pub health_interval: f64,
     #[command(flatten)]
     pub machine: MachineArgs,
+    #[command(flatten)]
+    pub notify: NotifyArgs,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// Who is told when something happens (also `[notify]` in gpuwarden.toml; a flag replaces
+/// its key there).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Notifications")]
+pub struct NotifyArgs {
+    /// Run PROGRAM for each notification, with the event as JSON on its stdin and
+    /// GPUWARDEN_EVENT set. Never through a shell: give its arguments with --notify-arg.
+    #[arg(long, value_name = "PROGRAM")]
+    pub notify_cmd: Option<std::ffi::OsString>,
+    /// An argument of the --notify-cmd program, kept as one argument. Repeatable, in order.
+    #[arg(
+        long,
+        value_name = "ARG",
+        requires = "notify_cmd",
+        allow_hyphen_values = true
+    )]
+    pub notify_arg: Vec<std::ffi::OsString>,
+    /// POST each notification as JSON (a `text` field plus the event) to this http:// URL.
+    /// Repeatable. No https: use --notify-cmd with curl for that.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Vec<String>,
+    /// Which events notify: fault, fallback, restart, signal, gave_up, interrupted, finished
+    /// [default: fault,fallback,gave_up,finished].
+    #[arg(long, value_name = "EVENTS", value_delimiter = ',')]
+    pub notify_on: Option<Vec<String>>,
 }
 
 /// Where the pre-flight probe looks. The defaults are the real machine; tests and containers

@@ -26,6 +26,13 @@ pub fn run(args: RunArgs) -> i32 {
         rule_dirs: args.rules,
         force_gpu_unsafe: args.force_gpu_unsafe,
         config: args.config,
+        notify_command: args.notify.notify_cmd.map(|program| {
+            std::iter::once(program)
+                .chain(args.notify.notify_arg)
+                .collect()
+        }),
+        webhooks: args.notify.webhook,
+        notify_on: args.notify.notify_on,
     };
     let Some(cwd) = current_dir() else {
         return exit::USAGE;

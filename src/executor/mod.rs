@@ -114,6 +114,9 @@ pub struct Watch {
     pub board: Board,
 }
 
+/// How long the end of a run waits for its last notifications (the run's end among them).
+const NOTIFY_DRAIN: Duration = Duration::from_secs(15);
+
 /// How often the job's process tree is re-read for attribution while an attempt runs.
 const TREE_REFRESH: Duration = Duration::from_secs(1);
 
@@ -158,6 +161,7 @@ pub fn run(
         }
     })?;
     crate::voice::start();
+    let notifier = crate::notify::Notifier::start(&plan.notify, &run_dir, journal.path());
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
 
@@ -180,6 +184,7 @@ pub fn run(
         kernel_dropped: 0,
         kernel_lost: None,
         board: watch.board,
+        notifier,
     };
     exec.board.update(|s| {
         s.job = Some(JobInfo {
@@ -251,6 +256,9 @@ pub fn run(
         Ok(outcome) => outcome,
         Err(e) => {
             exec.stop_jobs();
+            if let Some(notifier) = exec.notifier.take() {
+                notifier.close(NOTIFY_DRAIN);
+            }
             crate::voice::flush();
             return Err(e);
         }
@@ -271,6 +279,9 @@ pub fn run(
         }
     });
     crate::summary::print(&sup, plan, &outcome, exec.journal.path());
+    if let Some(notifier) = exec.notifier.take() {
+        notifier.close(NOTIFY_DRAIN);
+    }
     crate::voice::flush();
     Ok(outcome)
 }
@@ -302,6 +313,9 @@ struct Executor<'a> {
     /// Foreign kernel fault records dropped so far because the loop fell behind.
     kernel_dropped: u64,
     board: Board,
+    /// Gets a copy of the journal records someone asked to be told about (`--notify-cmd`,
+    /// `--webhook`); never blocks.
+    notifier: Option<crate::notify::Notifier>,
 }
 
 /// Locks shared state; a panic elsewhere while holding it leaves data that is still usable.
@@ -548,12 +562,17 @@ impl Executor<'_> {
     }
 
     fn journal(&mut self, record: &Record) -> Result<(), RunError> {
+        let at = SystemTime::now();
         self.journal
-            .write(record, SystemTime::now())
+            .write(record, at)
             .map_err(|source| RunError::Journal {
                 path: self.journal.path().to_path_buf(),
                 source,
-            })
+            })?;
+        if let Some(notifier) = &mut self.notifier {
+            notifier.offer(record, at);
+        }
+        Ok(())
     }
 
     fn warn(&mut self, message: String) -> Result<(), RunError> {
