@@ -106,6 +106,10 @@ pub struct RunArgs {
     pub machine: MachineArgs,
     #[command(flatten)]
     pub notify: NotifyArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (loopback: only
+    /// this machine can scrape; 0.0.0.0:9464 opens it to the network, without authentication).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,

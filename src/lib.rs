@@ -33,6 +33,7 @@ pub mod gpu;
 pub mod job;
 pub mod journal;
 pub mod ladder;
+pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod process;

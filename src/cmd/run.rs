@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use gpuwarden::config::{self, Overrides, Plan};
 use gpuwarden::executor::Watch;
 use gpuwarden::exit;
+use gpuwarden::metrics::MetricsServer;
 use gpuwarden::probe::{self, Probe, Verdict};
 use gpuwarden::quirks::QuirkSet;
 use gpuwarden::rules::RuleSet;
@@ -85,7 +86,23 @@ pub fn run(args: RunArgs) -> i32 {
         health,
         ..Watch::default()
     };
-    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch)
+    let metrics = match &args.metrics_addr {
+        None => None,
+        Some(addr) => match MetricsServer::start(addr, watch.board.clone()) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                error(format_args!(
+                    "cannot serve metrics on {addr}: {e}; pick another --metrics-addr (e.g. 127.0.0.1:9465)\nthe job was not started"
+                ));
+                return exit::USAGE;
+            }
+        },
+    };
+    let code = supervise(&plan, explicit_run_dir, verdict.as_ref(), watch);
+    if let Some(server) = metrics {
+        server.stop();
+    }
+    code
 }
 
 /// Loads the rules, checks the command, and runs the plan (for `run` and `demo`).
