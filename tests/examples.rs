@@ -49,14 +49,14 @@ fn the_systemd_unit_verifies() {
 }
 
 #[test]
-fn the_slurm_script_parses_and_requeues_on_143() {
+fn the_slurm_script_parses_and_forwards_usr1_then_requeues() {
     let script = example("examples/slurm/train.sbatch");
     for want in [
         "#SBATCH --requeue",
-        "#SBATCH --signal=USR1@90",
+        "#SBATCH --signal=B:USR1@90",
+        "kill -USR1 \"$step\"",
         "srun ",
         "--resume {checkpoint}",
-        "143)",
         "scontrol requeue",
     ] {
         assert!(script.contains(want), "missing {want}");
