@@ -93,8 +93,9 @@ pub struct RunArgs {
     /// Most restarts before giving up [default: 5].
     #[arg(long, value_name = "N")]
     pub max_restarts: Option<u32>,
-    /// Seconds between SIGTERM and SIGKILL when stopping the job [default: 10].
-    #[arg(long, value_name = "SECONDS")]
+    /// Time between SIGTERM and SIGKILL when stopping the job: seconds (`10`) or a duration
+    /// (`10s`, `1m30s`, `500ms`) [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = duration_seconds)]
     pub grace: Option<f64>,
     /// A directory of extra rule files (*.toml), added to the built-in rules. Repeatable.
     #[arg(long = "rules", value_name = "DIR")]
@@ -112,8 +113,8 @@ pub struct RunArgs {
     /// Do not sample GPU health (sysfs, nvidia-smi).
     #[arg(long)]
     pub no_health: bool,
-    /// Seconds between two GPU health samples.
-    #[arg(long, value_name = "SECONDS", default_value_t = 1.0, value_parser = positive_seconds)]
+    /// Time between two GPU health samples: seconds or a duration (`500ms`, `2s`).
+    #[arg(long, value_name = "DURATION", default_value = "1", value_parser = positive_seconds)]
     pub health_interval: f64,
     // -- overnight: stall and restart window (issue 11) --
     /// No progress (no output, no new checkpoint) for this long is a fault (`gpu_hang` on a GPU
@@ -132,9 +133,42 @@ pub struct RunArgs {
     /// q leave it, s stop the job (asks), p pause, ? help. Without a terminal, runs as without.
     #[arg(long)]
     pub ui: bool,
+    #[command(flatten)]
+    pub notify: NotifyArgs,
+    /// Serve Prometheus metrics at http://ADDR/metrics, e.g. 127.0.0.1:9464 (loopback: only
+    /// this machine can scrape; 0.0.0.0:9464 opens it to the network, without authentication).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
     /// The command to supervise, after `--`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<std::ffi::OsString>,
+}
+
+/// Who is told when something happens (also `[notify]` in gpuwarden.toml; a flag replaces
+/// its key there).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Notifications")]
+pub struct NotifyArgs {
+    /// Run PROGRAM for each notification, with the event as JSON on its stdin and
+    /// GPUWARDEN_EVENT set. Never through a shell: give its arguments with --notify-arg.
+    #[arg(long, value_name = "PROGRAM")]
+    pub notify_cmd: Option<std::ffi::OsString>,
+    /// An argument of the --notify-cmd program, kept as one argument. Repeatable, in order.
+    #[arg(
+        long,
+        value_name = "ARG",
+        requires = "notify_cmd",
+        allow_hyphen_values = true
+    )]
+    pub notify_arg: Vec<std::ffi::OsString>,
+    /// POST each notification as JSON (a `text` field plus the event) to this http:// URL.
+    /// Repeatable. No https: use --notify-cmd with curl for that.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Vec<String>,
+    /// Which events notify: fault, fallback, restart, signal, gave_up, interrupted, finished
+    /// [default: fault,fallback,gave_up,finished].
+    #[arg(long, value_name = "EVENTS", value_delimiter = ',')]
+    pub notify_on: Option<Vec<String>>,
 }
 
 /// Where the pre-flight probe looks. The defaults are the real machine; tests and containers
@@ -204,13 +238,14 @@ pub struct ProbeArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
-/// A number of seconds, more than 0 and at most a day.
+/// A duration more than 0 and at most a day, in seconds.
 fn positive_seconds(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
+    match duration_seconds(text) {
         Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
-        _ => Err(format!(
-            "`{text}` is not a number of seconds between 0 (exclusive) and 86400"
+        Ok(_) => Err(format!(
+            "`{text}` is not between 0 (exclusive) and one day (86400 s)"
         )),
+        Err(e) => Err(e),
     }
 }
 
@@ -348,4 +383,216 @@ pub struct DemoJobArgs {
     pub step_ms: u64,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+}
+
+// ---- Issue 12: friendlier errors and durations (kept in one block for easy merges) ----
+
+/// Parses the command line like `Cli::parse`, with two errors made clearer than clap makes them:
+/// a command given to `run` without `--` (clap only says "unexpected argument"), and a mistyped
+/// subcommand too short for clap's own suggestion (`rnu`).
+pub fn parse() -> Cli {
+    use clap::Parser as _;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(message) = explain(&e, &args) {
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), message.as_bytes());
+                std::process::exit(gpuwarden::exit::USAGE);
+            }
+            e.exit()
+        }
+    }
+}
+
+/// A better message for `e`, where there is one.
+fn explain(e: &clap::Error, args: &[std::ffi::OsString]) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let words: Vec<String> = args
+        .iter()
+        .skip(1)
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let invalid = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => Some(s.as_str()),
+        _ => None,
+    };
+    match e.kind() {
+        ErrorKind::UnknownArgument
+            if words.first().is_some_and(|w| w == "run") && !words.iter().any(|w| w == "--") =>
+        {
+            let stray = invalid?;
+            if stray.starts_with('-') {
+                return None;
+            }
+            let at = words.iter().position(|w| w == stray)?;
+            let (options, command) = words.split_at(at);
+            Some(format!(
+                "error: `{stray}` is not an option of `gpuwarden run`; put the command to supervise after `--`:\n\n  gpuwarden {} -- {}\n\nFor more information, try 'gpuwarden run --help'.\n",
+                quote_words(options),
+                quote_words(command)
+            ))
+        }
+        ErrorKind::InvalidSubcommand if e.get(ContextKind::SuggestedSubcommand).is_none() => {
+            let Some(ContextValue::String(typed)) = e.get(ContextKind::InvalidSubcommand) else {
+                return None;
+            };
+            let near = <Cli as clap::CommandFactory>::command()
+                .get_subcommands()
+                .filter(|c| !c.is_hide_set())
+                .map(|c| c.get_name().to_string())
+                .find(|name| one_edit_apart(typed, name))?;
+            Some(format!(
+                "error: unrecognized subcommand '{typed}'\n\n  tip: a similar subcommand exists: '{near}'\n\nFor more information, try '--help'.\n"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// True when `a` becomes `b` by one insertion, deletion, substitution or swap of neighbours.
+fn one_edit_apart(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a == b {
+        return false;
+    }
+    let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let (ra, rb) = (&a[prefix..], &b[prefix..]);
+    match ra.len() as isize - rb.len() as isize {
+        0 => {
+            ra[1..] == rb[1..]
+                || (ra.len() >= 2 && ra[0] == rb[1] && ra[1] == rb[0] && ra[2..] == rb[2..])
+        }
+        1 => ra[1..] == *rb,
+        -1 => *ra == rb[1..],
+        _ => false,
+    }
+}
+
+/// Words as a POSIX shell would need them, so the suggested line can be pasted.
+fn quote_words(words: &[String]) -> String {
+    words
+        .iter()
+        .map(|w| {
+            let plain = !w.is_empty()
+                && w.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./:=,+@%{}".contains(&b));
+            if plain {
+                w.clone()
+            } else {
+                format!("'{}'", w.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A duration in seconds: a plain number of seconds (`10`, `2.5`), or numbers with units, largest
+/// first, run together (`500ms`, `10s`, `20m`, `1h30m`, `2d`). Every duration flag takes these,
+/// so `--grace 10` still means ten seconds.
+pub fn duration_seconds(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let bad = |why: &str| {
+        format!(
+            "`{text}` is not a duration ({why}); give seconds (`10`, `2.5`) or e.g. `500ms`, `10s`, `20m`, `1h30m`"
+        )
+    };
+    if t.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if let Ok(secs) = t.parse::<f64>() {
+        return if secs.is_finite() && secs >= 0.0 {
+            Ok(secs)
+        } else {
+            Err(bad("negative or not finite"))
+        };
+    }
+    const UNITS: [(&str, f64); 5] = [
+        ("d", 86_400.0),
+        ("h", 3_600.0),
+        ("m", 60.0),
+        ("s", 1.0),
+        ("ms", 0.001),
+    ];
+    let mut rest = t;
+    let mut total = 0.0;
+    let mut last_rank = None;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(|| bad("a number without a unit after a unit"))?;
+        if digits == 0 {
+            return Err(bad("a unit without a number"));
+        }
+        let number: f64 = rest[..digits]
+            .parse()
+            .map_err(|_| bad("a malformed number"))?;
+        let after = &rest[digits..];
+        let unit_len = after
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(after.len());
+        let unit = &after[..unit_len];
+        let rank = UNITS
+            .iter()
+            .position(|(u, _)| *u == unit)
+            .ok_or_else(|| bad(&format!("unknown unit `{unit}`; use ms, s, m, h or d")))?;
+        if last_rank.is_some_and(|r| r >= rank) {
+            return Err(bad("units must go from largest to smallest, each once"));
+        }
+        last_rank = Some(rank);
+        total += number * UNITS[rank].1;
+        rest = &after[unit_len..];
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        for (text, secs) in [
+            ("10", 10.0),
+            ("2.5", 2.5),
+            ("10s", 10.0),
+            ("500ms", 0.5),
+            ("20m", 1200.0),
+            ("1h30m", 5400.0),
+            ("1h30m15s", 5415.0),
+            ("1.5h", 5400.0),
+            ("1d", 86_400.0),
+            ("0", 0.0),
+        ] {
+            assert_eq!(duration_seconds(text), Ok(secs), "{text}");
+        }
+        for bad in [
+            "", "s", "10x", "-1", "1m1h", "1s1s", "10 s", "nan", "inf", "1h30", "1..5s",
+        ] {
+            assert!(duration_seconds(bad).is_err(), "{bad}");
+        }
+        assert!(
+            duration_seconds("10x")
+                .unwrap_err()
+                .contains("unknown unit `x`")
+        );
+    }
+
+    #[test]
+    fn edits() {
+        assert!(one_edit_apart("rnu", "run"));
+        assert!(one_edit_apart("rn", "run"));
+        assert!(one_edit_apart("runn", "run"));
+        assert!(one_edit_apart("rum", "run"));
+        assert!(!one_edit_apart("run", "run"));
+        assert!(!one_edit_apart("xyz", "run"));
+    }
+
+    #[test]
+    fn quoting() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(quote_words(&w(&["python", "-u", "x.py"])), "python -u x.py");
+        assert_eq!(quote_words(&w(&["a b", "it's"])), "'a b' 'it'\\''s'");
+    }
 }

@@ -34,6 +34,11 @@
 //! unset = ["PYTORCH_ROCM_ARCH"]                    # applied last
 //! args = ["--amp", "off"]
 //! uses_gpu = true                 # default: device != "cpu"
+//!
+//! [notify]                        # flags --notify-cmd/--notify-arg, --webhook, --notify-on win
+//! command = ["notify-send", "gpuwarden"]       # an argv, never a shell; event JSON on stdin
+//! webhook = "http://127.0.0.1:8080/hook"       # or a list; plain http only
+//! events = ["fault", "fallback", "gave_up", "finished"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -88,6 +93,12 @@ pub struct Overrides {
     pub stall_timeout: Option<String>,
     /// `--restart-window` as typed (`1h`, `off`).
     pub restart_window: Option<String>,
+    /// `--notify-cmd` and its `--notify-arg`s: program first.
+    pub notify_command: Option<Vec<OsString>>,
+    /// `--webhook` URLs, unparsed.
+    pub webhooks: Vec<String>,
+    /// `--notify-on` event names, unparsed.
+    pub notify_on: Option<Vec<String>>,
 }
 
 /// Everything a run needs to start, checked.
@@ -119,6 +130,8 @@ pub struct Plan {
     /// Things that are not errors but that the user should hear about before the night (a
     /// checkpoint location that does not exist yet). Said and journaled at the start.
     pub warnings: Vec<String>,
+    /// Who is told about faults and the end of the run.
+    pub notify: crate::notify::NotifyPlan,
 }
 
 /// Where a setting came from, for error messages.
@@ -272,6 +285,9 @@ pub enum ConfigError {
 
     // The ladder error is part of the message rather than a `#[source]`, so printing the chain
     // with `{:#}` does not say it twice.
+    #[error("{at}: {message}")]
+    Notify { at: Origin, message: String },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -296,6 +312,22 @@ struct RawConfig {
     restart_window: Option<Spanned<String>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
+    notify: Option<Spanned<RawNotify>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    command: Option<Spanned<Vec<String>>>,
+    webhook: Option<Spanned<OneOrMany>>,
+    events: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -523,6 +555,14 @@ pub fn plan(
         .map(|dir| cwd.join(dir))
         .collect();
 
+    let notify = notify_plan(
+        raw.notify,
+        overrides.notify_command,
+        overrides.webhooks,
+        overrides.notify_on,
+        source.as_ref(),
+    )?;
+
     // Last, because it runs other people's scripts and may take seconds: every cheap mistake has
     // been reported by now.
     let mut ladder = Vec::with_capacity(chosen.len());
@@ -548,6 +588,75 @@ pub fn plan(
         stall_timeout,
         restart_window,
         warnings,
+        notify,
+    })
+}
+
+/// The `[notify]` table merged with the flags (each flag given replaces its key), checked.
+fn notify_plan(
+    raw: Option<Spanned<RawNotify>>,
+    command: Option<Vec<OsString>>,
+    webhooks: Vec<String>,
+    notify_on: Option<Vec<String>>,
+    source: Option<&Source>,
+) -> Result<crate::notify::NotifyPlan, ConfigError> {
+    use crate::notify::{Kind, NotifyPlan, Webhook};
+    let raw = raw.map(Spanned::into_inner);
+    let (raw_command, raw_webhook, raw_events) = match raw {
+        Some(r) => (r.command, r.webhook, r.events),
+        None => (None, None, None),
+    };
+    let bad = |at: Origin, message: String| ConfigError::Notify { at, message };
+    let command = match (command, raw_command) {
+        (Some(argv), _) => Some(argv),
+        (None, Some(argv)) => {
+            if argv.get_ref().first().is_none_or(|p| p.is_empty()) {
+                return Err(bad(
+                    origin(source, argv.span()),
+                    "notify command is empty; give a program and its arguments, e.g. command = [\"notify-send\", \"gpuwarden\"]".into(),
+                ));
+            }
+            Some(argv.into_inner().into_iter().map(OsString::from).collect())
+        }
+        (None, None) => None,
+    };
+    let mut hooks = Vec::new();
+    if !webhooks.is_empty() {
+        for url in &webhooks {
+            hooks.push(Webhook::parse(url).map_err(|m| bad(Origin::Flag("--webhook"), m))?);
+        }
+    } else if let Some(list) = raw_webhook {
+        let at = origin(source, list.span());
+        let urls = match list.into_inner() {
+            OneOrMany::One(u) => vec![u],
+            OneOrMany::Many(us) => us,
+        };
+        for url in &urls {
+            hooks.push(Webhook::parse(url).map_err(|m| bad(at.clone(), m))?);
+        }
+    }
+    let kinds = match (notify_on, raw_events) {
+        (Some(names), _) => names
+            .iter()
+            .flat_map(|n| n.split(','))
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(|n| Kind::parse(n).map_err(|m| bad(Origin::Flag("--notify-on"), m)))
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, Some(names)) => {
+            let at = origin(source, names.span());
+            names
+                .into_inner()
+                .iter()
+                .map(|n| Kind::parse(n).map_err(|m| bad(at.clone(), m)))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        (None, None) => Kind::DEFAULT.to_vec(),
+    };
+    Ok(NotifyPlan {
+        command,
+        webhooks: hooks,
+        kinds,
     })
 }
 
@@ -648,6 +757,7 @@ pub fn demo_plan(
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,
         warnings: Vec::new(),
+        notify: crate::notify::NotifyPlan::default(),
     }
 }
 
@@ -1087,6 +1197,7 @@ args = ["--amp", "off"]
                 config: None,
                 stall_timeout: Some("90s".into()),
                 restart_window: None,
+                ..Overrides::default()
             },
         )
         .unwrap();

@@ -14,6 +14,15 @@ pub enum Sig {
     Terminate,
     Hangup,
     Kill,
+    /// SIGUSR1: what Slurm's `--signal=USR1@90`, Lightning and submitit send before preemption
+    /// so the job can checkpoint. Forwarded, never a reason to stop.
+    User1,
+    /// SIGUSR2: like SIGUSR1, for jobs that use it.
+    User2,
+    /// SIGCONT: a job control resume (`fg`, Slurm's `scontrol resume`). Forwarded.
+    Continue,
+    /// SIGWINCH: the terminal changed size. Forwarded, as a terminal would.
+    WindowChange,
 }
 
 impl Sig {
@@ -23,7 +32,11 @@ impl Sig {
             Sig::Hangup => 1,
             Sig::Interrupt => 2,
             Sig::Kill => 9,
+            Sig::User1 => 10,
+            Sig::User2 => 12,
             Sig::Terminate => 15,
+            Sig::Continue => 18,
+            Sig::WindowChange => 28,
         }
     }
 
@@ -33,7 +46,21 @@ impl Sig {
             Sig::Interrupt => "SIGINT",
             Sig::Kill => "SIGKILL",
             Sig::Terminate => "SIGTERM",
+            Sig::User1 => "SIGUSR1",
+            Sig::User2 => "SIGUSR2",
+            Sig::Continue => "SIGCONT",
+            Sig::WindowChange => "SIGWINCH",
         }
+    }
+
+    /// Whether gpuwarden only passes this signal on to the job, and it never stops the run.
+    /// SIGINT, SIGTERM and SIGHUP ask the run to end; the others are messages for the job
+    /// (a checkpoint request before preemption, a resize, a resume).
+    pub fn forward_only(self) -> bool {
+        matches!(
+            self,
+            Sig::User1 | Sig::User2 | Sig::Continue | Sig::WindowChange
+        )
     }
 }
 

@@ -229,6 +229,9 @@ pub enum Record {
         /// Why the previous gpuwarden is taken to be gone.
         reason: String,
     },
+    /// A signal for the job (SIGUSR1/SIGUSR2: Slurm's checkpoint-before-preemption request)
+    /// that gpuwarden passed to the attempt's process group; supervision went on.
+    SignalForwarded { attempt: u32, signal: String },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {

@@ -34,6 +34,8 @@ pub mod gpu;
 pub mod job;
 pub mod journal;
 pub mod ladder;
+pub mod metrics;
+pub mod notify;
 pub mod probe;
 pub mod process;
 pub mod quirks;

@@ -4,14 +4,12 @@
 mod cli;
 mod cmd;
 
-use clap::Parser;
-
 use gpuwarden::exit;
 
-use cli::{CheckpointCommand, Cli, Command};
+use cli::{CheckpointCommand, Command};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = cli::parse();
     // Before any thread exists (the env_script capture starts some): every thread must inherit
     // the blocked mask, or a SIGTERM could land on one of them and kill gpuwarden outright
     // instead of being forwarded to the job.

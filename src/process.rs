@@ -37,7 +37,10 @@ use nix::unistd::Pid;
 use crate::job::{JobExit, Sig};
 
 /// The signals gpuwarden turns into events (and forwards to the job): SIGINT, SIGTERM and SIGHUP,
-/// except those gpuwarden was started with ignored. `nohup gpuwarden run ...` ignores SIGHUP and
+/// which end the run, and SIGUSR1, SIGUSR2, SIGCONT and SIGWINCH, which are only passed on
+/// (Slurm's `--signal=USR1@90` asks the job to checkpoint before preemption: left to its default
+/// action, SIGUSR1 would kill gpuwarden with status 138, and the job with it), except those
+/// gpuwarden was started with ignored. `nohup gpuwarden run ...` ignores SIGHUP and
 /// a script's `gpuwarden run ... &` ignores SIGINT; a blocked signal stays pending even when
 /// ignored, so blocking it and waiting for it would undo what the user asked for. Decided once,
 /// at the first call, before anything changes the dispositions.
@@ -45,7 +48,15 @@ fn handled_signals() -> SigSet {
     static HANDLED: OnceLock<SigSet> = OnceLock::new();
     *HANDLED.get_or_init(|| {
         let mut set = SigSet::empty();
-        for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        for sig in [
+            Signal::SIGINT,
+            Signal::SIGTERM,
+            Signal::SIGHUP,
+            Signal::SIGUSR1,
+            Signal::SIGUSR2,
+            Signal::SIGCONT,
+            Signal::SIGWINCH,
+        ] {
             if !is_ignored(sig) {
                 set.add(sig);
             }
@@ -67,15 +78,21 @@ fn is_ignored(sig: Signal) -> bool {
 
 /// A signal that arrived while it was blocked and nobody waited for it yet (during the
 /// env_script capture, say), taken without waiting. The run must then end before the job starts.
+/// Forward-only signals pending then are dropped: there was no job to pass them to.
 pub fn take_pending_signal() -> Option<Sig> {
     let set = handled_signals();
     let zero = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `set` is a valid sigset for the call's duration; no info struct is requested.
-    let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
-    sig_of(n)
+    loop {
+        // SAFETY: `set` is a valid sigset for the call's duration; no info struct is requested.
+        let n = unsafe { libc::sigtimedwait(set.as_ref(), std::ptr::null_mut(), &zero) };
+        match sig_of(n) {
+            Some(sig) if sig.forward_only() => continue,
+            other => return other,
+        }
+    }
 }
 
 fn sig_of(n: libc::c_int) -> Option<Sig> {
@@ -83,11 +100,15 @@ fn sig_of(n: libc::c_int) -> Option<Sig> {
         Ok(Signal::SIGINT) => Some(Sig::Interrupt),
         Ok(Signal::SIGTERM) => Some(Sig::Terminate),
         Ok(Signal::SIGHUP) => Some(Sig::Hangup),
+        Ok(Signal::SIGUSR1) => Some(Sig::User1),
+        Ok(Signal::SIGUSR2) => Some(Sig::User2),
+        Ok(Signal::SIGCONT) => Some(Sig::Continue),
+        Ok(Signal::SIGWINCH) => Some(Sig::WindowChange),
         _ => None,
     }
 }
 
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it spawns later, so
+/// Blocks the signals of [`handled_signals`] in the calling thread and every thread it spawns later, so
 /// they can be received synchronously by [`spawn_signal_thread`]. Call it first thing on the
 /// main thread, before any other thread exists. The mask is inherited across fork and exec, so
 /// [`spawn_job`] clears it in the child (seen here: without that the job ignores SIGTERM).
@@ -124,7 +145,7 @@ pub fn spawn_signal_thread<E: Send + 'static>(
 /// script's `sleep &`, torchrun's workers) goes too. The signal mask: gpuwarden blocks the
 /// signals it forwards (see [`block_signals`]), the mask survives fork and exec, and the
 /// standard library does not reset it (seen here: a job started without this ignored SIGTERM).
-fn own_group(cmd: &mut Command) {
+pub fn own_group(cmd: &mut Command) {
     cmd.process_group(0);
     // SAFETY: the closure runs between fork and exec and calls only sigprocmask, which is
     // async-signal-safe, without allocating.
@@ -454,12 +475,17 @@ pub fn signal_group(pgid: u32, sig: Sig) -> io::Result<bool> {
         Sig::Terminate => Signal::SIGTERM,
         Sig::Hangup => Signal::SIGHUP,
         Sig::Kill => Signal::SIGKILL,
+        Sig::User1 => Signal::SIGUSR1,
+        Sig::User2 => Signal::SIGUSR2,
+        Sig::Continue => Signal::SIGCONT,
+        Sig::WindowChange => Signal::SIGWINCH,
     };
     match signal::killpg(Pid::from_raw(pgid as i32), signal) {
         Ok(()) => {
             // A stopped process (SIGTTIN, SIGSTOP) acts on SIGTERM only once continued: like a
-            // shell's `kill`, follow the signal with SIGCONT so stopping works on it too.
-            if signal != Signal::SIGKILL {
+            // shell's `kill`, follow the signal with SIGCONT so stopping works on it too. A
+            // forwarded message (SIGUSR1, SIGWINCH) must not resume a job someone stopped.
+            if matches!(sig, Sig::Interrupt | Sig::Terminate | Sig::Hangup) {
                 let _ = signal::killpg(Pid::from_raw(pgid as i32), Signal::SIGCONT);
             }
             Ok(true)
@@ -653,8 +679,15 @@ impl Guard {
 /// The body of `gpuwarden __guard`. Returns the process exit code.
 pub fn guard_main(grace: Duration) -> i32 {
     // The guard must outlive gpuwarden: `pkill gpuwarden` or a terminal hangup must not take it
-    // down before it has done its one job.
-    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+    // down before it has done its one job. Slurm signals every process of the step (its cgroup),
+    // the guard included: the SIGUSR1 of `--signal=USR1@90` must not end it either.
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         // SAFETY: installing SIG_IGN involves no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }

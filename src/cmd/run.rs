@@ -6,6 +6,7 @@ use std::time::{Duration, SystemTime};
 use gpuwarden::config::{self, Overrides, Plan};
 use gpuwarden::executor::Watch;
 use gpuwarden::exit;
+use gpuwarden::metrics::MetricsServer;
 use gpuwarden::probe::{self, Probe, Verdict};
 use gpuwarden::quirks::QuirkSet;
 use gpuwarden::rules::RuleSet;
@@ -34,6 +35,13 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         config: args.config,
         stall_timeout: args.stall_timeout,
         restart_window: args.restart_window,
+        notify_command: args.notify.notify_cmd.map(|program| {
+            std::iter::once(program)
+                .chain(args.notify.notify_arg)
+                .collect()
+        }),
+        webhooks: args.notify.webhook,
+        notify_on: args.notify.notify_on,
     };
     let Some(cwd) = current_dir() else {
         return exit::USAGE;
@@ -87,7 +95,23 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         resume,
         ..Watch::default()
     };
-    supervise(&plan, explicit_run_dir, verdict.as_ref(), watch, args.ui)
+    let metrics = match &args.metrics_addr {
+        None => None,
+        Some(addr) => match MetricsServer::start(addr, watch.board.clone()) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                error(format_args!(
+                    "cannot serve metrics on {addr}: {e}; pick another --metrics-addr (e.g. 127.0.0.1:9465)\nthe job was not started"
+                ));
+                return exit::USAGE;
+            }
+        },
+    };
+    let code = supervise(&plan, explicit_run_dir, verdict.as_ref(), watch, args.ui);
+    if let Some(server) = metrics {
+        server.stop();
+    }
+    code
 }
 
 /// Loads the rules, checks the command, and runs the plan (for `run` and `demo`).

@@ -125,6 +125,9 @@ pub struct Watch {
     pub resume: Option<Resume>,
 }
 
+/// How long the end of a run waits for its last notifications (the run's end among them).
+const NOTIFY_DRAIN: Duration = Duration::from_secs(15);
+
 /// How often the job's process tree is re-read for attribution while an attempt runs.
 const TREE_REFRESH: Duration = Duration::from_secs(1);
 
@@ -192,6 +195,7 @@ pub fn run(
         }
     })?;
     crate::voice::start();
+    let notifier = crate::notify::Notifier::start(&plan.notify, &run_dir, journal.path());
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
 
@@ -220,6 +224,7 @@ pub fn run(
         cgroups: HashMap::new(),
         board: watch.board,
         checkpoints_seen: progress::Seen::default(),
+        notifier,
     };
     exec.board.update(|s| {
         s.job = Some(JobInfo {
@@ -291,6 +296,9 @@ pub fn run(
         Ok(outcome) => outcome,
         Err(e) => {
             exec.stop_jobs();
+            if let Some(notifier) = exec.notifier.take() {
+                notifier.close(NOTIFY_DRAIN);
+            }
             crate::voice::flush();
             return Err(e);
         }
@@ -323,6 +331,9 @@ pub fn run(
         ));
     }
     crate::summary::print(&sup, plan, &outcome, exec.journal.path());
+    if let Some(notifier) = exec.notifier.take() {
+        notifier.close(NOTIFY_DRAIN);
+    }
     crate::voice::flush();
     Ok(outcome)
 }
@@ -361,6 +372,9 @@ struct Executor<'a> {
     board: Board,
     /// The newest checkpoint seen by the rescan (issue 11: checkpoints are progress).
     checkpoints_seen: progress::Seen,
+    /// Gets a copy of the journal records someone asked to be told about (`--notify-cmd`,
+    /// `--webhook`); never blocks.
+    notifier: Option<crate::notify::Notifier>,
 }
 
 /// Locks shared state; a panic elsewhere while holding it leaves data that is still usable.
@@ -675,13 +689,17 @@ impl Executor<'_> {
     /// Appends a record. A journal that cannot be written (a full disk) degrades: the record
     /// waits in memory and the job goes on; said once when it starts and once when it ends.
     fn journal(&mut self, record: &Record) -> Result<(), RunError> {
+        let at = SystemTime::now();
         let written = self
             .journal
-            .write(record, SystemTime::now())
+            .write(record, at)
             .map_err(|source| RunError::Journal {
                 path: self.journal.path().to_path_buf(),
                 source,
             })?;
+        if let Some(notifier) = &mut self.notifier {
+            notifier.offer(record, at);
+        }
         self.journal_written(written);
         Ok(())
     }

@@ -656,6 +656,10 @@ impl Supervisor {
     }
 
     fn on_signal(&mut self, sig: Sig, now: Instant, out: &mut Vec<Effect>) {
+        if sig.forward_only() {
+            self.forward(sig, out);
+            return;
+        }
         let grace = self.policy.grace;
         match &mut self.phase {
             Phase::Idle | Phase::Backoff { .. } => {
@@ -728,6 +732,31 @@ impl Supervisor {
         if live.stop_group(Sig::Terminate, now, out) {
             out.push(Effect::Say(format!(
                 "stopping the stalled job: SIGTERM to its process group, SIGKILL after {grace:.0?}"
+            )));
+        }
+    }
+
+    /// A signal that is a message for the job (SIGUSR1 before a Slurm preemption, a terminal
+    /// resize): passed to the live attempt's group and nothing else. It never stops or restarts
+    /// the run; with no job running (backoff, between attempts) there is nobody to tell.
+    fn forward(&mut self, sig: Sig, out: &mut Vec<Effect>) {
+        let Phase::Live(live) = &self.phase else {
+            return;
+        };
+        if live.group_empty {
+            return;
+        }
+        let attempt = live.attempt;
+        out.push(Effect::Signal { attempt, sig });
+        // A resize or a resume is noise in a journal; a checkpoint request is worth a line.
+        if matches!(sig, Sig::User1 | Sig::User2) {
+            out.push(Effect::Journal(Record::SignalForwarded {
+                attempt,
+                signal: sig.name().to_string(),
+            }));
+            out.push(Effect::Say(format!(
+                "{} received: forwarded to the job (attempt {attempt}); supervision goes on",
+                sig.name()
             )));
         }
     }
@@ -1577,6 +1606,30 @@ mod tests {
         assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Terminate)));
         assert_eq!(r.outcome().unwrap().exit_code(), 143);
         assert_eq!(r.spawns().len(), 1);
+    }
+
+    #[test]
+    fn forward_only_signals_reach_the_job_and_never_stop_it() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        for sig in [Sig::User1, Sig::User2, Sig::Continue, Sig::WindowChange] {
+            let out = r.feed(Event::Signal(sig));
+            assert_eq!(signals(&out), vec![sig]);
+            assert_eq!(r.outcome(), None);
+        }
+        // No stop is under way: the job's own exit ends the run as usual.
+        r.exit(1, JobExit::Code(0));
+        assert_eq!(r.outcome().unwrap().exit_code(), 0);
+        assert_eq!(r.spawns().len(), 1);
+    }
+
+    #[test]
+    fn forward_only_signal_in_backoff_is_dropped() {
+        let mut r = Run::new(policy(), &[("gpu", true)]);
+        r.feed(Event::Start);
+        r.exit(1, JobExit::Code(1));
+        assert!(signals(&r.feed(Event::Signal(Sig::User1))).is_empty());
+        assert_eq!(r.outcome(), None);
     }
 
     #[test]
