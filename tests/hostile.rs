@@ -187,7 +187,12 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
         );
     }
     let _turn = kmsg_lock();
-    const FOREIGN: i64 = 50_000;
+    // 50,000 by default; `GPUWARDEN_FLOOD_LINES=200000 cargo test --test hostile flood --
+    // --nocapture` is the larger figure.
+    let foreign_lines: i64 = std::env::var("GPUWARDEN_FLOOD_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
     let scene = Scene::new();
     let config = fast_config(&scene);
     let machine = bare_machine(&scene);
@@ -209,14 +214,23 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
     );
     let pid = trainer_pid(&scene, 1);
     // Pids far above any real one, so none of them is the job's.
-    let foreign = |i: i64| format!("<4>{}\n", xid31(4_000_000 + i % 30_000));
-    for i in 0..FOREIGN / 2 {
-        write_kmsg(&foreign(i));
+    // At most ~64,000 records a second: the kernel's ring buffer holds a few thousand of
+    // these lines, and a writer much faster than a reader starved of CPU (a debug build beside
+    // other compilers) overwrites records, the job's among them, before anyone can read them.
+    // That loss is the kernel's, and gpuwarden reports it; this test is about gpuwarden's own.
+    let foreign = |i: i64| {
+        if i % 64 == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        write_kmsg(&format!("<4>{}\n", xid31(4_000_000 + i % 30_000)));
+    };
+    for i in 0..foreign_lines / 2 {
+        foreign(i);
     }
     let xid_at = SystemTime::now();
     write_kmsg(&format!("<4>{}\n", xid31(pid)));
-    for i in FOREIGN / 2..FOREIGN {
-        write_kmsg(&foreign(i));
+    for i in foreign_lines / 2..foreign_lines {
+        foreign(i);
     }
     let flood_end = SystemTime::now();
     let (status, stderr) = run.finish();
@@ -224,7 +238,19 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
     assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
     let journal = scene.journal();
     let faults = records(&journal, "fault");
-    assert_eq!(faults.len(), 1, "{journal:#?}");
+    let overwritten = records(&journal, "warning")
+        .iter()
+        .any(|w| w["message"].as_str().unwrap_or("").contains("overwritten"));
+    assert_eq!(
+        faults.len(),
+        1,
+        "{}{journal:#?}",
+        if overwritten {
+            "the kernel overwrote records before gpuwarden could read them (its reader was starved of CPU: is the machine loaded?); the job's Xid may be among them\n"
+        } else {
+            ""
+        }
+    );
     assert_eq!(faults[0]["rule"], "xid-31");
     assert_eq!(faults[0]["captures"]["pid"], pid.to_string());
     assert_eq!(tiers(&journal), ["gpu", "cpu"]);
@@ -236,7 +262,7 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
         .map(|r| r["count"].as_u64().unwrap())
         .sum();
     assert!(
-        counted + full as u64 <= FOREIGN as u64 && counted > 1000,
+        counted + full as u64 <= foreign_lines as u64 && counted > 1000,
         "{counted} counted"
     );
     let size = std::fs::metadata(scene.run_dir().join("journal.jsonl"))
@@ -252,8 +278,9 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
         .as_str()
         .unwrap()
         .to_string();
+    let fault_at = faults[0]["at"].as_str().unwrap().to_string();
     eprintln!(
-        "job's Xid written at {}, attempt 1 ended at {ended}, flood ended at {}",
+        "{foreign_lines} foreign lines: job's Xid written at {}, its fault journaled at {fault_at}, attempt 1 ended at {ended}, flood ended at {}",
         rfc3339(xid_at),
         rfc3339(flood_end)
     );

@@ -153,10 +153,13 @@ impl Executor<'_> {
                     },
                 )
             });
-            if !matches!(started, Some(Ok(_))) {
-                // Without a reader the supervisor would wait for this stream forever.
-                // Queued directly: the loop must never block sending into its own channel.
-                closed.push(Event::StreamClosed { attempt, stream });
+            match started {
+                Some(Ok(pump)) => self.pumps.entry(attempt).or_default().push(pump),
+                _ => {
+                    // Without a reader the supervisor would wait for this stream forever.
+                    // Queued directly: the loop must never block sending into its own channel.
+                    closed.push(Event::StreamClosed { attempt, stream });
+                }
             }
         }
         // The std handle is not waited on: `wait_group` reaps the leader and its orphans.

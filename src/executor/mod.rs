@@ -222,6 +222,7 @@ pub fn run(
         // the subreaper and the /proc walk are what there is; nothing to warn about.
         run_cgroup: RunCgroup::create().ok(),
         cgroups: HashMap::new(),
+        pumps: HashMap::new(),
         board: watch.board,
         checkpoints_seen: progress::Seen::default(),
         notifier,
@@ -369,6 +370,8 @@ struct Executor<'a> {
     /// The run's cgroup (none where none can be made) and each live attempt's.
     run_cgroup: Option<RunCgroup>,
     cgroups: HashMap<u32, Cgroup>,
+    /// Each live attempt's output pumps.
+    pumps: HashMap<u32, Vec<crate::sources::handle::Handle>>,
     board: Board,
     /// The newest checkpoint seen by the rescan (issue 11: checkpoints are progress).
     checkpoints_seen: progress::Seen,
@@ -538,6 +541,8 @@ impl Executor<'_> {
                 if let Some(cgroup) = self.cgroups.remove(&attempt) {
                     let _ = cgroup.remove();
                 }
+                // Joined if done; one whose pipe a stray still holds is left to its EOF.
+                self.pumps.remove(&attempt);
                 self.reap_strays();
                 Some(Event::GroupEmpty { attempt })
             }

@@ -30,7 +30,7 @@
 //!   of sequence numbers survive the restart and records missed meanwhile are reported lost.
 //! - **Degrade, don't die.** Without permission to read `/dev/kmsg` (or without the device), the
 //!   follower says so once ([`KernelEvent::Unavailable`]) and does nothing more.
-//! - **Stops promptly.** [`Follower::stop`] wakes the reader through a pipe it polls with the
+//! - **Stops promptly.** [`Handle::stop`] wakes the reader through a pipe it polls with the
 //!   device, so the run never waits on the next kernel message.
 //!
 //! Why not the `rmesg` crate: its follower always replays the whole backlog (no seek to the
@@ -54,7 +54,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -62,6 +61,7 @@ use nix::fcntl::OFlag;
 use nix::libc;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
+use super::handle::{Ask, Handle, Patience};
 use super::kmsg::{FileRecords, ParseError, Piece, Record, SHOWN, parse_record};
 
 /// Where the kernel log is on Linux.
@@ -186,45 +186,10 @@ fn is_unavailable(e: &io::Error) -> bool {
     )
 }
 
-/// A running follower; stops (and joins its thread) on [`Follower::stop`] or when dropped.
-#[derive(Debug)]
-pub struct Follower {
-    stop: Arc<AtomicBool>,
-    wake: Option<OwnedFd>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Follower {
-    /// Stops the reader and waits for its thread, which takes at most one classifier call: the
-    /// reader never blocks on the device or on the channel.
-    pub fn stop(mut self) {
-        self.halt();
-    }
-
-    /// Whether the reader thread is still running (it ends after `Unavailable`, `GaveUp`, or
-    /// when the channel's receiver is gone).
-    pub fn is_running(&self) -> bool {
-        self.thread.as_ref().is_some_and(|t| !t.is_finished())
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(wake) = &self.wake {
-            // One byte makes the pipe readable for good; the flag says why.
-            let _ = nix::unistd::write(wake, &[1]);
-        }
-        if let Some(thread) = self.thread.take() {
-            // The reader catches its own panics; a join error cannot carry anything to report.
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        self.halt();
-    }
-}
+/// A running follower; stops (and joins its thread) on [`Handle::stop`] or when dropped. The
+/// reader never blocks on the device or on the channel, so the join takes at most one
+/// classifier call.
+pub type Follower = Handle;
 
 /// Starts following the kernel log.
 ///
@@ -280,11 +245,7 @@ where
 {
     let stop = Arc::new(AtomicBool::new(false));
     if config.source == KernelSource::Noop {
-        return Ok(Follower {
-            stop,
-            wake: None,
-            thread: None,
-        });
+        return Ok(Handle::noop("kernel-log"));
     }
     let (wake_rx, wake_tx) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
     let mut progress = Progress::default();
@@ -303,13 +264,13 @@ where
         disconnected: false,
         _record: PhantomData,
     };
-    let thread = thread::Builder::new()
-        .name("kernel-log".into())
-        .spawn(move || worker.run(first))?;
-    Ok(Follower {
-        stop,
-        wake: Some(wake_tx),
-        thread: Some(thread),
+    let ask: Ask = Box::new(move || {
+        stop.store(true, Ordering::SeqCst);
+        // One byte makes the pipe readable for good; the flag says why.
+        let _ = nix::unistd::write(&wake_tx, &[1]);
+    });
+    Handle::spawn("kernel-log", Some(ask), Patience::Join, move || {
+        worker.run(first)
     })
 }
 
@@ -893,6 +854,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::sync::mpsc::{Receiver, sync_channel};
+    use std::thread;
 
     type Ev = KernelEvent<Record>;
 

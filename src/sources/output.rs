@@ -13,11 +13,11 @@ use std::io::{self, Read, Write};
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::mpsc::SyncSender;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, poll};
 
+use super::handle::{Handle, Patience};
 use crate::rules::{Fault, RuleSet, Stream};
 
 /// Bytes of one line matched at a time. A longer line (progress dots with the fault at their
@@ -128,15 +128,19 @@ pub fn spawn<R, E, F>(
     rules: Arc<RuleSet>,
     tx: SyncSender<E>,
     wrap: F,
-) -> io::Result<thread::JoinHandle<()>>
+) -> io::Result<Handle>
 where
     R: Read + AsFd + Send + 'static,
     E: Send + 'static,
     F: Fn(OutputEvent) -> E + Send + 'static,
 {
-    thread::Builder::new()
-        .name(format!("output-{stream}"))
-        .spawn(move || {
+    // Nothing to ask: a pump ends when the last writer of its pipe closes it. That can be a
+    // daemon the job left behind, so stopping the handle never waits for an unfinished pump.
+    Handle::spawn(
+        format!("output-{stream}"),
+        None,
+        Patience::AtMost(Duration::ZERO),
+        move || {
             // A bigger pipe than the default 64 KiB: a job printing fast blocks less often, and
             // each wakeup moves more. Best effort: the limit for unprivileged users may refuse.
             let _ = nix::fcntl::fcntl(&pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
@@ -218,7 +222,8 @@ where
             splitter.finish(&mut classify);
             let _ = log.sync_data();
             report(OutputEvent::Closed);
-        })
+        },
+    )
 }
 
 fn pass_through(stream: Stream, bytes: &[u8]) -> io::Result<()> {

@@ -26,7 +26,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use super::amd_sysfs::{AMDGPU_IDS_PATHS, AmdSysfs};
@@ -36,6 +35,7 @@ use super::{
 };
 use crate::gpu::Gpu;
 use crate::rules::FaultClass;
+use crate::sources::handle::{Handle, Patience};
 
 /// How the health source runs. `Default` is what gpuwarden uses without flags.
 #[derive(Clone, Debug)]
@@ -78,42 +78,11 @@ impl Default for HealthConfig {
 }
 
 /// The running health source. Dropping it stops it too.
-#[derive(Debug)]
-pub struct HealthSource {
-    flag: StopFlag,
-    thread: Option<JoinHandle<()>>,
-}
+pub type HealthSource = Handle;
 
-/// How long [`HealthSource::stop`] waits for the thread. A sysfs read of a wedged GPU can block
-/// in the kernel; past this the thread is left to finish on its own rather than hang gpuwarden.
+/// How long [`Handle::stop`] waits for the thread. A sysfs read of a wedged GPU can block in
+/// the kernel; past this the thread is left to finish on its own rather than hang gpuwarden.
 const STOP_WAIT: Duration = Duration::from_secs(2);
-
-impl HealthSource {
-    /// Asks the thread to stop and waits for it (at most a couple of seconds).
-    pub fn stop(mut self) {
-        self.shutdown();
-    }
-
-    /// True once the thread has ended (nothing to watch, the sink hung up, or stopped).
-    pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
-    }
-
-    fn shutdown(&mut self) {
-        self.flag.set();
-        if self.flag.wait_done(STOP_WAIT)
-            && let Some(thread) = self.thread.take()
-        {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for HealthSource {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
 
 /// Starts the health thread. `sink` gets every event; returning `ControlFlow::Break` ends the
 /// thread.
@@ -123,16 +92,12 @@ where
 {
     let flag = StopFlag::default();
     let inner = flag.clone();
-    let thread = thread::Builder::new()
-        .name("gpu-health".into())
-        .spawn(move || {
-            let _done = DoneOnDrop(inner.clone());
-            run(&config, &inner, sink);
-        })?;
-    Ok(HealthSource {
-        flag,
-        thread: Some(thread),
-    })
+    Handle::spawn(
+        "gpu-health",
+        Some(Box::new(move || flag.set())),
+        Patience::AtMost(STOP_WAIT),
+        move || run(&config, &inner, sink),
+    )
 }
 
 /// A sink that sends every event into a channel, wrapped into the caller's event type. `send`
@@ -148,14 +113,13 @@ pub fn channel_sink<T: Send + 'static>(
     }
 }
 
-/// The stop request shared by the owner and the thread, plus the thread's "I am done".
+/// The stop request shared by the owner and the thread; the sampler sleeps on it.
 #[derive(Clone, Debug, Default)]
 struct StopFlag(Arc<(Mutex<Flags>, Condvar)>);
 
 #[derive(Debug, Default)]
 struct Flags {
     stop: bool,
-    done: bool,
 }
 
 impl StopFlag {
@@ -177,31 +141,6 @@ impl StopFlag {
             .wait_timeout_while(guard, d, |f| !f.stop)
             .unwrap_or_else(|e| e.into_inner());
         guard.stop
-    }
-
-    fn mark_done(&self) {
-        let (lock, cvar) = &*self.0;
-        lock.lock().unwrap_or_else(|e| e.into_inner()).done = true;
-        cvar.notify_all();
-    }
-
-    /// Waits up to `d` for the thread to say it is done; true when it did.
-    fn wait_done(&self, d: Duration) -> bool {
-        let (lock, cvar) = &*self.0;
-        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (guard, _) = cvar
-            .wait_timeout_while(guard, d, |f| !f.done)
-            .unwrap_or_else(|e| e.into_inner());
-        guard.done
-    }
-}
-
-/// Marks the thread done however it ends, a panic included.
-struct DoneOnDrop(StopFlag);
-
-impl Drop for DoneOnDrop {
-    fn drop(&mut self) {
-        self.0.mark_done();
     }
 }
 
@@ -541,6 +480,7 @@ mod tests {
     use super::*;
     use crate::sources::health::{DEVICE_DIR, Value, copy_tree, sysfs_tree as tree};
     use std::sync::mpsc;
+    use std::thread;
 
     /// A configuration that sees only what the test gives it.
     fn isolated(sysfs_root: PathBuf, tools: &Path) -> HealthConfig {
@@ -582,7 +522,7 @@ mod tests {
         }
         assert!(rx.recv_timeout(WAIT).is_err(), "nothing after it");
         let start = Instant::now();
-        while !source.is_finished() {
+        while source.is_running() {
             assert!(start.elapsed() < WAIT, "the thread ends by itself");
             thread::sleep(Duration::from_millis(5));
         }
@@ -756,7 +696,7 @@ mod tests {
         let source = spawn(isolated(tree(), empty.path()), channel_sink(tx, |e| e)).unwrap();
         drop(rx);
         let start = Instant::now();
-        while !source.is_finished() {
+        while source.is_running() {
             assert!(start.elapsed() < WAIT);
             thread::sleep(Duration::from_millis(10));
         }
