@@ -118,7 +118,7 @@ pub enum Record {
     },
     /// The pre-flight probe's verdict (rules/quirks.toml), when a known GPU problem applies:
     /// the tier attempt 1 starts on, the tiers skipped, and the problems behind it.
-    Preflight(crate::probe::Verdict),
+    Preflight(crate::verdict::Verdict),
     /// An incomplete checkpoint that would have been newer than the one resumed from.
     CheckpointSkipped {
         attempt: u32,

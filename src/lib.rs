@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod notify;
 pub mod probe;
 pub mod process;
+pub mod procfs;
 pub mod quirks;
 pub mod report;
 pub mod rules;
@@ -50,4 +51,5 @@ pub mod time;
 #[cfg(feature = "torch")]
 pub mod torch;
 pub mod ui;
+pub mod verdict;
 pub mod voice;

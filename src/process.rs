@@ -517,7 +517,7 @@ pub fn become_subreaper() -> io::Result<()> {
 /// (the guard). Reads `/proc`; call it when an attempt ends, not on a hot path.
 pub fn reap_strays(keep_groups: &[u32], keep_pids: &[u32]) {
     let me = std::process::id();
-    let Ok(procs) = crate::attribution::processes() else {
+    let Ok(procs) = crate::procfs::processes() else {
         return;
     };
     for stat in procs.values() {
