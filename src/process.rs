@@ -17,7 +17,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, BufRead, Read, Write};
+use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -63,6 +63,30 @@ fn handled_signals() -> SigSet {
         }
         set
     })
+}
+
+/// What the dispositions gpuwarden inherited mean for the run, one sentence each, to be said
+/// at the start: ignored signals stay ignored (for gpuwarden and, inherited, for the job), as
+/// they do for any program a shell starts, and two of them change what the user can expect.
+pub fn inherited_notices() -> Vec<String> {
+    let mut out = Vec::new();
+    if is_ignored(Signal::SIGINT) {
+        out.push(
+            "SIGINT is ignored in this gpuwarden (inherited: a script's background job, `cmd &`), \
+             and the job inherits it: Ctrl-C stops neither; stop the run with `kill PID` (SIGTERM)"
+                .to_string(),
+        );
+    }
+    if is_ignored(Signal::SIGTTIN) && io::stdin().is_terminal() {
+        out.push(
+            "stdin is a terminal and SIGTTIN is ignored (inherited): the job runs in a process \
+             group of its own, so if it reads from the terminal the read fails with EIO \
+             (`Input/output error`), and a restart cannot cure that; give the job its input \
+             another way (`< file`, `< /dev/null`)"
+                .to_string(),
+        );
+    }
+    out
 }
 
 /// Whether `sig`'s disposition is "ignore" (inherited across exec from whoever started us).

@@ -8,6 +8,7 @@ mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
@@ -833,4 +834,104 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
     wait_for("the job and its escaped worker to die", || {
         (dead(job) && dead(escaped)).then_some(())
     });
+}
+
+/// A terminal for stdin that is nobody's controlling terminal: the pty's other end.
+fn pty_end() -> (std::fs::File, std::fs::File) {
+    use nix::libc;
+    use std::ffi::CStr;
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain libc calls on a descriptor this function owns; ptsname_r writes into `name`.
+    unsafe {
+        let master = libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC);
+        assert!(master >= 0, "posix_openpt");
+        assert_eq!(libc::grantpt(master), 0);
+        assert_eq!(libc::unlockpt(master), 0);
+        let mut name = [0 as libc::c_char; 128];
+        assert_eq!(libc::ptsname_r(master, name.as_mut_ptr(), name.len()), 0);
+        let path = CStr::from_ptr(name.as_ptr()).to_str().unwrap().to_owned();
+        let slave = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(path)
+            .unwrap();
+        (std::fs::File::from_raw_fd(master), slave)
+    }
+}
+
+/// Starts `cmd` with `signals` ignored, as a script's `cmd &` (SIGINT) or some terminal
+/// multiplexers (SIGTTIN) leave them.
+fn ignoring(cmd: &mut Command, signals: &'static [i32]) {
+    use nix::libc;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: signal(2) with SIG_IGN is async-signal-safe and runs no handler code.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &sig in signals {
+                libc::signal(sig, libc::SIG_IGN);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Issue 9.9: SIGINT inherited as ignored stays ignored (as for any program a shell starts),
+/// and the run says so at its start, in the journal too, with how to stop it instead.
+#[test]
+fn an_inherited_ignored_sigint_is_said_at_the_start() {
+    use nix::libc;
+    let scene = Scene::new();
+    let mut cmd = scene.command(&["--no-kernel-log", "--no-health"], &["--steps", "2"]);
+    ignoring(&mut cmd, &[libc::SIGINT]);
+    let out = cmd.stdin(Stdio::null()).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGINT is ignored"), "{stderr}");
+    assert!(stderr.contains("kill PID"), "{stderr}");
+    let warned = records(&scene.journal(), "warning").iter().any(|w| {
+        w["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SIGINT is ignored")
+    });
+    assert!(warned, "{:#?}", scene.journal());
+
+    // Without it, nothing is said.
+    let scene = Scene::new();
+    let out = scene
+        .command(&["--no-kernel-log", "--no-health"], &["--steps", "2"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("is ignored"), "{stderr}");
+}
+
+/// Issue 9.9: stdin is a terminal and SIGTTIN is ignored (tmux `new-session 'cmd'`): a job that
+/// reads the terminal would get EIO and be restarted for nothing. Said at the start, with what
+/// to do.
+#[test]
+fn a_terminal_stdin_with_sigttin_ignored_is_said_at_the_start() {
+    use nix::libc;
+    let scene = Scene::new();
+    let (_master, slave) = pty_end();
+    let mut cmd = scene.command(&["--no-kernel-log", "--no-health"], &["--steps", "2"]);
+    ignoring(&mut cmd, &[libc::SIGTTIN]);
+    let out = cmd.stdin(slave).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGTTIN is ignored"), "{stderr}");
+    assert!(stderr.contains("< /dev/null"), "{stderr}");
+
+    // The same terminal with SIGTTIN at its default: nothing to say.
+    let scene = Scene::new();
+    let (_master, slave) = pty_end();
+    let out = scene
+        .command(&["--no-kernel-log", "--no-health"], &["--steps", "2"])
+        .stdin(slave)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("SIGTTIN"), "{stderr}");
 }

@@ -236,8 +236,13 @@ pub fn run(
         })
     });
     let resume_tier = exec.journal_start(watch.resume.as_ref())?;
-    for message in &plan.warnings {
-        exec.warn(message.clone())?;
+    for message in plan
+        .warnings
+        .iter()
+        .cloned()
+        .chain(process::inherited_notices())
+    {
+        exec.warn(message)?;
     }
     if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
         for message in verdict.messages() {
