@@ -891,15 +891,43 @@ mod tests {
 
     #[test]
     fn unreadable_script_is_reported() {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { nix::libc::geteuid() } == 0 {
+            // Root reads any file, so there would be nothing to observe: this test runs again
+            // as `nobody`, from a copy of this test binary where `nobody` can reach it (the
+            // checkout may lie under /root).
+            use std::os::unix::process::CommandExt;
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            let copy = dir.path().join("ladder-tests");
+            std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let out = std::process::Command::new(&copy)
+                .args([
+                    "--exact",
+                    "ladder::tests::unreadable_script_is_reported",
+                    "--test-threads=1",
+                ])
+                .uid(65534)
+                .gid(65534)
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "as nobody: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            return;
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = script(dir.path(), "secret.sh", "export A=1\n");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
-        if std::fs::File::open(&path).is_ok() {
-            // Running as root: permissions do not stop us, so there is nothing to observe.
-            return;
-        }
+        assert!(std::fs::File::open(&path).is_err(), "not root, yet it reads a mode-0 file");
         let err = capture_env_script(&path).unwrap_err();
         assert!(matches!(err, LadderError::ScriptUnreadable { .. }), "{err}");
+        assert!(err.to_string().contains("secret.sh"), "{err}");
     }
 
     #[test]
