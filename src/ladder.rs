@@ -924,7 +924,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = script(dir.path(), "secret.sh", "export A=1\n");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000)).unwrap();
-        assert!(std::fs::File::open(&path).is_err(), "not root, yet it reads a mode-0 file");
+        assert!(
+            std::fs::File::open(&path).is_err(),
+            "not root, yet it reads a mode-0 file"
+        );
         let err = capture_env_script(&path).unwrap_err();
         assert!(matches!(err, LadderError::ScriptUnreadable { .. }), "{err}");
         assert!(err.to_string().contains("secret.sh"), "{err}");

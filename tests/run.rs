@@ -785,7 +785,15 @@ fn under_nohup_a_hangup_does_not_stop_the_run() {
 fn a_signal_during_the_env_script_ends_the_run_before_the_job_starts() {
     let scene = Scene::new();
     let script = scene.path("slow-sdk.sh");
-    std::fs::write(&script, "sleep 2\nexport ROCM_PATH=/opt/rocm_sdk_612\n").unwrap();
+    let sourcing = scene.path("sourcing");
+    std::fs::write(
+        &script,
+        format!(
+            "touch '{}'\nsleep 2\nexport ROCM_PATH=/opt/rocm_sdk_612\n",
+            sourcing.display()
+        ),
+    )
+    .unwrap();
     let config = scene.path("gpuwarden.toml");
     std::fs::write(
         &config,
@@ -805,7 +813,12 @@ fn a_signal_during_the_env_script_ends_the_run_before_the_job_starts() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Evidence, not a guess: the script is being sourced now.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sourcing.exists() {
+        assert!(Instant::now() < deadline, "the env_script never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     send(child.id(), Signal::SIGINT);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
