@@ -5,23 +5,34 @@
 //! # Theory of operation
 //!
 //! ```text
-//!  sources (threads)                  core (pure)                   effects (app.rs)
-//!  ─────────────────                  ───────────                   ────────────────
-//!  job stdout/stderr ─ rules ─┐
-//!  job exit (waiter)         ─┼─ Event ──> Supervisor::step ─ Effect ──> spawn attempt
-//!  signals to gpuwarden      ─┘            (no I/O, time            ├──> signal job's group
-//!                                           passed in)              ├──> journal.jsonl (fsync)
-//!                                                                   └──> messages, summary
+//!  sources (threads, one Handle each)   core (pure)                   effects (executor)
+//!  ──────────────────────────────────   ───────────                   ──────────────────
+//!  job stdout/stderr ─ rules ─────┐
+//!  kernel log ─ rules ─ whose? ───┤
+//!  GPU health (sysfs, tools) ─────┼─ Event ──> Supervisor::step ─ Effect ──> spawn attempt
+//!  job exit (waiter)              │            (no I/O, time             ├──> signal group/cgroup
+//!  signals to gpuwarden ──────────┘             passed in)               ├──> journal.jsonl (fsync)
+//!                                                                        ├──> Board (snapshot)
+//!                                                                        └──> messages, summary
+//!  readers of the Board: the live display (ui), metrics, health.jsonl; the notifier reads the
+//!  journal's records.
 //! ```
 //!
-//! - [`sources`] turn the outside world into events; they never decide anything.
+//! - [`sources`] turn the outside world into events; they never decide anything. Each runs
+//!   behind a [`sources::handle::Handle`].
 //! - [`rules`] (data in `rules/*.toml`) classify a line into a [`rules::Fault`].
-//! - [`supervisor`] is a state machine: restart budget, backoff, grace, the ladder.
-//! - [`app`] is the executor: it carries out effects and runs the one event loop.
+//! - [`supervisor`] is a state machine: restart budget, backoff, grace, the ladder, stalls and
+//!   crash loops; [`supervisor::outside`] decides, purely, whether a kernel or health fault
+//!   concerns the job ([`supervisor::outside::whose`]) from facts [`attribution`] gathers.
+//! - [`executor`] carries out effects and runs the one event loop; [`snapshot`] is what it
+//!   publishes for views ([`ui`], [`metrics`]); [`journal`] is the record of the run, read back by
+//!   [`report`] and `gpuwarden resume`.
 //! - [`checkpoints`] finds the newest *complete* checkpoint; [`ladder`] turns a tier and a
-//!   checkpoint into a concrete argv and environment; [`config`] builds the validated plan.
-//! - [`process`] holds every signal and process-group call, and the guard that kills the job
-//!   when gpuwarden itself is killed.
+//!   checkpoint into a concrete argv and environment; [`config`] builds the validated plan;
+//!   [`probe`] decides the starting tier before the run ([`verdict`]) from [`quirks`].
+//! - [`process`] holds every signal, process-group and helper-process call, and the guard that
+//!   kills the job when gpuwarden itself is killed; [`cgroup`] the per-attempt cgroup; [`procfs`]
+//!   reads `/proc`. [`job`] is the job's vocabulary (signals, exits), a leaf every module may use.
 
 pub mod attribution;
 pub mod cgroup;

@@ -10,7 +10,7 @@ use cli::{CheckpointCommand, Command};
 
 fn main() {
     let cli = cli::parse();
-    // Before any thread exists (the env_script capture starts some): every thread must inherit
+    // Before any thread exists (sources, the signal thread, the display): every thread must inherit
     // the blocked mask, or a SIGTERM could land on one of them and kill gpuwarden outright
     // instead of being forwarded to the job.
     if matches!(

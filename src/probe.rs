@@ -6,8 +6,8 @@
 //! The probe is a plain value ([`Probe`], serialisable for `--json`) built from facts gathered
 //! beforehand: the GPU inventory comes from `sources::health` (sysfs, nvidia-smi), the software
 //! versions from [`Software::detect`], which reads files under a configurable root so tests can
-//! lay out a fake `/opt/rocm`. Nothing here runs a tool, and nothing here reads GPU health
-//! metrics. Quirk files and their match semantics are `crate::quirks`'.
+//! lay out a fake `/opt/rocm`. The tools (nvidia-smi) are run by `sources::health`, not here,
+//! and nothing here reads GPU health metrics. Quirk files and their match semantics are `crate::quirks`'.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;

@@ -132,7 +132,8 @@ fn sig_of(n: libc::c_int) -> Option<Sig> {
     }
 }
 
-/// Blocks the signals of [`handled_signals`] in the calling thread and every thread it spawns later, so
+/// Blocks the signals gpuwarden handles (SIGINT, SIGTERM, SIGHUP, SIGUSR1/2, SIGCONT, SIGWINCH,
+/// less those inherited as ignored) in the calling thread and every thread it spawns later, so
 /// they can be received synchronously by [`spawn_signal_thread`]. Call it first thing on the
 /// main thread, before any other thread exists. The mask is inherited across fork and exec, so
 /// [`spawn_job`] clears it in the child (seen here: without that the job ignores SIGTERM).
