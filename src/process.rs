@@ -36,6 +36,15 @@ use nix::unistd::Pid;
 
 use crate::job::{JobExit, Sig};
 
+/// Signals that end a run, and those that are a message for the job. The guard ignores both.
+const ENDING: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+const PASSED_ON: [Signal; 4] = [
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGCONT,
+    Signal::SIGWINCH,
+];
+
 /// The signals gpuwarden turns into events (and forwards to the job): SIGINT, SIGTERM and SIGHUP,
 /// which end the run, and SIGUSR1, SIGUSR2, SIGCONT and SIGWINCH, which are only passed on
 /// (Slurm's `--signal=USR1@90` asks the job to checkpoint before preemption: left to its default
@@ -48,15 +57,7 @@ fn handled_signals() -> SigSet {
     static HANDLED: OnceLock<SigSet> = OnceLock::new();
     *HANDLED.get_or_init(|| {
         let mut set = SigSet::empty();
-        for sig in [
-            Signal::SIGINT,
-            Signal::SIGTERM,
-            Signal::SIGHUP,
-            Signal::SIGUSR1,
-            Signal::SIGUSR2,
-            Signal::SIGCONT,
-            Signal::SIGWINCH,
-        ] {
+        for sig in ENDING.into_iter().chain(PASSED_ON) {
             if !is_ignored(sig) {
                 set.add(sig);
             }
@@ -706,13 +707,8 @@ pub fn guard_main(grace: Duration) -> i32 {
     // The guard must outlive gpuwarden: `pkill gpuwarden` or a terminal hangup must not take it
     // down before it has done its one job. Slurm signals every process of the step (its cgroup),
     // the guard included: the SIGUSR1 of `--signal=USR1@90` must not end it either.
-    for sig in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-        Signal::SIGUSR2,
-    ] {
+    // SIGCONT and SIGWINCH harm nothing left at their defaults.
+    for sig in ENDING.into_iter().chain([Signal::SIGUSR1, Signal::SIGUSR2]) {
         // SAFETY: installing SIG_IGN involves no handler code.
         let _ = unsafe { signal::signal(sig, SigHandler::SigIgn) };
     }

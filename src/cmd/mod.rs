@@ -28,3 +28,19 @@ fn current_dir() -> Option<PathBuf> {
         .map_err(|e| error(format_args!("cannot read the current directory: {e}")))
         .ok()
 }
+
+/// The kernel-log source `--kernel-log PATH` / `--no-kernel-log` ask for: none, a file of
+/// /dev/kmsg-format records (a capture, a drill: followed from its end), or the device.
+pub fn kernel_source(off: bool, path: PathBuf) -> Option<gpuwarden::sources::kernel::KernelSource> {
+    use gpuwarden::sources::kernel::KernelSource;
+    if off {
+        None
+    } else if path.is_file() {
+        Some(KernelSource::File {
+            path,
+            from_start: false,
+        })
+    } else {
+        Some(KernelSource::Kmsg(path))
+    }
+}

@@ -11,7 +11,6 @@ use gpuwarden::probe::{self, Probe, Verdict};
 use gpuwarden::quirks::QuirkSet;
 use gpuwarden::rules::RuleSet;
 use gpuwarden::sources::health::HealthConfig;
-use gpuwarden::sources::kernel::KernelSource;
 
 use super::{current_dir, error};
 use crate::cli::RunArgs;
@@ -72,17 +71,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
             return exit::USAGE;
         }
     };
-    let kernel = if args.no_kernel_log {
-        None
-    } else if args.kernel_log.is_file() {
-        // A file of /dev/kmsg-format records (a capture, a drill): followed from its end.
-        Some(KernelSource::File {
-            path: args.kernel_log,
-            from_start: false,
-        })
-    } else {
-        Some(KernelSource::Kmsg(args.kernel_log))
-    };
+    let kernel = super::kernel_source(args.no_kernel_log, args.kernel_log);
     let health = (!args.no_health).then(|| HealthConfig {
         interval: Duration::from_secs_f64(args.health_interval),
         sysfs_root: args.machine.sysfs_root.clone(),

@@ -10,7 +10,6 @@ use gpuwarden::exit;
 use gpuwarden::rules::RuleSet;
 use gpuwarden::snapshot::Board;
 use gpuwarden::sources::health::{GpuSample, HealthConfig, Value};
-use gpuwarden::sources::kernel::KernelSource;
 use gpuwarden::ui::{self, View, collect};
 
 use super::error;
@@ -41,16 +40,7 @@ pub fn watch(args: WatchArgs) -> i32 {
             return exit::USAGE;
         }
     };
-    let kernel = if args.no_kernel_log {
-        None
-    } else if args.kernel_log.is_file() {
-        Some(KernelSource::File {
-            path: args.kernel_log,
-            from_start: false,
-        })
-    } else {
-        Some(KernelSource::Kmsg(args.kernel_log))
-    };
+    let kernel = super::kernel_source(args.no_kernel_log, args.kernel_log);
     // SIGTERM, SIGHUP or SIGINT (from outside: in raw mode Ctrl-C is a key) end the display
     // like `q`, so the terminal is given back instead of left raw on the alternate screen.
     // Blocked before the collectors start, so that no thread of theirs takes the signal.
