@@ -22,13 +22,13 @@ mod attempt;
 mod outside;
 mod progress;
 mod start;
+mod upkeep;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::attribution::JobView;
@@ -40,7 +40,7 @@ use crate::journal::{self, Journal, Record};
 use crate::process::{self, GroupEvent, Guard};
 use crate::rules::{RuleSet, Stream};
 use crate::snapshot::{Board, JobInfo, JobState};
-use crate::sources::health::{self, HealthConfig, HealthEvent, HealthSource};
+use crate::sources::health::{HealthConfig, HealthEvent, HealthSource};
 use crate::sources::kernel::{Follower, KernelEvent, KernelSource};
 use crate::sources::output::OutputEvent;
 use crate::supervisor::outside::Outside;
@@ -236,40 +236,7 @@ pub fn run(
         })
     });
     let resume_tier = exec.journal_start(watch.resume.as_ref())?;
-    for message in plan
-        .warnings
-        .iter()
-        .cloned()
-        .chain(process::inherited_notices())
-    {
-        exec.warn(message)?;
-    }
-    if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
-        for message in verdict.messages() {
-            say(&message);
-        }
-        exec.journal(&Record::Preflight(verdict.clone()))?;
-    }
-    // Compiled and warmed now, not on the job's first line: a fault that is the first line
-    // must not wait for it.
-    exec.rules.prepare(&[Stream::Stdout, Stream::Stderr]);
-    if let Some(source) = watch.kernel {
-        exec.follow_kernel(source)?;
-    }
-    if let Some(config) = watch.health {
-        match health::spawn(config, health::channel_sink(exec.tx.clone(), Input::Health)) {
-            Ok(source) => exec.health = Some(source),
-            Err(e) => exec.warn(format!(
-                "cannot start the GPU health sampler ({e}); supervising without it"
-            ))?,
-        }
-    }
-    match Guard::spawn() {
-        Ok(g) => exec.guard = Some(g),
-        Err(e) => exec.warn(format!(
-            "could not start the guard process ({e}): if gpuwarden is killed with SIGKILL, the job's grandchildren may survive it"
-        ))?,
-    }
+    exec.start_watching(preflight, watch.kernel, watch.health)?;
     say(&format!(
         "supervising `{}`; run directory {}",
         exec.command_words().join(" "),
@@ -461,39 +428,6 @@ impl Executor<'_> {
         }
     }
 
-    /// Tells the kernel reader and the views where the supervisor stands.
-    fn publish(&mut self, sup: &Supervisor) {
-        let live = sup.live_attempt();
-        lock(&self.view).set_live(live);
-        let last = sup.attempts().last();
-        let tier = last.and_then(|a| self.plan.ladder.get(a.tier));
-        let pid = live.and_then(|a| self.groups.get(&a).copied());
-        let state = match (live, sup.stopping()) {
-            (Some(_), true) => JobState::Stopping,
-            (Some(_), false) => JobState::Running,
-            (None, _) if sup.next_deadline().is_some() => JobState::Backoff,
-            (None, _) => JobState::Starting,
-        };
-        let restarts = sup.restarts();
-        self.board.update(|s| {
-            let Some(job) = &mut s.job else { return };
-            job.state = state;
-            job.restarts = restarts;
-            if let (Some(a), Some(tier)) = (last, tier) {
-                if job.attempt != a.attempt {
-                    job.started = Some(SystemTime::now());
-                }
-                job.attempt = a.attempt;
-                job.tier = tier.name.clone();
-                job.device = tier.device.clone();
-                job.resumed_from = a.checkpoint.clone();
-            }
-            if pid.is_some() {
-                job.pid = pid;
-            }
-        });
-    }
-
     /// Turns an input into a supervisor event. `live` is the supervisor's running attempt
     /// (kept until the attempt has ended, after its process group is gone).
     fn event_of(&mut self, input: Input, live: Option<u32>) -> Result<Option<Event>, RunError> {
@@ -628,74 +562,6 @@ impl Executor<'_> {
         Ok(None)
     }
 
-    /// The guard kills the job if gpuwarden is killed; if someone killed the guard itself, that
-    /// protection is gone: say so and start a new one watching what the old one watched.
-    fn check_guard(&mut self) -> Result<(), RunError> {
-        let Some(guard) = &mut self.guard else {
-            return Ok(());
-        };
-        if guard.alive() {
-            return Ok(());
-        }
-        let mut fresh = match Guard::spawn() {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                self.guard = None;
-                return self.warn(format!(
-                    "the guard process died and a new one cannot be started ({e}): if gpuwarden is killed with SIGKILL, the job may survive it"
-                ));
-            }
-        };
-        let mut watched = Ok(());
-        for &pgid in self.groups.values() {
-            watched = watched.and_then(|()| fresh.watch(pgid));
-        }
-        for cgroup in self.cgroups.values() {
-            watched = watched.and_then(|()| fresh.watch_cgroup(cgroup.path()));
-        }
-        let pid = fresh.pid();
-        self.guard = Some(fresh);
-        match watched {
-            Ok(()) => self.warn(format!(
-                "the guard process (which kills the job if gpuwarden is killed) died; started a new one (pid {pid})"
-            )),
-            Err(e) => self.warn(format!(
-                "the guard process died and the new one (pid {pid}) could not be told what to watch ({e})"
-            )),
-        }
-    }
-
-    /// Reaps orphans adopted from finished attempts that left their process group (daemons
-    /// started with `setsid`), so they do not pile up as zombies over a long run.
-    fn reap_strays(&self) {
-        let groups: Vec<u32> = self.groups.values().copied().collect();
-        let guard: Vec<u32> = self.guard.iter().map(Guard::pid).collect();
-        process::reap_strays(&groups, &guard);
-    }
-
-    /// After a failure of gpuwarden itself mid-run: stop what is running as a fault would,
-    /// with the configured grace, rather than leave it to the guard's short one.
-    fn stop_jobs(&mut self) {
-        let groups: Vec<u32> = self.groups.values().copied().collect();
-        if groups.is_empty() {
-            return;
-        }
-        say("stopping the job because gpuwarden cannot go on");
-        for &g in &groups {
-            let _ = process::signal_group(g, Sig::Terminate);
-        }
-        let deadline = Instant::now() + self.plan.grace;
-        while Instant::now() < deadline && groups.iter().any(|&g| process::group_alive(g)) {
-            thread::sleep(Duration::from_millis(50));
-        }
-        for &g in &groups {
-            let _ = process::signal_group(g, Sig::Kill);
-        }
-        for cgroup in self.cgroups.values() {
-            cgroup.kill();
-        }
-    }
-
     /// Appends a record. A journal that cannot be written (a full disk) degrades: the record
     /// waits in memory and the job goes on; said once when it starts and once when it ends.
     fn journal(&mut self, record: &Record) -> Result<(), RunError> {
@@ -712,31 +578,6 @@ impl Executor<'_> {
         }
         self.journal_written(written);
         Ok(())
-    }
-
-    fn journal_written(&mut self, written: journal::Written) {
-        match written {
-            journal::Written::Durable => {}
-            journal::Written::Held { first: true, error } => say(&format!(
-                "warning: cannot write the journal {} ({error}); keeping its records in memory (up to {}) and writing them when space returns; the job goes on",
-                self.journal.path().display(),
-                journal::HELD_MAX
-            )),
-            journal::Written::Held { .. } => {}
-            journal::Written::Recovered { held, lost } => {
-                let message = if lost == 0 {
-                    format!(
-                        "the journal can be written again: {held} records held in memory were written late"
-                    )
-                } else {
-                    format!(
-                        "the journal can be written again: {held} records held in memory were written late; {lost} more were lost for lack of memory"
-                    )
-                };
-                // Journaled through `warn`, which may find the disk full again: then it waits too.
-                let _ = self.warn(message);
-            }
-        }
     }
 
     fn warn(&mut self, message: String) -> Result<(), RunError> {

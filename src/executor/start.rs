@@ -1,8 +1,13 @@
 //! The run's first journal record: `run_started` for a new run (with what `gpuwarden resume`
 //! needs to start it again), or `run_resumed` when `gpuwarden resume` continues one.
 
-use super::{Executor, RunError};
+use super::{Executor, Input, RunError};
 use crate::journal::Record;
+use crate::probe::Verdict;
+use crate::process::{self, Guard};
+use crate::rules::Stream;
+use crate::sources::health::{self, HealthConfig};
+use crate::sources::kernel::KernelSource;
 use crate::voice::say;
 
 /// Where a resumed run continues, read from its journal by `gpuwarden resume`.
@@ -19,6 +24,53 @@ pub struct Resume {
 }
 
 impl Executor<'_> {
+    /// Before the first attempt: says the plan's warnings and the pre-flight verdict, warms the
+    /// rules, and starts the kernel reader, the health sampler and the guard. A source that
+    /// cannot start is a warning: the job is still supervised with what there is.
+    pub(super) fn start_watching(
+        &mut self,
+        preflight: Option<&Verdict>,
+        kernel: Option<KernelSource>,
+        health: Option<HealthConfig>,
+    ) -> Result<(), RunError> {
+        for message in self
+            .plan
+            .warnings
+            .iter()
+            .cloned()
+            .chain(process::inherited_notices())
+        {
+            self.warn(message)?;
+        }
+        if let Some(verdict) = preflight.filter(|v| !v.is_silent()) {
+            for message in verdict.messages() {
+                say(&message);
+            }
+            self.journal(&Record::Preflight(verdict.clone()))?;
+        }
+        // Compiled and warmed now, not on the job's first line: a fault that is the first line
+        // must not wait for it.
+        self.rules.prepare(&[Stream::Stdout, Stream::Stderr]);
+        if let Some(source) = kernel {
+            self.follow_kernel(source)?;
+        }
+        if let Some(config) = health {
+            match health::spawn(config, health::channel_sink(self.tx.clone(), Input::Health)) {
+                Ok(source) => self.health = Some(source),
+                Err(e) => self.warn(format!(
+                    "cannot start the GPU health sampler ({e}); supervising without it"
+                ))?,
+            }
+        }
+        match Guard::spawn() {
+            Ok(g) => self.guard = Some(g),
+            Err(e) => self.warn(format!(
+                "could not start the guard process ({e}): if gpuwarden is killed with SIGKILL, the job's grandchildren may survive it"
+            ))?,
+        }
+        Ok(())
+    }
+
     /// Journals the start (or the resumption) of the run; answers the ladder index a resumed run
     /// continues on.
     pub(super) fn journal_start(
