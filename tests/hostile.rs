@@ -642,6 +642,41 @@ fn a_directory_or_a_script_with_a_missing_interpreter_is_a_usage_error() {
     }
 }
 
+/// Issue 9.9: a `--rules` directory without any `*.toml` file (a mistyped path) is refused
+/// instead of adding nothing silently; one holding only quirks is a rules directory.
+#[test]
+fn a_rules_directory_without_rule_files_is_a_usage_error() {
+    let scene = Scene::new();
+    let empty = scene.path("my-rules");
+    std::fs::create_dir(&empty).unwrap();
+    std::fs::write(empty.join("README.txt"), "rules go here\n").unwrap();
+    let args = |dir: &str| {
+        [
+            "run",
+            "--rules",
+            dir,
+            "--no-kernel-log",
+            "--no-health",
+            "--",
+            "true",
+        ]
+        .map(str::to_string)
+    };
+    let dir = empty.to_str().unwrap().to_string();
+    let out = gpuwarden(&scene, &args(&dir).each_ref().map(String::as_str));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no `*.toml` rule files"), "{stderr}");
+    assert!(stderr.contains("my-rules"), "{stderr}");
+    let rules = gpuwarden(&scene, &["rules", "check", &dir]);
+    assert_ne!(rules.status.code(), Some(0));
+
+    std::fs::write(empty.join("quirks.toml"), "").unwrap();
+    let out = gpuwarden(&scene, &args(&dir).each_ref().map(String::as_str));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
 /// Issue 9.9: an empty run directory is refused, not turned into `./-2`.
 #[test]
 fn an_empty_run_dir_is_a_usage_error() {

@@ -25,6 +25,13 @@ pub enum RuleError {
         source: io::Error,
     },
 
+    #[error(
+        "{}: no `*.toml` rule files in this directory, so it adds no rules; point --rules at the \
+         directory that holds them, or drop the flag",
+        .0.display()
+    )]
+    NoRuleFiles(PathBuf),
+
     /// A problem any rule or quirk file can have: syntax, unknown keys, missing fields, wrong
     /// types, a bad id, an empty `advice`.
     #[error(transparent)]
@@ -88,7 +95,7 @@ impl RuleError {
     /// Where in a rule file the problem is; `None` for a file or directory that cannot be read.
     pub fn location(&self) -> Option<&Location> {
         match self {
-            RuleError::Read { .. } => None,
+            RuleError::Read { .. } | RuleError::NoRuleFiles(_) => None,
             RuleError::File(err) => Some(err.location()),
             RuleError::UnknownName { at, .. }
             | RuleError::NoStreams { at }

@@ -893,14 +893,20 @@ fn toml_files(dir: &Path) -> Result<Vec<PathBuf>, RuleError> {
         source,
     };
     let mut files = Vec::new();
+    // A directory of quirks alone is a rules directory too; one without any `*.toml` is a
+    // mistyped path that would otherwise add nothing, silently.
+    let mut any_toml = false;
     for entry in fs::read_dir(dir).map_err(read_error)? {
         let path = entry.map_err(read_error)?.path();
-        if path.extension().is_some_and(|ext| ext == "toml")
-            && path.file_name().is_some_and(|name| name != QUIRKS_FILE)
-            && path.is_file()
-        {
-            files.push(path);
+        if path.extension().is_some_and(|ext| ext == "toml") && path.is_file() {
+            any_toml = true;
+            if path.file_name().is_some_and(|name| name != QUIRKS_FILE) {
+                files.push(path);
+            }
         }
+    }
+    if !any_toml {
+        return Err(RuleError::NoRuleFiles(dir.to_path_buf()));
     }
     files.sort();
     Ok(files)
