@@ -125,6 +125,10 @@ pub struct RunArgs {
     /// (`1h`, `off`) [default: off].
     #[arg(long, value_name = "DURATION")]
     pub restart_window: Option<String>,
+    /// Only output lines matching this regex count as progress for the stall timeout (for a
+    /// job that prints heartbeats among other chatter); without it, any output does.
+    #[arg(long, value_name = "REGEX")]
+    pub progress: Option<String>,
     // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,

@@ -25,6 +25,7 @@
 //! force_gpu_unsafe = false
 //! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
 //! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
+//! progress = '^step \d+'         # only output lines matching this count as progress
 //!
 //! [[tier]]
 //! name = "gpu-sdk"
@@ -93,6 +94,8 @@ pub struct Overrides {
     pub stall_timeout: Option<String>,
     /// `--restart-window` as typed (`1h`, `off`).
     pub restart_window: Option<String>,
+    /// `--progress` as typed: a regex for the output lines that count as progress.
+    pub progress: Option<String>,
     /// `--notify-cmd` and its `--notify-arg`s: program first.
     pub notify_command: Option<Vec<OsString>>,
     /// `--webhook` URLs, unparsed.
@@ -127,6 +130,9 @@ pub struct Plan {
     /// `max_restarts` counts the restarts of this window (like systemd's
     /// `StartLimitIntervalSec`); `None`: of the whole run.
     pub restart_window: Option<Duration>,
+    /// The output lines that count as progress (`--progress`, `progress = "..."`); `None`: any
+    /// output does.
+    pub progress: Option<regex::Regex>,
     /// Things that are not errors but that the user should hear about before the night (a
     /// checkpoint location that does not exist yet). Said and journaled at the start.
     pub warnings: Vec<String>,
@@ -288,6 +294,15 @@ pub enum ConfigError {
     #[error("{at}: {message}")]
     Notify { at: Origin, message: String },
 
+    #[error(
+        "{at}: the progress regex `{pattern}` is not valid ({reason}); give a regex for the job's heartbeat lines, e.g. '^step \\d+'"
+    )]
+    Progress {
+        pattern: String,
+        reason: String,
+        at: Origin,
+    },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -310,6 +325,7 @@ struct RawConfig {
     force_gpu_unsafe: Option<bool>,
     stall_timeout: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
+    progress: Option<Spanned<String>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
     notify: Option<Spanned<RawNotify>>,
@@ -548,6 +564,14 @@ pub fn plan(
         }
         (None, None) => None,
     };
+    let progress = match (overrides.progress, raw.progress) {
+        (Some(text), _) => Some(progress_regex(&text, Origin::Flag("--progress"))?),
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            Some(progress_regex(text.get_ref(), at)?)
+        }
+        (None, None) => None,
+    };
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -587,6 +611,7 @@ pub fn plan(
         config_file: source.map(|s| s.path),
         stall_timeout,
         restart_window,
+        progress,
         warnings,
         notify,
     })
@@ -756,9 +781,30 @@ pub fn demo_plan(
         config_file: None,
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,
+        progress: None,
         warnings: Vec::new(),
         notify: crate::notify::NotifyPlan::default(),
     }
+}
+
+/// `--progress` or `progress = "..."`, compiled. An empty pattern would match every line (the
+/// same as no pattern) and is refused as the likely slip it is.
+fn progress_regex(text: &str, at: Origin) -> Result<regex::Regex, ConfigError> {
+    let bad = |reason: String| ConfigError::Progress {
+        pattern: text.to_owned(),
+        reason,
+        at: at.clone(),
+    };
+    if text.is_empty() {
+        return Err(bad("it is empty and would match every line".into()));
+    }
+    regex::Regex::new(text).map_err(|e| match e {
+        regex::Error::Syntax(s) => {
+            let last = s.lines().last().unwrap_or_default().trim();
+            bad(last.strip_prefix("error: ").unwrap_or(last).to_owned())
+        }
+        other => bad(other.to_string()),
+    })
 }
 
 /// The run directory: the one given (relative to `cwd`), else `gpuwarden-runs/<stamp>`.

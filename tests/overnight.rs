@@ -275,3 +275,65 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
     assert_eq!(report["resumed"], 1);
     assert_eq!(report["attempts"].as_array().unwrap().len(), 2);
 }
+
+#[test]
+fn with_progress_only_heartbeat_lines_count_and_chatter_does_not_hide_a_hang() {
+    // The hung job keeps printing "waiting for the data loader"; only `step N` lines are
+    // heartbeats, so the stall timeout still fires.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--stall-timeout",
+            "2s",
+            "--grace",
+            "2",
+            "--progress",
+            r"^step \d+/",
+        ],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--sleep",
+            "0.05",
+            "--hang-at",
+            "5",
+            "--hang-once",
+            "--chatter",
+            "0.2",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(text(&out.stdout).contains("waiting for the data loader"));
+    let journal = scene.full_journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["class"], "gpu_hang");
+    assert_eq!(fault["rule"], "stall-timeout");
+    assert_eq!(scene.starts().len(), 2);
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+}
+
+#[test]
+fn a_bad_progress_regex_is_a_usage_error_naming_the_flag_or_the_file_line() {
+    let scene = Scene::new();
+    let out = scene.run(&["--progress", "step (\\d+"], &["--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--progress"), "{stderr}");
+    assert!(!scene.path("record.jsonl").exists(), "the job was started");
+
+    let config = scene.path("bad.toml");
+    std::fs::write(&config, "max_restarts = 1\nprogress = \"[\"\n").unwrap();
+    let out = scene.run(&["--config", config.to_str().unwrap()], &["--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("bad.toml:2:12"), "{stderr}");
+    assert!(stderr.contains("progress regex"), "{stderr}");
+}

@@ -34,6 +34,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         config: args.config,
         stall_timeout: args.stall_timeout,
         restart_window: args.restart_window,
+        progress: args.progress,
         notify_command: args.notify.notify_cmd.map(|program| {
             std::iter::once(program)
                 .chain(args.notify.notify_arg)

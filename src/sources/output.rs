@@ -121,11 +121,14 @@ impl LineSplitter {
 
 /// Starts the pump of one stream of one attempt: the job's stdout goes to gpuwarden's stdout,
 /// anything else to its stderr. `wrap` turns an [`OutputEvent`] into the executor's event type.
+/// `heartbeat` (`--progress`) is the regex of the lines that count as progress; without it,
+/// any output does.
 pub fn spawn<R, E, F>(
     mut pipe: R,
     stream: Stream,
     mut log: File,
     rules: Arc<RuleSet>,
+    heartbeat: Option<regex::Regex>,
     tx: SyncSender<E>,
     wrap: F,
 ) -> io::Result<Handle>
@@ -151,8 +154,13 @@ where
             let mut splitter = LineSplitter::default();
             let mut passing = true;
             let mut logging = true;
+            // Whether a heartbeat line came in the chunk just fed (always, without a regex).
+            let beat = std::cell::Cell::new(false);
             let classify = |line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
+                if heartbeat.as_ref().is_some_and(|re| re.is_match(&text)) {
+                    beat.set(true);
+                }
                 let Some(fault) = rules.classify(stream, &text) else {
                     return false;
                 };
@@ -208,6 +216,9 @@ where
                     report(OutputEvent::LogFailed(e));
                 }
                 splitter.feed(bytes, &mut classify);
+                if heartbeat.is_some() && !beat.replace(false) {
+                    continue;
+                }
                 // After the pass-through: the terminal must never wait for the supervisor.
                 let now = Instant::now();
                 if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
