@@ -156,8 +156,7 @@ fn report_json_agrees_with_the_journal() {
         .iter()
         .filter(|r| r["event"] == "checkpoint_saved")
         .count();
-    // The rescan (every 2 s) sees the newest checkpoint; ones written faster are seen once.
-    assert!(saved >= 1, "the rescan saw the checkpoints: {saved}");
+    assert!(saved >= 1, "the checkpoints were seen: {saved}");
     assert_eq!(
         report["checkpoints_written"].as_array().unwrap().len(),
         saved
@@ -212,7 +211,7 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for a checkpoint the rescan has journaled, then kill gpuwarden outright.
+    // Wait for a checkpoint gpuwarden has journaled, then kill gpuwarden outright.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !scene
         .full_journal()
@@ -336,4 +335,68 @@ fn a_bad_progress_regex_is_a_usage_error_naming_the_flag_or_the_file_line() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("bad.toml:2:12"), "{stderr}");
     assert!(stderr.contains("progress regex"), "{stderr}");
+}
+
+/// Seconds since the epoch of a journal timestamp (`2026-12-05T01:02:03.456789Z`).
+fn epoch_seconds(at: &str) -> f64 {
+    let num = |r: std::ops::Range<usize>| at[r].parse::<i64>().unwrap();
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs: f64 = at[17..at.len() - 1].parse().unwrap();
+    (days * 86_400 + num(11..13) * 3600 + num(14..16) * 60) as f64 + secs
+}
+
+#[test]
+fn every_checkpoint_is_journaled_soon_after_it_is_written() {
+    // Issue 11: file events, not only the 2 s rescan. A save every 0.3 s: the rescan alone
+    // would see about one in seven; the watch sees each, within milliseconds.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--no-kernel-log", "--no-health"],
+        &[
+            "--steps",
+            "12",
+            "--every",
+            "2",
+            "--sleep",
+            "0.15",
+            "--record-saves",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let saved: Vec<(u64, f64)> = scene
+        .records()
+        .iter()
+        .filter_map(|r| Some((r["saved"].as_u64()?, r["wall"].as_f64()?)))
+        .collect();
+    assert_eq!(saved.len(), 6, "{saved:?}");
+    let journal = scene.full_journal();
+    let mut latencies: Vec<f64> = saved
+        .iter()
+        .map(|(step, wall)| {
+            let record = journal
+                .iter()
+                .find(|r| r["event"] == "checkpoint_saved" && r["step"] == *step)
+                .unwrap_or_else(|| panic!("checkpoint of step {step} not journaled"));
+            epoch_seconds(record["at"].as_str().unwrap()) - wall
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let ms = |s: f64| s * 1000.0;
+    eprintln!(
+        "checkpoint written -> checkpoint_saved journaled: min {:.1} ms, median {:.1} ms, max {:.1} ms ({} saves)",
+        ms(latencies[0]),
+        ms(latencies[latencies.len() / 2]),
+        ms(latencies[latencies.len() - 1]),
+        latencies.len()
+    );
+    // Loose: the machine running the tests is shared; the figure above is the measurement.
+    assert!(latencies[latencies.len() / 2] < 0.5, "{latencies:?}");
 }

@@ -107,6 +107,8 @@ enum Input {
     Signal(Sig),
     Kernel(KernelEvent<KernelFault>),
     Health(HealthEvent),
+    /// A file event in the checkpoint location: look for a new checkpoint now (progress.rs).
+    CheckpointHint,
 }
 
 /// What `run` watches besides the job's own output, and where it publishes its state.
@@ -411,6 +413,7 @@ impl Executor<'_> {
                 pending.push(Event::Tick);
             }
             match rx.recv_timeout(timeout) {
+                Ok(Input::CheckpointHint) => self.checkpoint_hint(sup, &mut pending)?,
                 Ok(input) => {
                     let ended = progress::ended_attempt(&input, sup.live_attempt());
                     if let Some(event) = self.event_of(input, sup.live_attempt())? {
@@ -456,6 +459,7 @@ impl Executor<'_> {
             Input::Signal(sig) => Some(Event::Signal(sig)),
             Input::Kernel(event) => self.kernel_event(event, live)?,
             Input::Health(event) => self.health_event(event, live)?,
+            Input::CheckpointHint => None,
         })
     }
 
@@ -578,19 +582,5 @@ impl Executor<'_> {
         }
         self.journal_written(written);
         Ok(())
-    }
-
-    fn warn(&mut self, message: String) -> Result<(), RunError> {
-        say(&format!("warning: {message}"));
-        self.journal(&Record::Warning { message })
-    }
-
-    /// The command as the user gave it, one string an argument.
-    fn command_words(&self) -> Vec<String> {
-        self.plan
-            .command
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
     }
 }

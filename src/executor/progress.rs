@@ -1,9 +1,11 @@
-//! Progress the supervisor cannot see in the job's output: new checkpoints (a rescan of the
-//! checkpoint location every [`CHECKPOINT_SCAN`]), and the job's stacks captured before a
-//! stalled attempt is stopped.
+//! Progress the supervisor cannot see in the job's output: new checkpoints, and the job's stacks
+//! captured before a stalled attempt is stopped.
 //!
-//! The rescan is the fallback FACTS.md recommends over file events; it is cheap (one directory
-//! listing and a check of the newest candidate's end) and needs no watcher thread.
+//! A new checkpoint is looked for when a file event in the checkpoint location hints at one
+//! (`sources::checkpoint_files`, inotify: within milliseconds of the save), and by a rescan every
+//! [`CHECKPOINT_SCAN`] whatever happens: the fallback FACTS.md recommends, for file systems
+//! without events and for events missed. Both do the same cheap look (one directory listing and
+//! a check of the newest candidate's end).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,8 @@ use super::{Executor, Input, RunError};
 use crate::checkpoints;
 use crate::journal::Record;
 use crate::process::GroupEvent;
-use crate::supervisor::Event;
+use crate::sources::checkpoint_files::{self, CheckpointWatch};
+use crate::supervisor::{Event, Supervisor};
 use crate::voice::say;
 
 /// The attempt whose process group `input` says is gone (or whose leader exited alone), when it
@@ -48,14 +51,50 @@ const STACKS_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Seen {
     pub(super) newest: Option<(PathBuf, Option<SystemTime>)>,
     pub(super) scanned: Option<Instant>,
+    /// The file-event watch of the checkpoint location, once its directory exists.
+    watch: Option<CheckpointWatch>,
+    /// File events cannot be had here (said once); the rescan is all there is.
+    unwatchable: bool,
 }
 
 impl Executor<'_> {
+    /// A file event hinted at a new checkpoint: looked for now, for the live attempt.
+    pub(super) fn checkpoint_hint(
+        &mut self,
+        sup: &Supervisor,
+        pending: &mut Vec<Event>,
+    ) -> Result<(), RunError> {
+        if let Some(watch) = &self.checkpoints_seen.watch {
+            watch.taken();
+        }
+        match sup.live_attempt() {
+            Some(attempt) => self.rescan_checkpoints(attempt, Instant::now(), true, pending),
+            None => Ok(()),
+        }
+    }
+
+    /// Starts the file-event watch of the checkpoint location if it is not running yet and its
+    /// directory now exists.
+    fn watch_checkpoints(&mut self, spec: &checkpoints::Spec) {
+        if self.checkpoints_seen.watch.is_some() || self.checkpoints_seen.unwatchable {
+            return;
+        }
+        match checkpoint_files::watch(spec, self.tx.clone(), || Input::CheckpointHint) {
+            Ok(watch) => self.checkpoints_seen.watch = watch,
+            Err(e) => {
+                self.checkpoints_seen.unwatchable = true;
+                say(&format!(
+                    "new checkpoints are looked for every {CHECKPOINT_SCAN:?} only: no file events ({e})"
+                ));
+            }
+        }
+    }
+
     /// Looks for a checkpoint newer than the last one seen; journals it and pushes a checkpoint
     /// event for `attempt` onto `pending` (a stack: the supervisor hears of it before whatever
     /// was pushed earlier, such as the end of the attempt's group).
-    /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
-    /// so a checkpoint written in its last seconds is still credited to it.
+    /// `last` is the scan when the attempt's processes are all gone, or after a file event: done
+    /// whatever the cadence, so a checkpoint written in its last seconds is still credited to it.
     pub(super) fn rescan_checkpoints(
         &mut self,
         attempt: u32,
@@ -75,8 +114,11 @@ impl Executor<'_> {
             return Ok(());
         }
         self.checkpoints_seen.scanned = Some(now);
-        let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
-            .and_then(|s| s.discover());
+        let spec = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""));
+        if let Ok(spec) = &spec {
+            self.watch_checkpoints(spec);
+        }
+        let found = spec.and_then(|s| s.discover());
         let Ok(found) = found else {
             // Said when the next attempt starts, where it matters.
             return Ok(());
