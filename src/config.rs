@@ -36,6 +36,9 @@
 //! args = ["--amp", "off"]
 //! uses_gpu = true                 # default: device != "cpu"
 //!
+//! [policy]                        # a fault class's action, in place of its rules' action
+//! gpu_oom = "restart"             # note, restart, fallback or stop
+//!
 //! [notify]                        # flags --notify-cmd/--notify-arg, --webhook, --notify-on win
 //! command = ["notify-send", "gpuwarden"]       # an argv, never a shell; event JSON on stdin
 //! webhook = "http://127.0.0.1:8080/hook"       # or a list; plain http only
@@ -133,6 +136,8 @@ pub struct Plan {
     /// The output lines that count as progress (`--progress`, `progress = "..."`); `None`: any
     /// output does.
     pub progress: Option<regex::Regex>,
+    /// `[policy]`: the action for a fault class, in place of what its rules say.
+    pub policy: BTreeMap<crate::rules::FaultClass, crate::rules::Action>,
     /// Things that are not errors but that the user should hear about before the night (a
     /// checkpoint location that does not exist yet). Said and journaled at the start.
     pub warnings: Vec<String>,
@@ -303,6 +308,9 @@ pub enum ConfigError {
         at: Origin,
     },
 
+    #[error("{at}: [policy] {message}")]
+    Policy { at: Origin, message: String },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -326,6 +334,7 @@ struct RawConfig {
     stall_timeout: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
     progress: Option<Spanned<String>>,
+    policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
     notify: Option<Spanned<RawNotify>>,
@@ -572,6 +581,7 @@ pub fn plan(
         }
         (None, None) => None,
     };
+    let policy = policy_table(raw.policy.unwrap_or_default(), source.as_ref())?;
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -612,6 +622,7 @@ pub fn plan(
         stall_timeout,
         restart_window,
         progress,
+        policy,
         warnings,
         notify,
     })
@@ -782,9 +793,51 @@ pub fn demo_plan(
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,
         progress: None,
+        policy: BTreeMap::new(),
         warnings: Vec::new(),
         notify: crate::notify::NotifyPlan::default(),
     }
+}
+
+/// The `[policy]` table (`gpu_oom = "restart"`), checked: every key a fault class, every value
+/// an action as the rules name them.
+fn policy_table(
+    raw: BTreeMap<Spanned<String>, Spanned<String>>,
+    source: Option<&Source>,
+) -> Result<BTreeMap<crate::rules::FaultClass, crate::rules::Action>, ConfigError> {
+    use crate::rules::{Action, FaultClass};
+    let names = |all: &mut dyn Iterator<Item = &'static str>| {
+        all.map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    };
+    let mut table = BTreeMap::new();
+    for (class, action) in raw {
+        let bad = |span: Range<usize>, message: String| ConfigError::Policy {
+            at: origin(source, span),
+            message,
+        };
+        let Some(c) = FaultClass::from_name(class.get_ref()) else {
+            return Err(bad(
+                class.span(),
+                format!(
+                    "unknown fault class `{}`; the classes are {}",
+                    class.get_ref(),
+                    names(&mut FaultClass::ALL.iter().map(|c| c.as_str()))
+                ),
+            ));
+        };
+        let Some(a) = Action::from_name(action.get_ref()) else {
+            return Err(bad(
+                action.span(),
+                format!(
+                    "unknown action `{}` for `{c}`; the actions are {}",
+                    action.get_ref(),
+                    names(&mut Action::ALL.iter().map(|a| a.as_str()))
+                ),
+            ));
+        };
+        table.insert(c, a);
+    }
+    Ok(table)
 }
 
 /// `--progress` or `progress = "..."`, compiled. An empty pattern would match every line (the

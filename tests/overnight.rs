@@ -400,3 +400,74 @@ fn every_checkpoint_is_journaled_soon_after_it_is_written() {
     // Loose: the machine running the tests is shared; the figure above is the measurement.
     assert!(latencies[latencies.len() / 2] < 0.5, "{latencies:?}");
 }
+
+#[test]
+fn a_policy_table_makes_an_oom_restart_on_the_same_tier() {
+    let scene = Scene::new();
+    let config = scene.path("policy.toml");
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\n\n[policy]\ngpu_oom = \"restart\"\n",
+    )
+    .unwrap();
+    let out = scene.run(
+        &["--config", config.to_str().unwrap()],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "6",
+            "--sleep",
+            "0.05",
+            "--fault",
+            "oom",
+            "--fault-at",
+            "5",
+            "--fault-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("[policy] makes gpu_oom `restart`"),
+        "{stderr}"
+    );
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    // The rule says fallback (to the CPU); the policy kept the GPU.
+    assert_eq!(arg_after(&starts[1], "--device"), Some("cuda"));
+    let journal = scene.journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["class"], "gpu_oom");
+    assert_eq!(fault["action"], "restart");
+}
+
+#[test]
+fn a_bad_policy_table_is_a_usage_error_at_its_line() {
+    let scene = Scene::new();
+    for (table, at, what, listed) in [
+        (
+            "[policy]\ngpu_oops = \"restart\"\n",
+            "bad.toml:2:1",
+            "unknown fault class `gpu_oops`",
+            "`gpu_oom`",
+        ),
+        (
+            "[policy]\ngpu_oom = \"retry\"\n",
+            "bad.toml:2:11",
+            "unknown action `retry`",
+            "`fallback`",
+        ),
+    ] {
+        let config = scene.path("bad.toml");
+        std::fs::write(&config, table).unwrap();
+        let out = scene.run(&["--config", config.to_str().unwrap()], &["--steps", "1"]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(at) && stderr.contains(what), "{stderr}");
+        assert!(stderr.contains(listed), "lists what is known: {stderr}");
+    }
+    assert!(!scene.path("record.jsonl").exists(), "the job was started");
+}

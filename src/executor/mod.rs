@@ -254,6 +254,7 @@ pub fn run(
         stall_timeout: plan.stall_timeout,
         restart_window: plan.restart_window,
         checkpoints_watched: plan.checkpoints.is_some(),
+        class_actions: plan.policy.clone(),
     };
     let tiers = plan
         .ladder

@@ -51,6 +51,26 @@ pub struct Policy {
     /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
     /// only then can "no new checkpoint" mean "no progress".
     pub checkpoints_watched: bool,
+    /// `[policy]` in gpuwarden.toml: the action for a fault class, in place of its rule's.
+    pub class_actions: BTreeMap<FaultClass, Action>,
+}
+
+impl Policy {
+    /// Gives `fault` the action `[policy]` names for its class; returns what to say when that
+    /// changed it. A stall's `note` is not taken: a stall not acted on would be raised again at
+    /// every tick, and "never stop a silent job" is `--stall-timeout off`.
+    fn apply(&self, fault: &mut Fault) -> Option<String> {
+        let action = *self.class_actions.get(&fault.class)?;
+        if action == fault.action || (action == Action::Note && fault.stream == Stream::Progress) {
+            return None;
+        }
+        let said = format!(
+            "[policy] makes {} `{action}` (rule {} says `{}`)",
+            fault.class, fault.rule, fault.action
+        );
+        fault.action = action;
+        Some(said)
+    }
 }
 
 /// Attempts in a row on one tier that wrote no new checkpoint, after which the tier is given
@@ -552,8 +572,9 @@ impl Supervisor {
         }
     }
 
-    fn on_fault(&mut self, attempt: u32, fault: Fault, now: Instant, out: &mut Vec<Effect>) {
+    fn on_fault(&mut self, attempt: u32, mut fault: Fault, now: Instant, out: &mut Vec<Effect>) {
         let grace = self.policy.grace;
+        let policy_said = self.policy.apply(&mut fault);
         let Phase::Live(live) = &mut self.phase else {
             return;
         };
@@ -568,6 +589,7 @@ impl Supervisor {
             return;
         }
         live.seen.insert(fault.rule.clone(), 1);
+        out.extend(policy_said.map(Effect::Say));
         let record = Effect::Journal(fault_record(attempt, &fault));
         if fault.action == Action::Note {
             out.push(record);
@@ -713,7 +735,8 @@ impl Supervisor {
         }
         let uses_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
         let silent = now.saturating_duration_since(live.last_progress);
-        let fault = stall_fault(uses_gpu, silent, timeout);
+        let mut fault = stall_fault(uses_gpu, silent, timeout);
+        out.extend(self.policy.apply(&mut fault).map(Effect::Say));
         let grace = self.policy.grace;
         let Phase::Live(live) = &mut self.phase else {
             return;
@@ -834,8 +857,9 @@ impl Supervisor {
         // from the exit itself, the outcome does not depend on which thread was faster; a
         // kernel line that comes later is journaled with this attempt.
         if live.stop.is_none()
-            && let Some(fault) = status.and_then(crash_fault)
+            && let Some(mut fault) = status.and_then(crash_fault)
         {
+            out.extend(self.policy.apply(&mut fault).map(Effect::Say));
             out.push(Effect::Journal(fault_record(live.attempt, &fault)));
             out.push(Effect::Say(format!(
                 "fault in attempt {}: {} ({}): {}",
@@ -1208,6 +1232,7 @@ mod tests {
             stall_timeout: None,
             restart_window: None,
             checkpoints_watched: false,
+            class_actions: BTreeMap::new(),
         }
     }
 
@@ -1683,6 +1708,31 @@ mod tests {
         });
         r.exit(1, JobExit::Code(1));
         assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
+    }
+
+    #[test]
+    fn the_policy_table_overrides_a_class_action_and_says_so() {
+        let mut p = policy();
+        p.class_actions.insert(FaultClass::GpuOom, Action::Restart);
+        p.class_actions.insert(FaultClass::GpuHang, Action::Note);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuOom, Action::Fallback),
+        });
+        assert!(out.iter().any(
+            |e| matches!(e, Effect::Say(m) if m.contains("[policy] makes gpu_oom `restart`"))
+        ));
+        r.exit(1, JobExit::Code(1));
+        r.advance(Duration::from_secs(2));
+        // Restarted on the same tier; a hang made `note` by the policy stops nothing.
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        let out = r.feed(Event::Fault {
+            attempt: 2,
+            fault: fault(FaultClass::GpuHang, Action::Restart),
+        });
+        assert!(signals(&out).is_empty());
     }
 
     #[test]
