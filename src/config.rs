@@ -36,6 +36,8 @@
 //! args = ["--amp", "off"]
 //! uses_gpu = true                 # default: device != "cpu"
 //!
+//! warn_no_checkpoint_after = "10m"  # an attempt this long without a new checkpoint is a warning
+//!
 //! [policy]                        # a fault class's action, in place of its rules' action
 //! gpu_oom = "restart"             # note, restart, fallback or stop
 //!
@@ -75,6 +77,10 @@ pub const MAX_SECONDS: f64 = 86_400.0;
 /// costs a few percent of an eight-hour night instead of the rest of it. Output of any kind
 /// (a tqdm bar, a log line) counts as progress, so most jobs are never near it.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// The default `warn_no_checkpoint_after`: an attempt that ran this long without a new
+/// checkpoint (with `checkpoints` watched) is warned about. Ten minutes: jobs that checkpoint at
+/// all usually do so every few minutes, and an hour lost to a wrong path is worth a loud line.
+pub const DEFAULT_WARN_NO_CHECKPOINT_AFTER: Duration = Duration::from_secs(10 * 60);
 /// The longest `stall_timeout` or `restart_window`: one week.
 pub const MAX_WINDOW_SECONDS: u64 = 7 * 86_400;
 /// The checkpoints of `gpuwarden demo`: inside its run directory.
@@ -138,6 +144,9 @@ pub struct Plan {
     pub progress: Option<regex::Regex>,
     /// `[policy]`: the action for a fault class, in place of what its rules say.
     pub policy: BTreeMap<crate::rules::FaultClass, crate::rules::Action>,
+    /// An attempt that ran this long and left no new checkpoint is warned about (only with
+    /// `checkpoints`); `None`: never.
+    pub warn_no_checkpoint_after: Option<Duration>,
     /// Things that are not errors but that the user should hear about before the night (a
     /// checkpoint location that does not exist yet). Said and journaled at the start.
     pub warnings: Vec<String>,
@@ -335,6 +344,7 @@ struct RawConfig {
     restart_window: Option<Spanned<String>>,
     progress: Option<Spanned<String>>,
     policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    warn_no_checkpoint_after: Option<Spanned<String>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
     notify: Option<Spanned<RawNotify>>,
@@ -582,6 +592,13 @@ pub fn plan(
         (None, None) => None,
     };
     let policy = policy_table(raw.policy.unwrap_or_default(), source.as_ref())?;
+    let warn_no_checkpoint_after = match raw.warn_no_checkpoint_after {
+        Some(text) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("warn_no_checkpoint_after", text.get_ref(), at)?
+        }
+        None => Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER),
+    };
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -623,6 +640,7 @@ pub fn plan(
         restart_window,
         progress,
         policy,
+        warn_no_checkpoint_after,
         warnings,
         notify,
     })
@@ -794,6 +812,7 @@ pub fn demo_plan(
         restart_window: None,
         progress: None,
         policy: BTreeMap::new(),
+        warn_no_checkpoint_after: Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER),
         warnings: Vec::new(),
         notify: crate::notify::NotifyPlan::default(),
     }

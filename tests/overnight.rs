@@ -471,3 +471,56 @@ fn a_bad_policy_table_is_a_usage_error_at_its_line() {
     }
     assert!(!scene.path("record.jsonl").exists(), "the job was started");
 }
+
+#[test]
+fn a_long_attempt_without_a_checkpoint_is_said_loudly_and_so_is_a_restart_from_scratch() {
+    // The job saves every 100 steps and faults before its first save: with checkpoints watched,
+    // the hour (here: a second and a half) it ran is lost, and the user must hear why.
+    let scene = Scene::new();
+    let config = scene.path("warn.toml");
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\nwarn_no_checkpoint_after = \"1s\"\n",
+    )
+    .unwrap();
+    let out = scene.run(
+        &["--config", config.to_str().unwrap()],
+        &[
+            "--device",
+            "{device}",
+            "--steps",
+            "7",
+            "--every",
+            "100",
+            "--sleep",
+            "0.3",
+            "--fault-at",
+            "6",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let warnings: Vec<String> = scene
+        .journal()
+        .iter()
+        .filter(|r| r["event"] == "warning")
+        .map(|r| r["message"].as_str().unwrap().to_string())
+        .collect();
+    let first = warnings
+        .iter()
+        .find(|m| m.starts_with("attempt 1 ran"))
+        .unwrap_or_else(|| panic!("{warnings:?}"));
+    assert!(first.contains("no new complete checkpoint"), "{first}");
+    assert!(first.contains("--checkpoints"), "{first}");
+    assert!(first.contains("more often than every 1.0s"), "{first}");
+    assert!(
+        warnings
+            .iter()
+            .any(|m| m.starts_with("attempt 2 starts from scratch")),
+        "{warnings:?}"
+    );
+    assert!(
+        stderr.contains("warning: attempt 2 starts from scratch"),
+        "{stderr}"
+    );
+}

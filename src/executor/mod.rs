@@ -255,6 +255,7 @@ pub fn run(
         restart_window: plan.restart_window,
         checkpoints_watched: plan.checkpoints.is_some(),
         class_actions: plan.policy.clone(),
+        warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
     };
     let tiers = plan
         .ladder

@@ -53,6 +53,9 @@ pub struct Policy {
     pub checkpoints_watched: bool,
     /// `[policy]` in gpuwarden.toml: the action for a fault class, in place of its rule's.
     pub class_actions: BTreeMap<FaultClass, Action>,
+    /// With checkpoints watched, an attempt that ran this long and wrote no new checkpoint is
+    /// warned about (and louder when the restart after it starts from scratch).
+    pub warn_no_checkpoint_after: Option<Duration>,
 }
 
 impl Policy {
@@ -897,6 +900,10 @@ impl Supervisor {
             a.ended = Some(now);
             a.ending = ending;
         }
+        let no_checkpoint = self.no_checkpoint_after(duration);
+        if let Some(message) = &no_checkpoint {
+            warn(message.clone(), out);
+        }
 
         let (next_tier, reason) = match live.stop {
             Some(StopCause::User(sig)) => {
@@ -960,6 +967,17 @@ impl Supervisor {
             self.finish(Outcome::BudgetSpent, out);
             return;
         }
+        if no_checkpoint.is_some() && self.attempts.last().is_some_and(|a| a.reached.is_none()) {
+            warn(
+                format!(
+                    "attempt {} starts from scratch: nothing of the {} of attempt {} is kept",
+                    live.attempt + 1,
+                    span_text(duration),
+                    live.attempt
+                ),
+                out,
+            );
+        }
         self.restarts += 1;
         if self.policy.restart_window.is_some() {
             self.restart_times.push(now);
@@ -986,6 +1004,24 @@ impl Supervisor {
                 until: now + delay,
             };
         }
+    }
+
+    /// Issue 11, checkpoint sanity: the warning for the attempt that just ended (the last one),
+    /// when checkpoints are watched and it ran `duration`, at least the threshold, without
+    /// writing one. The usual causes are a `--checkpoints` that does not name where the job
+    /// saves, and a save interval longer than the job gets to run.
+    fn no_checkpoint_after(&self, duration: Duration) -> Option<String> {
+        let threshold = self.policy.warn_no_checkpoint_after?;
+        let a = self.attempts.last()?;
+        if !self.policy.checkpoints_watched || a.wrote_checkpoint || duration < threshold {
+            return None;
+        }
+        Some(format!(
+            "attempt {} ran {} and no new complete checkpoint appeared: check that --checkpoints (`checkpoints` in gpuwarden.toml) names where the job saves, and that the job saves more often than every {}",
+            a.attempt,
+            span_text(duration),
+            span_text(threshold)
+        ))
     }
 
     /// The tier to restart on after `fault` ended an attempt on `tier` (with a note to say when
@@ -1155,6 +1191,22 @@ fn window_text(d: Duration) -> String {
     }
 }
 
+/// A length of time as a person reads it: `42.0s`, `12m05s`, `3h07m`.
+fn span_text(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        3600.. => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        60.. => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
+/// A warning: said on the console and journaled.
+fn warn(message: String, out: &mut Vec<Effect>) {
+    out.push(Effect::Say(format!("warning: {message}")));
+    out.push(Effect::Journal(Record::Warning { message }));
+}
+
 /// The fault of an attempt that made no progress for `silent` (at least the stall `timeout`):
 /// `gpu_hang` on a GPU tier (a wedged kernel or collective is the usual reason a GPU job goes
 /// quiet), `job_stalled` elsewhere.
@@ -1233,6 +1285,7 @@ mod tests {
             restart_window: None,
             checkpoints_watched: false,
             class_actions: BTreeMap::new(),
+            warn_no_checkpoint_after: None,
         }
     }
 
