@@ -6,6 +6,7 @@
 
 pub mod checkpoint;
 pub mod demo;
+pub mod drill;
 pub mod probe;
 pub mod report;
 pub mod resume;
