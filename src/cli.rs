@@ -132,6 +132,10 @@ pub struct RunArgs {
     /// job that prints heartbeats among other chatter); without it, any output does.
     #[arg(long, value_name = "REGEX")]
     pub progress: Option<String>,
+    /// Forget what earlier runs of this job on this machine taught about the ladder (learned
+    /// tiers, kept in $XDG_STATE_HOME/gpuwarden) and try every tier again.
+    #[arg(long)]
+    pub forget: bool,
     // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,

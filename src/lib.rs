@@ -45,6 +45,7 @@ pub mod gpu;
 pub mod job;
 pub mod journal;
 pub mod ladder;
+pub mod learned;
 pub mod metrics;
 pub mod notify;
 pub mod probe;

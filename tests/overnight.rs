@@ -524,3 +524,70 @@ fn a_long_attempt_without_a_checkpoint_is_said_loudly_and_so_is_a_restart_from_s
         "{stderr}"
     );
 }
+
+#[test]
+fn learned_tiers_start_the_next_run_past_a_tier_that_faulted_until_forgotten() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let state = scene.path("state");
+    for dir in ["sys", "root"] {
+        std::fs::create_dir_all(scene.path(dir)).unwrap();
+    }
+    let (sys, root) = (scene.path("sys"), scene.path("root"));
+    let run = |extra: &[&str], name: &str| {
+        let mut flags = vec![
+            "--config",
+            &config,
+            "--sysfs-root",
+            sys.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ];
+        flags.extend(extra);
+        let out = scene
+            .command(
+                &flags,
+                &["--device", "{device}", "--steps", "4", "--fault-at", "2"],
+            )
+            .env("XDG_STATE_HOME", &state)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let journal = scene.journal();
+        std::fs::rename(scene.run_dir(), scene.path(name)).unwrap();
+        (text(&out.stderr), journal)
+    };
+    let devices = |journal: &[serde_json::Value]| -> Vec<String> {
+        journal
+            .iter()
+            .filter(|r| r["event"] == "attempt_started")
+            .map(|r| r["tier"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The GPU faults, the CPU finishes: learned.
+    let (_, first) = run(&[], "run-1");
+    assert_eq!(devices(&first), ["gpu", "cpu"]);
+    let memory = std::fs::read_to_string(state.join("gpuwarden/tiers.json")).unwrap();
+    assert!(
+        memory.contains("\"faulted\"") && memory.contains("\"finished\""),
+        "{memory}"
+    );
+
+    // The same job starts on the CPU, and says why.
+    let (stderr, second) = run(&[], "run-2");
+    assert_eq!(devices(&second), ["cpu"]);
+    assert!(
+        stderr.contains("starting on tier `cpu`, learned from earlier runs"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`gpu` faulted (gpu_memory_fault"),
+        "{stderr}"
+    );
+
+    // --forget: the whole ladder again.
+    let (stderr, third) = run(&["--forget"], "run-3");
+    assert!(stderr.contains("--forget"), "{stderr}");
+    assert_eq!(devices(&third), ["gpu", "cpu"]);
+}

@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod demo;
 pub mod drill;
+pub mod learned;
 pub mod probe;
 pub mod report;
 pub mod resume;
