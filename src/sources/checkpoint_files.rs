@@ -51,9 +51,13 @@ impl CheckpointWatch {
     }
 }
 
-/// Starts watching the directory `spec` designates (recursively: a save into `checkpoint-N/`
-/// ends inside it). `Ok(None)` when that directory does not exist yet (the job makes it at its
-/// first save): the caller asks again later. An error means inotify is not usable here.
+/// Starts watching the directory `spec` designates, one level: the names in it. A save that
+/// ends at that level (a file renamed or closed, `tmp-checkpoint-N/` renamed to `checkpoint-N/`,
+/// DeepSpeed's `latest`) is seen at once; one that ends deeper (DCP's `.metadata` written last
+/// inside its directory) is seen by the rescan. Not recursive on purpose: adding a watch for
+/// every directory under a location that holds a dataset would take the loop's time and the
+/// user's inotify watches. `Ok(None)` when that directory does not exist yet (the job makes it
+/// at its first save): the caller asks again later. An error means inotify is not usable here.
 pub fn watch<E: Send + 'static>(
     spec: &Spec,
     tx: SyncSender<E>,
@@ -78,7 +82,7 @@ pub fn watch<E: Send + 'static>(
             flag.store(false, Ordering::Release);
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::Recursive)?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     Ok(Some(CheckpointWatch {
         dir,
         _watcher: watcher,
