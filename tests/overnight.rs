@@ -317,6 +317,18 @@ fn with_progress_only_heartbeat_lines_count_and_chatter_does_not_hide_a_hang() {
     assert_eq!(fault["rule"], "stall-timeout");
     assert_eq!(scene.starts().len(), 2);
     assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+    // The step interval (a step every 0.05 s plus the print), once per attempt.
+    let intervals: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "step_interval")
+        .collect();
+    assert_eq!(intervals.len(), 2, "{intervals:?}");
+    for r in intervals {
+        let median = r["median_seconds"].as_f64().unwrap();
+        assert!((0.04..0.5).contains(&median), "{r}");
+        assert!(r["heartbeats"].as_u64().unwrap() >= 2, "{r}");
+    }
+    assert!(stderr.contains("a heartbeat every"), "{stderr}");
 }
 
 #[test]

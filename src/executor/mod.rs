@@ -450,6 +450,9 @@ impl Executor<'_> {
                     stream,
                     at,
                 }),
+                OutputEvent::StepInterval { heartbeats, median } => {
+                    self.step_interval(attempt, heartbeats, median)?
+                }
                 OutputEvent::LogFailed(e) => {
                     self.warn(format!(
                         "attempt {attempt}: writing the {stream} log failed ({e}); the output is still passed through"

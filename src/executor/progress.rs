@@ -160,6 +160,30 @@ impl Executor<'_> {
         Ok(())
     }
 
+    /// With `--progress`: journals (and says) how often the job's heartbeats come, once per
+    /// attempt, next to the stall timeout it is measured against. Never an event: it decides
+    /// nothing.
+    pub(super) fn step_interval(
+        &mut self,
+        attempt: u32,
+        heartbeats: u64,
+        median: Duration,
+    ) -> Result<Option<Event>, RunError> {
+        let against = match self.plan.stall_timeout {
+            Some(t) => format!(" (the stall timeout is {t:.0?})"),
+            None => String::new(),
+        };
+        say(&format!(
+            "attempt {attempt}: a heartbeat every {median:.2?} (median of {heartbeats}){against}"
+        ));
+        self.journal(&Record::StepInterval {
+            attempt,
+            heartbeats,
+            median_seconds: median.as_secs_f64(),
+        })?;
+        Ok(None)
+    }
+
     /// `py-spy dump --pid PID` of the attempt's leader into `attempt-N.stacks.txt`, when py-spy
     /// is on PATH, for at most [`STACKS_TIMEOUT`]; journaled either way.
     pub(super) fn capture_stacks(&mut self, attempt: u32) -> Result<(), RunError> {

@@ -61,6 +61,43 @@ pub enum OutputEvent {
     Closed,
     /// Writing the log failed; pass-through goes on, but the user must know.
     LogFailed(io::Error),
+    /// With a heartbeat regex: the median time between two heartbeat lines, over `heartbeats`
+    /// of them. Sent once, after [`STEP_SAMPLE`] heartbeats (or at the end, with at least two).
+    StepInterval {
+        heartbeats: u64,
+        median: Duration,
+    },
+}
+
+/// Heartbeats after which the step interval is reported.
+pub const STEP_SAMPLE: usize = 10;
+
+/// Times heartbeat lines until the step interval is known.
+#[derive(Debug, Default)]
+struct Steps {
+    times: Vec<Instant>,
+    reported: bool,
+}
+
+impl Steps {
+    /// Notes a heartbeat at `now`; answers the interval when it is time to report it (`end`:
+    /// the stream is over, report what there is).
+    fn beat(&mut self, now: Option<Instant>, end: bool) -> Option<OutputEvent> {
+        if self.reported {
+            return None;
+        }
+        self.times.extend(now);
+        if self.times.len() < 2 || (!end && self.times.len() < STEP_SAMPLE) {
+            return None;
+        }
+        self.reported = true;
+        let mut gaps: Vec<Duration> = self.times.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort_unstable();
+        Some(OutputEvent::StepInterval {
+            heartbeats: self.times.len() as u64,
+            median: gaps[gaps.len() / 2],
+        })
+    }
 }
 
 /// Splits a byte stream into lines for matching, holding at most [`MATCH_CAP`] bytes: a longer
@@ -179,6 +216,7 @@ where
             // Progress: when it was last reported, and output since then not yet reported.
             let mut progress_sent: Option<Instant> = None;
             let mut progress_held: Option<Instant> = None;
+            let mut steps = Steps::default();
             loop {
                 if drained {
                     let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
@@ -221,6 +259,11 @@ where
                 }
                 // After the pass-through: the terminal must never wait for the supervisor.
                 let now = Instant::now();
+                if heartbeat.is_some()
+                    && let Some(interval) = steps.beat(Some(now), false)
+                {
+                    report(interval);
+                }
                 if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
                 {
                     progress_sent = Some(now);
@@ -231,6 +274,9 @@ where
                 }
             }
             splitter.finish(&mut classify);
+            if let Some(interval) = steps.beat(None, true) {
+                report(interval);
+            }
             let _ = log.sync_data();
             report(OutputEvent::Closed);
         },
@@ -275,6 +321,36 @@ mod tests {
             false
         });
         out
+    }
+
+    #[test]
+    fn the_step_interval_is_the_median_gap_reported_once() {
+        let t0 = Instant::now();
+        let mut steps = Steps::default();
+        let ms = |n: u64| Some(t0 + Duration::from_millis(n));
+        // One slow step (an evaluation) does not move the median.
+        for (i, at) in [0, 100, 200, 2200, 2300].into_iter().enumerate() {
+            assert!(steps.beat(ms(at), false).is_none(), "beat {i}");
+        }
+        for at in [2400, 2500, 2600, 2700] {
+            assert!(steps.beat(ms(at), false).is_none());
+        }
+        match steps.beat(ms(2800), false) {
+            Some(OutputEvent::StepInterval { heartbeats, median }) => {
+                assert_eq!(heartbeats, STEP_SAMPLE as u64);
+                assert_eq!(median, Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(steps.beat(ms(2900), true).is_none());
+        // A short attempt reports what it has at its end.
+        let mut short = Steps::default();
+        short.beat(ms(0), false);
+        short.beat(ms(300), false);
+        assert!(matches!(
+            short.beat(None, true),
+            Some(OutputEvent::StepInterval { heartbeats: 2, .. })
+        ));
     }
 
     #[test]
