@@ -405,7 +405,7 @@ impl Executor<'_> {
                 && self.plan.checkpoints.is_some()
             {
                 self.rescan_checkpoints(attempt, now, false, &mut pending)?;
-                timeout = timeout.min(progress::CHECKPOINT_SCAN);
+                timeout = timeout.min(self.next_checkpoint_look(now));
             }
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming

@@ -41,6 +41,12 @@ pub(super) fn ended_attempt(input: &Input, live: Option<u32>) -> Option<u32> {
 /// How often the checkpoint location is looked at while an attempt runs.
 pub(super) const CHECKPOINT_SCAN: Duration = Duration::from_secs(2);
 
+/// After a new checkpoint is found, file events wait this long for the next look. The first save
+/// after a quiet spell is seen at once; a job saving faster than this (a test, a tiny model) is
+/// looked at every `HINT_GAP`, so that neither the directory listings nor the journal's fsync of
+/// each `checkpoint_saved` can take the loop's time from a kernel-log flood (tests/hostile.rs).
+pub(super) const HINT_GAP: Duration = Duration::from_millis(500);
+
 /// The longest `py-spy dump` may take: a job stuck in the GPU driver can make it hang too, and
 /// the stop of a stalled job must not wait on it for long.
 const STACKS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -55,6 +61,10 @@ pub(super) struct Seen {
     watch: Option<CheckpointWatch>,
     /// File events cannot be had here (said once); the rescan is all there is.
     unwatchable: bool,
+    /// A file event came that no look has answered yet.
+    hinted: bool,
+    /// When the last new checkpoint was found.
+    hint_looked: Option<Instant>,
 }
 
 impl Executor<'_> {
@@ -67,9 +77,24 @@ impl Executor<'_> {
         if let Some(watch) = &self.checkpoints_seen.watch {
             watch.taken();
         }
+        self.checkpoints_seen.hinted = true;
         match sup.live_attempt() {
-            Some(attempt) => self.rescan_checkpoints(attempt, Instant::now(), true, pending),
+            Some(attempt) => self.rescan_checkpoints(attempt, Instant::now(), false, pending),
             None => Ok(()),
+        }
+    }
+
+    /// How long the loop may sleep before the next look at the checkpoint location: the rescan
+    /// every [`CHECKPOINT_SCAN`], sooner for a file event held back by [`HINT_GAP`].
+    pub(super) fn next_checkpoint_look(&self, now: Instant) -> Duration {
+        let seen = &self.checkpoints_seen;
+        let scan = seen.scanned.map_or(Duration::ZERO, |t| {
+            (t + CHECKPOINT_SCAN).saturating_duration_since(now)
+        });
+        match (seen.hinted, seen.hint_looked) {
+            (true, Some(t)) => scan.min((t + HINT_GAP).saturating_duration_since(now)),
+            (true, None) => Duration::ZERO,
+            (false, _) => scan,
         }
     }
 
@@ -93,8 +118,9 @@ impl Executor<'_> {
     /// Looks for a checkpoint newer than the last one seen; journals it and pushes a checkpoint
     /// event for `attempt` onto `pending` (a stack: the supervisor hears of it before whatever
     /// was pushed earlier, such as the end of the attempt's group).
-    /// `last` is the scan when the attempt's processes are all gone, or after a file event: done
-    /// whatever the cadence, so a checkpoint written in its last seconds is still credited to it.
+    /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
+    /// so a checkpoint written in its last seconds is still credited to it. A file event not yet
+    /// answered makes a look due [`HINT_GAP`] after the last one it caused.
     pub(super) fn rescan_checkpoints(
         &mut self,
         attempt: u32,
@@ -105,15 +131,14 @@ impl Executor<'_> {
         let Some(spec) = &self.plan.checkpoints else {
             return Ok(());
         };
-        if !last
-            && self
-                .checkpoints_seen
-                .scanned
-                .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
-        {
+        let seen = &mut self.checkpoints_seen;
+        let since = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
+        let answers_hint = seen.hinted && since(seen.hint_looked).is_none_or(|d| d >= HINT_GAP);
+        if !last && !answers_hint && since(seen.scanned).is_some_and(|d| d < CHECKPOINT_SCAN) {
             return Ok(());
         }
-        self.checkpoints_seen.scanned = Some(now);
+        seen.hinted = false;
+        seen.scanned = Some(now);
         let spec = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""));
         if let Ok(spec) = &spec {
             self.watch_checkpoints(spec);
@@ -141,6 +166,7 @@ impl Executor<'_> {
             return Ok(());
         }
         self.checkpoints_seen.newest = Some((newest.path.clone(), Some(newest.modified)));
+        self.checkpoints_seen.hint_looked = Some(now);
         self.journal(&Record::CheckpointSaved {
             attempt,
             path: newest.path.clone(),

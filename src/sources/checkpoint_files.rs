@@ -71,7 +71,7 @@ pub fn watch<E: Send + 'static>(
     let flag = Arc::clone(&queued);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         // An error (the kernel's queue overflowed) may have hidden a save: look anyway.
-        if event.as_ref().is_ok_and(|e| !may_end_a_save(&e.kind)) {
+        if event.as_ref().is_ok_and(|e| !may_end_a_save(e)) {
             return;
         }
         if flag.swap(true, Ordering::AcqRel) {
@@ -91,14 +91,23 @@ pub fn watch<E: Send + 'static>(
 }
 
 /// The events after which a checkpoint can be complete: a name appearing (a rename into place,
-/// a directory made or moved in) or a file closed after writing.
-fn may_end_a_save(kind: &EventKind) -> bool {
-    matches!(
-        kind,
+/// a directory made or moved in) or a file closed after writing, unless the name is one writers
+/// use while a save is in flight (`*.tmp`, `tmp-checkpoint-N`): the look it caused would come
+/// too early and find nothing.
+fn may_end_a_save(event: &Event) -> bool {
+    let ends = matches!(
+        event.kind,
         EventKind::Create(_)
             | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
             | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    )
+    );
+    // For a rename, the last path is the new name.
+    let temp = event
+        .paths
+        .last()
+        .and_then(|p| p.file_name())
+        .is_some_and(|n| crate::checkpoints::is_temp_name(&n.to_string_lossy()));
+    ends && !temp
 }
 
 /// The directory to watch: the spec's directory, the directory of a single checkpoint file, or
@@ -159,6 +168,8 @@ mod tests {
         };
         let tmp = dir.path().join("a.pt.tmp");
         std::fs::write(&tmp, b"x").unwrap();
+        // The temporary name's events are no hint.
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
         let written = Instant::now();
         std::fs::rename(&tmp, dir.path().join("a.pt")).unwrap();
         rx.recv_timeout(Duration::from_secs(5)).unwrap();
