@@ -1809,6 +1809,40 @@ args = ["--amp", "off"]
     }
 
     #[test]
+    fn overnight_keys_progress_policy_and_the_checkpoint_warning() {
+        use crate::rules::{Action, FaultClass};
+        let dir = dir_with_config(
+            "progress = '^step \\d+'\nwarn_no_checkpoint_after = \"off\"\n\n[policy]\ngpu_oom = \"restart\"\nhost_oom = \"stop\"\n",
+        );
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(plan.progress.unwrap().is_match("step 12/100"));
+        assert_eq!(plan.warn_no_checkpoint_after, None);
+        assert_eq!(plan.policy.get(&FaultClass::GpuOom), Some(&Action::Restart));
+        assert_eq!(plan.policy.get(&FaultClass::HostOom), Some(&Action::Stop));
+        // The flag wins over the file, and is named when it is wrong.
+        let flag = Overrides {
+            progress: Some("(".into()),
+            ..Overrides::default()
+        };
+        let err = plan_in(dir.path(), flag).unwrap_err().to_string();
+        assert!(
+            err.starts_with("the --progress flag: the progress regex `(`"),
+            "{err}"
+        );
+        assert!(
+            err_in("progress = ''\n")
+                .contains(":1:12: the progress regex `` is not valid (it is empty")
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let plan = plan_in(empty.path(), Overrides::default()).unwrap();
+        assert_eq!(
+            plan.warn_no_checkpoint_after,
+            Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER)
+        );
+        assert!(plan.policy.is_empty() && plan.progress.is_none());
+    }
+
+    #[test]
     fn stall_and_window_come_from_the_file_with_a_default() {
         let dir = dir_with_config("stall_timeout = \"5m\"\nrestart_window = \"1h\"\n");
         let plan = plan_in(dir.path(), Overrides::default()).unwrap();
