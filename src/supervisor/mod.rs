@@ -1789,6 +1789,40 @@ mod tests {
     }
 
     #[test]
+    fn a_long_attempt_without_a_checkpoint_is_warned_about_and_so_is_a_start_from_scratch() {
+        let mut p = policy();
+        p.checkpoints_watched = true;
+        p.warn_no_checkpoint_after = Some(Duration::from_secs(600));
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.advance(Duration::from_secs(700));
+        let out = r.exit(1, JobExit::Code(1));
+        let warnings: Vec<&String> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::Warning { message }) => Some(message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("attempt 1 ran 11m40s and no new complete checkpoint"));
+        assert!(warnings[1].starts_with("attempt 2 starts from scratch"));
+        // A short attempt, or one that saved, is no news.
+        r.advance(Duration::from_secs(2));
+        r.feed(Event::Checkpoint {
+            attempt: 2,
+            path: "ckpt/a.pt".into(),
+            at: r.now,
+        });
+        r.advance(Duration::from_secs(900));
+        let out = r.exit(2, JobExit::Code(1));
+        assert!(
+            !out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Warning { .. })))
+        );
+    }
+
+    #[test]
     fn stronger_later_fault_decides() {
         let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
         r.feed(Event::Start);
