@@ -397,7 +397,7 @@ fn step_from_path(path: &Path) -> Option<u64> {
 }
 
 /// Names that writers use while a save is in flight, and hidden files: never a checkpoint.
-fn is_temp_name(name: &str) -> bool {
+pub fn is_temp_name(name: &str) -> bool {
     name.starts_with('.')
         || name.starts_with("tmp-checkpoint-")
         || name.ends_with(".tmp")

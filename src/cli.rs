@@ -67,6 +67,9 @@ pub enum Command {
     /// and journal, the tier and attempt count where it stopped, the newest complete checkpoint.
     #[command(after_help = gpuwarden::exit::TABLE)]
     Resume(ResumeArgs),
+    /// Inject a fault into a live run the way a real one arrives, to check the night's setup:
+    /// an Xid 31 kernel record naming the live attempt's pid, or a CUDA error line on its stderr.
+    Drill(DrillArgs),
     // -- end overnight --
     /// (internal) The guard that kills the job if gpuwarden is killed.
     #[command(name = "__guard", hide = true)]
@@ -125,6 +128,14 @@ pub struct RunArgs {
     /// (`1h`, `off`) [default: off].
     #[arg(long, value_name = "DURATION")]
     pub restart_window: Option<String>,
+    /// Only output lines matching this regex count as progress for the stall timeout (for a
+    /// job that prints heartbeats among other chatter); without it, any output does.
+    #[arg(long, value_name = "REGEX")]
+    pub progress: Option<String>,
+    /// Forget what earlier runs of this job on this machine taught about the ladder (learned
+    /// tiers, kept in $XDG_STATE_HOME/gpuwarden) and try every tier again.
+    #[arg(long)]
+    pub forget: bool,
     // -- end overnight --
     #[command(flatten)]
     pub machine: MachineArgs,
@@ -306,6 +317,24 @@ pub struct ResumeArgs {
     /// The run directory of the run to continue.
     #[arg(value_name = "RUN_DIR")]
     pub run_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct DrillArgs {
+    /// The run directory of the live run.
+    #[arg(value_name = "RUN_DIR")]
+    pub run_dir: PathBuf,
+    /// `kernel`: an NVRM Xid 31 record naming the job's pid, into the kernel log the run
+    /// follows (/dev/kmsg needs root; a --kernel-log file is appended to). `output`: a CUDA
+    /// illegal-address line written into the job's own stderr pipe (/proc/PID/fd/2).
+    #[arg(long, value_enum, default_value = "kernel")]
+    pub kind: DrillKind,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DrillKind {
+    Kernel,
+    Output,
 }
 // -- end overnight --
 

@@ -25,6 +25,7 @@
 //! force_gpu_unsafe = false
 //! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
 //! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
+//! progress = '^step \d+'         # only output lines matching this count as progress
 //!
 //! [[tier]]
 //! name = "gpu-sdk"
@@ -34,6 +35,11 @@
 //! unset = ["PYTORCH_ROCM_ARCH"]                    # applied last
 //! args = ["--amp", "off"]
 //! uses_gpu = true                 # default: device != "cpu"
+//!
+//! warn_no_checkpoint_after = "10m"  # an attempt this long without a new checkpoint is a warning
+//!
+//! [policy]                        # a fault class's action, in place of its rules' action
+//! gpu_oom = "restart"             # note, restart, fallback or stop
 //!
 //! [notify]                        # flags --notify-cmd/--notify-arg, --webhook, --notify-on win
 //! command = ["notify-send", "gpuwarden"]       # an argv, never a shell; event JSON on stdin
@@ -71,6 +77,10 @@ pub const MAX_SECONDS: f64 = 86_400.0;
 /// costs a few percent of an eight-hour night instead of the rest of it. Output of any kind
 /// (a tqdm bar, a log line) counts as progress, so most jobs are never near it.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
+/// The default `warn_no_checkpoint_after`: an attempt that ran this long without a new
+/// checkpoint (with `checkpoints` watched) is warned about. Ten minutes: jobs that checkpoint at
+/// all usually do so every few minutes, and an hour lost to a wrong path is worth a loud line.
+pub const DEFAULT_WARN_NO_CHECKPOINT_AFTER: Duration = Duration::from_secs(10 * 60);
 /// The longest `stall_timeout` or `restart_window`: one week.
 pub const MAX_WINDOW_SECONDS: u64 = 7 * 86_400;
 /// The checkpoints of `gpuwarden demo`: inside its run directory.
@@ -93,6 +103,8 @@ pub struct Overrides {
     pub stall_timeout: Option<String>,
     /// `--restart-window` as typed (`1h`, `off`).
     pub restart_window: Option<String>,
+    /// `--progress` as typed: a regex for the output lines that count as progress.
+    pub progress: Option<String>,
     /// `--notify-cmd` and its `--notify-arg`s: program first.
     pub notify_command: Option<Vec<OsString>>,
     /// `--webhook` URLs, unparsed.
@@ -127,6 +139,14 @@ pub struct Plan {
     /// `max_restarts` counts the restarts of this window (like systemd's
     /// `StartLimitIntervalSec`); `None`: of the whole run.
     pub restart_window: Option<Duration>,
+    /// The output lines that count as progress (`--progress`, `progress = "..."`); `None`: any
+    /// output does.
+    pub progress: Option<regex::Regex>,
+    /// `[policy]`: the action for a fault class, in place of what its rules say.
+    pub policy: BTreeMap<crate::rules::FaultClass, crate::rules::Action>,
+    /// An attempt that ran this long and left no new checkpoint is warned about (only with
+    /// `checkpoints`); `None`: never.
+    pub warn_no_checkpoint_after: Option<Duration>,
     /// Things that are not errors but that the user should hear about before the night (a
     /// checkpoint location that does not exist yet). Said and journaled at the start.
     pub warnings: Vec<String>,
@@ -288,6 +308,18 @@ pub enum ConfigError {
     #[error("{at}: {message}")]
     Notify { at: Origin, message: String },
 
+    #[error(
+        "{at}: the progress regex `{pattern}` is not valid ({reason}); give a regex for the job's heartbeat lines, e.g. '^step \\d+'"
+    )]
+    Progress {
+        pattern: String,
+        reason: String,
+        at: Origin,
+    },
+
+    #[error("{at}: [policy] {message}")]
+    Policy { at: Origin, message: String },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -310,6 +342,9 @@ struct RawConfig {
     force_gpu_unsafe: Option<bool>,
     stall_timeout: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
+    progress: Option<Spanned<String>>,
+    policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    warn_no_checkpoint_after: Option<Spanned<String>>,
     #[serde(default)]
     tier: Vec<Spanned<RawTier>>,
     notify: Option<Spanned<RawNotify>>,
@@ -548,6 +583,22 @@ pub fn plan(
         }
         (None, None) => None,
     };
+    let progress = match (overrides.progress, raw.progress) {
+        (Some(text), _) => Some(progress_regex(&text, Origin::Flag("--progress"))?),
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            Some(progress_regex(text.get_ref(), at)?)
+        }
+        (None, None) => None,
+    };
+    let policy = policy_table(raw.policy.unwrap_or_default(), source.as_ref())?;
+    let warn_no_checkpoint_after = match raw.warn_no_checkpoint_after {
+        Some(text) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("warn_no_checkpoint_after", text.get_ref(), at)?
+        }
+        None => Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER),
+    };
     let rule_dirs = raw
         .rules
         .into_iter()
@@ -587,6 +638,9 @@ pub fn plan(
         config_file: source.map(|s| s.path),
         stall_timeout,
         restart_window,
+        progress,
+        policy,
+        warn_no_checkpoint_after,
         warnings,
         notify,
     })
@@ -756,9 +810,73 @@ pub fn demo_plan(
         config_file: None,
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,
+        progress: None,
+        policy: BTreeMap::new(),
+        warn_no_checkpoint_after: Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER),
         warnings: Vec::new(),
         notify: crate::notify::NotifyPlan::default(),
     }
+}
+
+/// The `[policy]` table (`gpu_oom = "restart"`), checked: every key a fault class, every value
+/// an action as the rules name them.
+fn policy_table(
+    raw: BTreeMap<Spanned<String>, Spanned<String>>,
+    source: Option<&Source>,
+) -> Result<BTreeMap<crate::rules::FaultClass, crate::rules::Action>, ConfigError> {
+    use crate::rules::{Action, FaultClass};
+    let names = |all: &mut dyn Iterator<Item = &'static str>| {
+        all.map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    };
+    let mut table = BTreeMap::new();
+    for (class, action) in raw {
+        let bad = |span: Range<usize>, message: String| ConfigError::Policy {
+            at: origin(source, span),
+            message,
+        };
+        let Some(c) = FaultClass::from_name(class.get_ref()) else {
+            return Err(bad(
+                class.span(),
+                format!(
+                    "unknown fault class `{}`; the classes are {}",
+                    class.get_ref(),
+                    names(&mut FaultClass::ALL.iter().map(|c| c.as_str()))
+                ),
+            ));
+        };
+        let Some(a) = Action::from_name(action.get_ref()) else {
+            return Err(bad(
+                action.span(),
+                format!(
+                    "unknown action `{}` for `{c}`; the actions are {}",
+                    action.get_ref(),
+                    names(&mut Action::ALL.iter().map(|a| a.as_str()))
+                ),
+            ));
+        };
+        table.insert(c, a);
+    }
+    Ok(table)
+}
+
+/// `--progress` or `progress = "..."`, compiled. An empty pattern would match every line (the
+/// same as no pattern) and is refused as the likely slip it is.
+fn progress_regex(text: &str, at: Origin) -> Result<regex::Regex, ConfigError> {
+    let bad = |reason: String| ConfigError::Progress {
+        pattern: text.to_owned(),
+        reason,
+        at: at.clone(),
+    };
+    if text.is_empty() {
+        return Err(bad("it is empty and would match every line".into()));
+    }
+    regex::Regex::new(text).map_err(|e| match e {
+        regex::Error::Syntax(s) => {
+            let last = s.lines().last().unwrap_or_default().trim();
+            bad(last.strip_prefix("error: ").unwrap_or(last).to_owned())
+        }
+        other => bad(other.to_string()),
+    })
 }
 
 /// The run directory: the one given (relative to `cwd`), else `gpuwarden-runs/<stamp>`.
@@ -1688,6 +1806,40 @@ args = ["--amp", "off"]
         for bad in ["", "m", "20 parsecs", "-5s", "8d", "1e9"] {
             assert_eq!(parse_duration(bad), Err(NotADuration), "{bad}");
         }
+    }
+
+    #[test]
+    fn overnight_keys_progress_policy_and_the_checkpoint_warning() {
+        use crate::rules::{Action, FaultClass};
+        let dir = dir_with_config(
+            "progress = '^step \\d+'\nwarn_no_checkpoint_after = \"off\"\n\n[policy]\ngpu_oom = \"restart\"\nhost_oom = \"stop\"\n",
+        );
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(plan.progress.unwrap().is_match("step 12/100"));
+        assert_eq!(plan.warn_no_checkpoint_after, None);
+        assert_eq!(plan.policy.get(&FaultClass::GpuOom), Some(&Action::Restart));
+        assert_eq!(plan.policy.get(&FaultClass::HostOom), Some(&Action::Stop));
+        // The flag wins over the file, and is named when it is wrong.
+        let flag = Overrides {
+            progress: Some("(".into()),
+            ..Overrides::default()
+        };
+        let err = plan_in(dir.path(), flag).unwrap_err().to_string();
+        assert!(
+            err.starts_with("the --progress flag: the progress regex `(`"),
+            "{err}"
+        );
+        assert!(
+            err_in("progress = ''\n")
+                .contains(":1:12: the progress regex `` is not valid (it is empty")
+        );
+        let empty = tempfile::tempdir().unwrap();
+        let plan = plan_in(empty.path(), Overrides::default()).unwrap();
+        assert_eq!(
+            plan.warn_no_checkpoint_after,
+            Some(DEFAULT_WARN_NO_CHECKPOINT_AFTER)
+        );
+        assert!(plan.policy.is_empty() && plan.progress.is_none());
     }
 
     #[test]

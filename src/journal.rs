@@ -203,8 +203,8 @@ pub enum Record {
         delay_seconds: f64,
         restarts_left: u32,
     },
-    /// A new complete checkpoint appeared while `attempt` ran (seen by the periodic rescan of
-    /// the checkpoint location): progress the run can keep.
+    /// A new complete checkpoint appeared while `attempt` ran (seen through a file event in the
+    /// checkpoint location, or by its rescan every 2 s): progress the run can keep.
     CheckpointSaved {
         attempt: u32,
         path: PathBuf,
@@ -232,6 +232,13 @@ pub enum Record {
     /// A signal for the job (SIGUSR1/SIGUSR2: Slurm's checkpoint-before-preemption request)
     /// that gpuwarden passed to the attempt's process group; supervision went on.
     SignalForwarded { attempt: u32, signal: String },
+    /// With `--progress`: how often the job's heartbeat lines came (the median time between
+    /// two, over `heartbeats` of them), once per attempt, to size `--stall-timeout` by.
+    StepInterval {
+        attempt: u32,
+        heartbeats: u64,
+        median_seconds: f64,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {

@@ -27,6 +27,8 @@
 //! - [`executor`] carries out effects and runs the one event loop; [`snapshot`] is what it
 //!   publishes for views ([`ui`], [`metrics`]); [`journal`] is the record of the run, read back by
 //!   [`report`] and `gpuwarden resume`.
+//! - [`learned`] remembers, per job and machine, which tiers faulted or finished, so the next run
+//!   starts where it will work.
 //! - [`checkpoints`] finds the newest *complete* checkpoint; [`ladder`] turns a tier and a
 //!   checkpoint into a concrete argv and environment; [`config`] builds the validated plan;
 //!   [`probe`] decides the starting tier before the run ([`verdict`]) from [`quirks`].
@@ -45,6 +47,7 @@ pub mod gpu;
 pub mod job;
 pub mod journal;
 pub mod ladder;
+pub mod learned;
 pub mod metrics;
 pub mod notify;
 pub mod probe;

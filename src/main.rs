@@ -31,6 +31,7 @@ fn main() {
         }
         Command::Probe(args) => cmd::probe::probe(args),
         Command::Resume(args) => cmd::resume::resume(&args.run_dir),
+        Command::Drill(args) => cmd::drill::drill(&args.run_dir, args.kind),
         Command::Report(args) => cmd::report::report(&args.run_dir, args.json),
         Command::Watch(args) => cmd::watch::watch(args),
         Command::Guard => gpuwarden::process::guard_main(gpuwarden::executor::GUARD_GRACE),

@@ -194,6 +194,7 @@ const KNOWN: &[&str] = &[
     "restart_scheduled",
     "warning",
     "stacks_captured",
+    "step_interval",
     "run_finished",
 ];
 

@@ -156,8 +156,7 @@ fn report_json_agrees_with_the_journal() {
         .iter()
         .filter(|r| r["event"] == "checkpoint_saved")
         .count();
-    // The rescan (every 2 s) sees the newest checkpoint; ones written faster are seen once.
-    assert!(saved >= 1, "the rescan saw the checkpoints: {saved}");
+    assert!(saved >= 1, "the checkpoints were seen: {saved}");
     assert_eq!(
         report["checkpoints_written"].as_array().unwrap().len(),
         saved
@@ -212,7 +211,7 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Wait for a checkpoint the rescan has journaled, then kill gpuwarden outright.
+    // Wait for a checkpoint gpuwarden has journaled, then kill gpuwarden outright.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !scene
         .full_journal()
@@ -274,4 +273,334 @@ fn resume_continues_the_same_journal_after_gpuwarden_is_killed() {
     let report = report_json(&scene);
     assert_eq!(report["resumed"], 1);
     assert_eq!(report["attempts"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn with_progress_only_heartbeat_lines_count_and_chatter_does_not_hide_a_hang() {
+    // The hung job keeps printing "waiting for the data loader"; only `step N` lines are
+    // heartbeats, so the stall timeout still fires.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--stall-timeout",
+            "2s",
+            "--grace",
+            "2",
+            "--progress",
+            r"^step \d+/",
+        ],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--sleep",
+            "0.05",
+            "--hang-at",
+            "5",
+            "--hang-once",
+            "--chatter",
+            "0.2",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(text(&out.stdout).contains("waiting for the data loader"));
+    let journal = scene.full_journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["class"], "gpu_hang");
+    assert_eq!(fault["rule"], "stall-timeout");
+    assert_eq!(scene.starts().len(), 2);
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+    // The step interval (a step every 0.05 s plus the print), once per attempt.
+    let intervals: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "step_interval")
+        .collect();
+    assert_eq!(intervals.len(), 2, "{intervals:?}");
+    for r in intervals {
+        let median = r["median_seconds"].as_f64().unwrap();
+        assert!((0.04..0.5).contains(&median), "{r}");
+        assert!(r["heartbeats"].as_u64().unwrap() >= 2, "{r}");
+    }
+    assert!(stderr.contains("a heartbeat every"), "{stderr}");
+}
+
+#[test]
+fn a_bad_progress_regex_is_a_usage_error_naming_the_flag_or_the_file_line() {
+    let scene = Scene::new();
+    let out = scene.run(&["--progress", "step (\\d+"], &["--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--progress"), "{stderr}");
+    assert!(!scene.path("record.jsonl").exists(), "the job was started");
+
+    let config = scene.path("bad.toml");
+    std::fs::write(&config, "max_restarts = 1\nprogress = \"[\"\n").unwrap();
+    let out = scene.run(&["--config", config.to_str().unwrap()], &["--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("bad.toml:2:12"), "{stderr}");
+    assert!(stderr.contains("progress regex"), "{stderr}");
+}
+
+/// Seconds since the epoch of a journal timestamp (`2026-12-05T01:02:03.456789Z`).
+fn epoch_seconds(at: &str) -> f64 {
+    let num = |r: std::ops::Range<usize>| at[r].parse::<i64>().unwrap();
+    let (y, m, d) = (num(0..4), num(5..7), num(8..10));
+    // Days from the civil date (H. Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs: f64 = at[17..at.len() - 1].parse().unwrap();
+    (days * 86_400 + num(11..13) * 3600 + num(14..16) * 60) as f64 + secs
+}
+
+#[test]
+fn every_checkpoint_is_journaled_soon_after_it_is_written() {
+    // Issue 11: file events, not only the 2 s rescan. A save every 0.6 s: the rescan alone
+    // would see about one in three; the watch sees each, within milliseconds (saves closer
+    // together than HINT_GAP, 0.5 s, wait for it).
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--no-kernel-log", "--no-health"],
+        &[
+            "--steps",
+            "12",
+            "--every",
+            "2",
+            "--sleep",
+            "0.3",
+            "--record-saves",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let saved: Vec<(u64, f64)> = scene
+        .records()
+        .iter()
+        .filter_map(|r| Some((r["saved"].as_u64()?, r["wall"].as_f64()?)))
+        .collect();
+    assert_eq!(saved.len(), 6, "{saved:?}");
+    let journal = scene.full_journal();
+    let mut latencies: Vec<f64> = saved
+        .iter()
+        .map(|(step, wall)| {
+            let record = journal
+                .iter()
+                .find(|r| r["event"] == "checkpoint_saved" && r["step"] == *step)
+                .unwrap_or_else(|| panic!("checkpoint of step {step} not journaled"));
+            epoch_seconds(record["at"].as_str().unwrap()) - wall
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let ms = |s: f64| s * 1000.0;
+    eprintln!(
+        "checkpoint written -> checkpoint_saved journaled: min {:.1} ms, median {:.1} ms, max {:.1} ms ({} saves)",
+        ms(latencies[0]),
+        ms(latencies[latencies.len() / 2]),
+        ms(latencies[latencies.len() - 1]),
+        latencies.len()
+    );
+    // Loose: the machine running the tests is shared; the figure above is the measurement.
+    assert!(latencies[latencies.len() / 2] < 0.5, "{latencies:?}");
+}
+
+#[test]
+fn a_policy_table_makes_an_oom_restart_on_the_same_tier() {
+    let scene = Scene::new();
+    let config = scene.path("policy.toml");
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\n\n[policy]\ngpu_oom = \"restart\"\n",
+    )
+    .unwrap();
+    let out = scene.run(
+        &["--config", config.to_str().unwrap()],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "6",
+            "--sleep",
+            "0.05",
+            "--fault",
+            "oom",
+            "--fault-at",
+            "5",
+            "--fault-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("[policy] makes gpu_oom `restart`"),
+        "{stderr}"
+    );
+    let starts = scene.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    // The rule says fallback (to the CPU); the policy kept the GPU.
+    assert_eq!(arg_after(&starts[1], "--device"), Some("cuda"));
+    let journal = scene.journal();
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["class"], "gpu_oom");
+    assert_eq!(fault["action"], "restart");
+}
+
+#[test]
+fn a_bad_policy_table_is_a_usage_error_at_its_line() {
+    let scene = Scene::new();
+    for (table, at, what, listed) in [
+        (
+            "[policy]\ngpu_oops = \"restart\"\n",
+            "bad.toml:2:1",
+            "unknown fault class `gpu_oops`",
+            "`gpu_oom`",
+        ),
+        (
+            "[policy]\ngpu_oom = \"retry\"\n",
+            "bad.toml:2:11",
+            "unknown action `retry`",
+            "`fallback`",
+        ),
+    ] {
+        let config = scene.path("bad.toml");
+        std::fs::write(&config, table).unwrap();
+        let out = scene.run(&["--config", config.to_str().unwrap()], &["--steps", "1"]);
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = text(&out.stderr);
+        assert!(stderr.contains(at) && stderr.contains(what), "{stderr}");
+        assert!(stderr.contains(listed), "lists what is known: {stderr}");
+    }
+    assert!(!scene.path("record.jsonl").exists(), "the job was started");
+}
+
+#[test]
+fn a_long_attempt_without_a_checkpoint_is_said_loudly_and_so_is_a_restart_from_scratch() {
+    // The job saves every 100 steps and faults before its first save: with checkpoints watched,
+    // the hour (here: a second and a half) it ran is lost, and the user must hear why.
+    let scene = Scene::new();
+    let config = scene.path("warn.toml");
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\nwarn_no_checkpoint_after = \"1s\"\n",
+    )
+    .unwrap();
+    let out = scene.run(
+        &["--config", config.to_str().unwrap()],
+        &[
+            "--device",
+            "{device}",
+            "--steps",
+            "7",
+            "--every",
+            "100",
+            "--sleep",
+            "0.3",
+            "--fault-at",
+            "6",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let warnings: Vec<String> = scene
+        .journal()
+        .iter()
+        .filter(|r| r["event"] == "warning")
+        .map(|r| r["message"].as_str().unwrap().to_string())
+        .collect();
+    let first = warnings
+        .iter()
+        .find(|m| m.starts_with("attempt 1 ran"))
+        .unwrap_or_else(|| panic!("{warnings:?}"));
+    assert!(first.contains("no new complete checkpoint"), "{first}");
+    assert!(first.contains("--checkpoints"), "{first}");
+    assert!(first.contains("more often than every 1.0s"), "{first}");
+    assert!(
+        warnings
+            .iter()
+            .any(|m| m.starts_with("attempt 2 starts from scratch")),
+        "{warnings:?}"
+    );
+    assert!(
+        stderr.contains("warning: attempt 2 starts from scratch"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn learned_tiers_start_the_next_run_past_a_tier_that_faulted_until_forgotten() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let state = scene.path("state");
+    for dir in ["sys", "root"] {
+        std::fs::create_dir_all(scene.path(dir)).unwrap();
+    }
+    let (sys, root) = (scene.path("sys"), scene.path("root"));
+    let run = |extra: &[&str], name: &str| {
+        let mut flags = vec![
+            "--config",
+            &config,
+            "--sysfs-root",
+            sys.to_str().unwrap(),
+            "--root",
+            root.to_str().unwrap(),
+        ];
+        flags.extend(extra);
+        let out = scene
+            .command(
+                &flags,
+                &["--device", "{device}", "--steps", "4", "--fault-at", "2"],
+            )
+            .env("XDG_STATE_HOME", &state)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        let journal = scene.journal();
+        std::fs::rename(scene.run_dir(), scene.path(name)).unwrap();
+        (text(&out.stderr), journal)
+    };
+    let devices = |journal: &[serde_json::Value]| -> Vec<String> {
+        journal
+            .iter()
+            .filter(|r| r["event"] == "attempt_started")
+            .map(|r| r["tier"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // The GPU faults, the CPU finishes: learned.
+    let (_, first) = run(&[], "run-1");
+    assert_eq!(devices(&first), ["gpu", "cpu"]);
+    let memory = std::fs::read_to_string(state.join("gpuwarden/tiers.json")).unwrap();
+    assert!(
+        memory.contains("\"faulted\"") && memory.contains("\"finished\""),
+        "{memory}"
+    );
+
+    // The same job starts on the CPU, and says why.
+    let (stderr, second) = run(&[], "run-2");
+    assert_eq!(devices(&second), ["cpu"]);
+    assert!(
+        stderr.contains("starting on tier `cpu`, learned from earlier runs"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("`gpu` faulted (gpu_memory_fault"),
+        "{stderr}"
+    );
+
+    // --forget: the whole ladder again.
+    let (stderr, third) = run(&["--forget"], "run-3");
+    assert!(stderr.contains("--forget"), "{stderr}");
+    assert_eq!(devices(&third), ["gpu", "cpu"]);
 }

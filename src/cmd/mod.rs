@@ -6,6 +6,8 @@
 
 pub mod checkpoint;
 pub mod demo;
+pub mod drill;
+pub mod learned;
 pub mod probe;
 pub mod report;
 pub mod resume;

@@ -34,6 +34,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         config: args.config,
         stall_timeout: args.stall_timeout,
         restart_window: args.restart_window,
+        progress: args.progress,
         notify_command: args.notify.notify_cmd.map(|program| {
             std::iter::once(program)
                 .chain(args.notify.notify_arg)
@@ -71,6 +72,8 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
             return exit::USAGE;
         }
     };
+    let resumed = resume.is_some();
+    let learning = super::learned::before(&mut plan, &gpus, &machine.root, args.forget, resumed);
     let kernel = super::kernel_source(args.no_kernel_log, args.kernel_log);
     let health = (!args.no_health).then(|| HealthConfig {
         interval: Duration::from_secs_f64(args.health_interval),
@@ -96,7 +99,11 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
             }
         },
     };
+    let board = watch.board.clone();
     let code = supervise(&plan, explicit_run_dir, verdict.as_ref(), watch, args.ui);
+    if let Some(learning) = learning {
+        super::learned::after(learning, &board);
+    }
     if let Some(server) = metrics {
         server.stop();
     }

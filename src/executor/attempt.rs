@@ -145,6 +145,7 @@ impl Executor<'_> {
                     stream,
                     log,
                     Arc::clone(&self.rules),
+                    self.plan.progress.clone(),
                     self.tx.clone(),
                     move |event| Input::Output {
                         attempt,

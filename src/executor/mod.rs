@@ -107,6 +107,8 @@ enum Input {
     Signal(Sig),
     Kernel(KernelEvent<KernelFault>),
     Health(HealthEvent),
+    /// A file event in the checkpoint location: look for a new checkpoint now (progress.rs).
+    CheckpointHint,
 }
 
 /// What `run` watches besides the job's own output, and where it publishes its state.
@@ -252,6 +254,8 @@ pub fn run(
         stall_timeout: plan.stall_timeout,
         restart_window: plan.restart_window,
         checkpoints_watched: plan.checkpoints.is_some(),
+        class_actions: plan.policy.clone(),
+        warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
     };
     let tiers = plan
         .ladder
@@ -401,7 +405,7 @@ impl Executor<'_> {
                 && self.plan.checkpoints.is_some()
             {
                 self.rescan_checkpoints(attempt, now, false, &mut pending)?;
-                timeout = timeout.min(progress::CHECKPOINT_SCAN);
+                timeout = timeout.min(self.next_checkpoint_look(now));
             }
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
@@ -411,6 +415,7 @@ impl Executor<'_> {
                 pending.push(Event::Tick);
             }
             match rx.recv_timeout(timeout) {
+                Ok(Input::CheckpointHint) => self.checkpoint_hint(sup, &mut pending)?,
                 Ok(input) => {
                     let ended = progress::ended_attempt(&input, sup.live_attempt());
                     if let Some(event) = self.event_of(input, sup.live_attempt())? {
@@ -445,6 +450,9 @@ impl Executor<'_> {
                     stream,
                     at,
                 }),
+                OutputEvent::StepInterval { heartbeats, median } => {
+                    self.step_interval(attempt, heartbeats, median)?
+                }
                 OutputEvent::LogFailed(e) => {
                     self.warn(format!(
                         "attempt {attempt}: writing the {stream} log failed ({e}); the output is still passed through"
@@ -456,6 +464,7 @@ impl Executor<'_> {
             Input::Signal(sig) => Some(Event::Signal(sig)),
             Input::Kernel(event) => self.kernel_event(event, live)?,
             Input::Health(event) => self.health_event(event, live)?,
+            Input::CheckpointHint => None,
         })
     }
 
@@ -578,19 +587,5 @@ impl Executor<'_> {
         }
         self.journal_written(written);
         Ok(())
-    }
-
-    fn warn(&mut self, message: String) -> Result<(), RunError> {
-        say(&format!("warning: {message}"));
-        self.journal(&Record::Warning { message })
-    }
-
-    /// The command as the user gave it, one string an argument.
-    fn command_words(&self) -> Vec<String> {
-        self.plan
-            .command
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect()
     }
 }

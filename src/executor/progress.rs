@@ -1,9 +1,11 @@
-//! Progress the supervisor cannot see in the job's output: new checkpoints (a rescan of the
-//! checkpoint location every [`CHECKPOINT_SCAN`]), and the job's stacks captured before a
-//! stalled attempt is stopped.
+//! Progress the supervisor cannot see in the job's output: new checkpoints, and the job's stacks
+//! captured before a stalled attempt is stopped.
 //!
-//! The rescan is the fallback FACTS.md recommends over file events; it is cheap (one directory
-//! listing and a check of the newest candidate's end) and needs no watcher thread.
+//! A new checkpoint is looked for when a file event in the checkpoint location hints at one
+//! (`sources::checkpoint_files`, inotify: within milliseconds of the save), and by a rescan every
+//! [`CHECKPOINT_SCAN`] whatever happens: the fallback FACTS.md recommends, for file systems
+//! without events and for events missed. Both do the same cheap look (one directory listing and
+//! a check of the newest candidate's end).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -15,7 +17,8 @@ use super::{Executor, Input, RunError};
 use crate::checkpoints;
 use crate::journal::Record;
 use crate::process::GroupEvent;
-use crate::supervisor::Event;
+use crate::sources::checkpoint_files::{self, CheckpointWatch};
+use crate::supervisor::{Event, Supervisor};
 use crate::voice::say;
 
 /// The attempt whose process group `input` says is gone (or whose leader exited alone), when it
@@ -38,6 +41,12 @@ pub(super) fn ended_attempt(input: &Input, live: Option<u32>) -> Option<u32> {
 /// How often the checkpoint location is looked at while an attempt runs.
 pub(super) const CHECKPOINT_SCAN: Duration = Duration::from_secs(2);
 
+/// After a new checkpoint is found, file events wait this long for the next look. The first save
+/// after a quiet spell is seen at once; a job saving faster than this (a test, a tiny model) is
+/// looked at every `HINT_GAP`, so that neither the directory listings nor the journal's fsync of
+/// each `checkpoint_saved` can take the loop's time from a kernel-log flood (tests/hostile.rs).
+pub(super) const HINT_GAP: Duration = Duration::from_millis(500);
+
 /// The longest `py-spy dump` may take: a job stuck in the GPU driver can make it hang too, and
 /// the stop of a stalled job must not wait on it for long.
 const STACKS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,14 +57,70 @@ const STACKS_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Seen {
     pub(super) newest: Option<(PathBuf, Option<SystemTime>)>,
     pub(super) scanned: Option<Instant>,
+    /// The file-event watch of the checkpoint location, once its directory exists.
+    watch: Option<CheckpointWatch>,
+    /// File events cannot be had here (said once); the rescan is all there is.
+    unwatchable: bool,
+    /// A file event came that no look has answered yet.
+    hinted: bool,
+    /// When the last new checkpoint was found.
+    hint_looked: Option<Instant>,
 }
 
 impl Executor<'_> {
+    /// A file event hinted at a new checkpoint: looked for now, for the live attempt.
+    pub(super) fn checkpoint_hint(
+        &mut self,
+        sup: &Supervisor,
+        pending: &mut Vec<Event>,
+    ) -> Result<(), RunError> {
+        if let Some(watch) = &self.checkpoints_seen.watch {
+            watch.taken();
+        }
+        self.checkpoints_seen.hinted = true;
+        match sup.live_attempt() {
+            Some(attempt) => self.rescan_checkpoints(attempt, Instant::now(), false, pending),
+            None => Ok(()),
+        }
+    }
+
+    /// How long the loop may sleep before the next look at the checkpoint location: the rescan
+    /// every [`CHECKPOINT_SCAN`], sooner for a file event held back by [`HINT_GAP`].
+    pub(super) fn next_checkpoint_look(&self, now: Instant) -> Duration {
+        let seen = &self.checkpoints_seen;
+        let scan = seen.scanned.map_or(Duration::ZERO, |t| {
+            (t + CHECKPOINT_SCAN).saturating_duration_since(now)
+        });
+        match (seen.hinted, seen.hint_looked) {
+            (true, Some(t)) => scan.min((t + HINT_GAP).saturating_duration_since(now)),
+            (true, None) => Duration::ZERO,
+            (false, _) => scan,
+        }
+    }
+
+    /// Starts the file-event watch of the checkpoint location if it is not running yet and its
+    /// directory now exists.
+    fn watch_checkpoints(&mut self, spec: &checkpoints::Spec) {
+        if self.checkpoints_seen.watch.is_some() || self.checkpoints_seen.unwatchable {
+            return;
+        }
+        match checkpoint_files::watch(spec, self.tx.clone(), || Input::CheckpointHint) {
+            Ok(watch) => self.checkpoints_seen.watch = watch,
+            Err(e) => {
+                self.checkpoints_seen.unwatchable = true;
+                say(&format!(
+                    "new checkpoints are looked for every {CHECKPOINT_SCAN:?} only: no file events ({e})"
+                ));
+            }
+        }
+    }
+
     /// Looks for a checkpoint newer than the last one seen; journals it and pushes a checkpoint
     /// event for `attempt` onto `pending` (a stack: the supervisor hears of it before whatever
     /// was pushed earlier, such as the end of the attempt's group).
     /// `last` is the scan when the attempt's processes are all gone: done whatever the cadence,
-    /// so a checkpoint written in its last seconds is still credited to it.
+    /// so a checkpoint written in its last seconds is still credited to it. A file event not yet
+    /// answered makes a look due [`HINT_GAP`] after the last one it caused.
     pub(super) fn rescan_checkpoints(
         &mut self,
         attempt: u32,
@@ -66,17 +131,19 @@ impl Executor<'_> {
         let Some(spec) = &self.plan.checkpoints else {
             return Ok(());
         };
-        if !last
-            && self
-                .checkpoints_seen
-                .scanned
-                .is_some_and(|t| now.saturating_duration_since(t) < CHECKPOINT_SCAN)
-        {
+        let seen = &mut self.checkpoints_seen;
+        let since = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t));
+        let answers_hint = seen.hinted && since(seen.hint_looked).is_none_or(|d| d >= HINT_GAP);
+        if !last && !answers_hint && since(seen.scanned).is_some_and(|d| d < CHECKPOINT_SCAN) {
             return Ok(());
         }
-        self.checkpoints_seen.scanned = Some(now);
-        let found = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""))
-            .and_then(|s| s.discover());
+        seen.hinted = false;
+        seen.scanned = Some(now);
+        let spec = checkpoints::Spec::new(spec, Some(&self.run_dir), Path::new(""));
+        if let Ok(spec) = &spec {
+            self.watch_checkpoints(spec);
+        }
+        let found = spec.and_then(|s| s.discover());
         let Ok(found) = found else {
             // Said when the next attempt starts, where it matters.
             return Ok(());
@@ -99,6 +166,7 @@ impl Executor<'_> {
             return Ok(());
         }
         self.checkpoints_seen.newest = Some((newest.path.clone(), Some(newest.modified)));
+        self.checkpoints_seen.hint_looked = Some(now);
         self.journal(&Record::CheckpointSaved {
             attempt,
             path: newest.path.clone(),
@@ -116,6 +184,30 @@ impl Executor<'_> {
             at: now.checked_sub(age).unwrap_or(now),
         });
         Ok(())
+    }
+
+    /// With `--progress`: journals (and says) how often the job's heartbeats come, once per
+    /// attempt, next to the stall timeout it is measured against. Never an event: it decides
+    /// nothing.
+    pub(super) fn step_interval(
+        &mut self,
+        attempt: u32,
+        heartbeats: u64,
+        median: Duration,
+    ) -> Result<Option<Event>, RunError> {
+        let against = match self.plan.stall_timeout {
+            Some(t) => format!(" (the stall timeout is {t:.0?})"),
+            None => String::new(),
+        };
+        say(&format!(
+            "attempt {attempt}: a heartbeat every {median:.2?} (median of {heartbeats}){against}"
+        ));
+        self.journal(&Record::StepInterval {
+            attempt,
+            heartbeats,
+            median_seconds: median.as_secs_f64(),
+        })?;
+        Ok(None)
     }
 
     /// `py-spy dump --pid PID` of the attempt's leader into `attempt-N.stacks.txt`, when py-spy

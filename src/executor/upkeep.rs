@@ -14,6 +14,21 @@ use crate::supervisor::Supervisor;
 use crate::voice::say;
 
 impl Executor<'_> {
+    /// Says a warning on the console and journals it.
+    pub(super) fn warn(&mut self, message: String) -> Result<(), RunError> {
+        say(&format!("warning: {message}"));
+        self.journal(&journal::Record::Warning { message })
+    }
+
+    /// The command as the user gave it, one string an argument.
+    pub(super) fn command_words(&self) -> Vec<String> {
+        self.plan
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
     /// Tells the kernel reader and the views where the supervisor stands.
     pub(super) fn publish(&mut self, sup: &Supervisor) {
         let live = sup.live_attempt();

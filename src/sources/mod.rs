@@ -3,6 +3,7 @@
 //! stops it, events wrapped into the consumer's type by a function it hands in, and a no-op
 //! variant ([`handle::Handle::noop`]) for a source that is switched off and for tests.
 
+pub mod checkpoint_files;
 pub mod handle;
 pub mod health;
 pub mod kernel;

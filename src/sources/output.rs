@@ -61,6 +61,43 @@ pub enum OutputEvent {
     Closed,
     /// Writing the log failed; pass-through goes on, but the user must know.
     LogFailed(io::Error),
+    /// With a heartbeat regex: the median time between two heartbeat lines, over `heartbeats`
+    /// of them. Sent once, after [`STEP_SAMPLE`] heartbeats (or at the end, with at least two).
+    StepInterval {
+        heartbeats: u64,
+        median: Duration,
+    },
+}
+
+/// Heartbeats after which the step interval is reported.
+pub const STEP_SAMPLE: usize = 10;
+
+/// Times heartbeat lines until the step interval is known.
+#[derive(Debug, Default)]
+struct Steps {
+    times: Vec<Instant>,
+    reported: bool,
+}
+
+impl Steps {
+    /// Notes a heartbeat at `now`; answers the interval when it is time to report it (`end`:
+    /// the stream is over, report what there is).
+    fn beat(&mut self, now: Option<Instant>, end: bool) -> Option<OutputEvent> {
+        if self.reported {
+            return None;
+        }
+        self.times.extend(now);
+        if self.times.len() < 2 || (!end && self.times.len() < STEP_SAMPLE) {
+            return None;
+        }
+        self.reported = true;
+        let mut gaps: Vec<Duration> = self.times.windows(2).map(|w| w[1] - w[0]).collect();
+        gaps.sort_unstable();
+        Some(OutputEvent::StepInterval {
+            heartbeats: self.times.len() as u64,
+            median: gaps[gaps.len() / 2],
+        })
+    }
 }
 
 /// Splits a byte stream into lines for matching, holding at most [`MATCH_CAP`] bytes: a longer
@@ -121,11 +158,14 @@ impl LineSplitter {
 
 /// Starts the pump of one stream of one attempt: the job's stdout goes to gpuwarden's stdout,
 /// anything else to its stderr. `wrap` turns an [`OutputEvent`] into the executor's event type.
+/// `heartbeat` (`--progress`) is the regex of the lines that count as progress; without it,
+/// any output does.
 pub fn spawn<R, E, F>(
     mut pipe: R,
     stream: Stream,
     mut log: File,
     rules: Arc<RuleSet>,
+    heartbeat: Option<regex::Regex>,
     tx: SyncSender<E>,
     wrap: F,
 ) -> io::Result<Handle>
@@ -151,8 +191,13 @@ where
             let mut splitter = LineSplitter::default();
             let mut passing = true;
             let mut logging = true;
+            // Whether a heartbeat line came in the chunk just fed (always, without a regex).
+            let beat = std::cell::Cell::new(false);
             let classify = |line: &[u8]| {
                 let text = String::from_utf8_lossy(line);
+                if heartbeat.as_ref().is_some_and(|re| re.is_match(&text)) {
+                    beat.set(true);
+                }
                 let Some(fault) = rules.classify(stream, &text) else {
                     return false;
                 };
@@ -171,6 +216,7 @@ where
             // Progress: when it was last reported, and output since then not yet reported.
             let mut progress_sent: Option<Instant> = None;
             let mut progress_held: Option<Instant> = None;
+            let mut steps = Steps::default();
             loop {
                 if drained {
                     let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
@@ -208,8 +254,16 @@ where
                     report(OutputEvent::LogFailed(e));
                 }
                 splitter.feed(bytes, &mut classify);
+                if heartbeat.is_some() && !beat.replace(false) {
+                    continue;
+                }
                 // After the pass-through: the terminal must never wait for the supervisor.
                 let now = Instant::now();
+                if heartbeat.is_some()
+                    && let Some(interval) = steps.beat(Some(now), false)
+                {
+                    report(interval);
+                }
                 if progress_sent.is_none_or(|t| now.saturating_duration_since(t) >= PROGRESS_EVERY)
                 {
                     progress_sent = Some(now);
@@ -220,6 +274,9 @@ where
                 }
             }
             splitter.finish(&mut classify);
+            if let Some(interval) = steps.beat(None, true) {
+                report(interval);
+            }
             let _ = log.sync_data();
             report(OutputEvent::Closed);
         },
@@ -264,6 +321,36 @@ mod tests {
             false
         });
         out
+    }
+
+    #[test]
+    fn the_step_interval_is_the_median_gap_reported_once() {
+        let t0 = Instant::now();
+        let mut steps = Steps::default();
+        let ms = |n: u64| Some(t0 + Duration::from_millis(n));
+        // One slow step (an evaluation) does not move the median.
+        for (i, at) in [0, 100, 200, 2200, 2300].into_iter().enumerate() {
+            assert!(steps.beat(ms(at), false).is_none(), "beat {i}");
+        }
+        for at in [2400, 2500, 2600, 2700] {
+            assert!(steps.beat(ms(at), false).is_none());
+        }
+        match steps.beat(ms(2800), false) {
+            Some(OutputEvent::StepInterval { heartbeats, median }) => {
+                assert_eq!(heartbeats, STEP_SAMPLE as u64);
+                assert_eq!(median, Duration::from_millis(100));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(steps.beat(ms(2900), true).is_none());
+        // A short attempt reports what it has at its end.
+        let mut short = Steps::default();
+        short.beat(ms(0), false);
+        short.beat(ms(300), false);
+        assert!(matches!(
+            short.beat(None, true),
+            Some(OutputEvent::StepInterval { heartbeats: 2, .. })
+        ));
     }
 
     #[test]

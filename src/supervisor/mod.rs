@@ -51,6 +51,29 @@ pub struct Policy {
     /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
     /// only then can "no new checkpoint" mean "no progress".
     pub checkpoints_watched: bool,
+    /// `[policy]` in gpuwarden.toml: the action for a fault class, in place of its rule's.
+    pub class_actions: BTreeMap<FaultClass, Action>,
+    /// With checkpoints watched, an attempt that ran this long and wrote no new checkpoint is
+    /// warned about (and louder when the restart after it starts from scratch).
+    pub warn_no_checkpoint_after: Option<Duration>,
+}
+
+impl Policy {
+    /// Gives `fault` the action `[policy]` names for its class; returns what to say when that
+    /// changed it. A stall's `note` is not taken: a stall not acted on would be raised again at
+    /// every tick, and "never stop a silent job" is `--stall-timeout off`.
+    fn apply(&self, fault: &mut Fault) -> Option<String> {
+        let action = *self.class_actions.get(&fault.class)?;
+        if action == fault.action || (action == Action::Note && fault.stream == Stream::Progress) {
+            return None;
+        }
+        let said = format!(
+            "[policy] makes {} `{action}` (rule {} says `{}`)",
+            fault.class, fault.rule, fault.action
+        );
+        fault.action = action;
+        Some(said)
+    }
 }
 
 /// Attempts in a row on one tier that wrote no new checkpoint, after which the tier is given
@@ -552,8 +575,9 @@ impl Supervisor {
         }
     }
 
-    fn on_fault(&mut self, attempt: u32, fault: Fault, now: Instant, out: &mut Vec<Effect>) {
+    fn on_fault(&mut self, attempt: u32, mut fault: Fault, now: Instant, out: &mut Vec<Effect>) {
         let grace = self.policy.grace;
+        let policy_said = self.policy.apply(&mut fault);
         let Phase::Live(live) = &mut self.phase else {
             return;
         };
@@ -568,6 +592,7 @@ impl Supervisor {
             return;
         }
         live.seen.insert(fault.rule.clone(), 1);
+        out.extend(policy_said.map(Effect::Say));
         let record = Effect::Journal(fault_record(attempt, &fault));
         if fault.action == Action::Note {
             out.push(record);
@@ -713,7 +738,8 @@ impl Supervisor {
         }
         let uses_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
         let silent = now.saturating_duration_since(live.last_progress);
-        let fault = stall_fault(uses_gpu, silent, timeout);
+        let mut fault = stall_fault(uses_gpu, silent, timeout);
+        out.extend(self.policy.apply(&mut fault).map(Effect::Say));
         let grace = self.policy.grace;
         let Phase::Live(live) = &mut self.phase else {
             return;
@@ -834,8 +860,9 @@ impl Supervisor {
         // from the exit itself, the outcome does not depend on which thread was faster; a
         // kernel line that comes later is journaled with this attempt.
         if live.stop.is_none()
-            && let Some(fault) = status.and_then(crash_fault)
+            && let Some(mut fault) = status.and_then(crash_fault)
         {
+            out.extend(self.policy.apply(&mut fault).map(Effect::Say));
             out.push(Effect::Journal(fault_record(live.attempt, &fault)));
             out.push(Effect::Say(format!(
                 "fault in attempt {}: {} ({}): {}",
@@ -872,6 +899,10 @@ impl Supervisor {
         if let Some(a) = self.attempts.last_mut() {
             a.ended = Some(now);
             a.ending = ending;
+        }
+        let no_checkpoint = self.no_checkpoint_after(duration);
+        if let Some(message) = &no_checkpoint {
+            warn(message.clone(), out);
         }
 
         let (next_tier, reason) = match live.stop {
@@ -936,6 +967,17 @@ impl Supervisor {
             self.finish(Outcome::BudgetSpent, out);
             return;
         }
+        if no_checkpoint.is_some() && self.attempts.last().is_some_and(|a| a.reached.is_none()) {
+            warn(
+                format!(
+                    "attempt {} starts from scratch: nothing of the {} of attempt {} is kept",
+                    live.attempt + 1,
+                    span_text(duration),
+                    live.attempt
+                ),
+                out,
+            );
+        }
         self.restarts += 1;
         if self.policy.restart_window.is_some() {
             self.restart_times.push(now);
@@ -962,6 +1004,24 @@ impl Supervisor {
                 until: now + delay,
             };
         }
+    }
+
+    /// Issue 11, checkpoint sanity: the warning for the attempt that just ended (the last one),
+    /// when checkpoints are watched and it ran `duration`, at least the threshold, without
+    /// writing one. The usual causes are a `--checkpoints` that does not name where the job
+    /// saves, and a save interval longer than the job gets to run.
+    fn no_checkpoint_after(&self, duration: Duration) -> Option<String> {
+        let threshold = self.policy.warn_no_checkpoint_after?;
+        let a = self.attempts.last()?;
+        if !self.policy.checkpoints_watched || a.wrote_checkpoint || duration < threshold {
+            return None;
+        }
+        Some(format!(
+            "attempt {} ran {} and no new complete checkpoint appeared: check that --checkpoints (`checkpoints` in gpuwarden.toml) names where the job saves, and that the job saves more often than every {}",
+            a.attempt,
+            span_text(duration),
+            span_text(threshold)
+        ))
     }
 
     /// The tier to restart on after `fault` ended an attempt on `tier` (with a note to say when
@@ -1131,6 +1191,22 @@ fn window_text(d: Duration) -> String {
     }
 }
 
+/// A length of time as a person reads it: `42.0s`, `12m05s`, `3h07m`.
+fn span_text(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        3600.. => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        60.. => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{:.1}s", d.as_secs_f64()),
+    }
+}
+
+/// A warning: said on the console and journaled.
+fn warn(message: String, out: &mut Vec<Effect>) {
+    out.push(Effect::Say(format!("warning: {message}")));
+    out.push(Effect::Journal(Record::Warning { message }));
+}
+
 /// The fault of an attempt that made no progress for `silent` (at least the stall `timeout`):
 /// `gpu_hang` on a GPU tier (a wedged kernel or collective is the usual reason a GPU job goes
 /// quiet), `job_stalled` elsewhere.
@@ -1208,6 +1284,8 @@ mod tests {
             stall_timeout: None,
             restart_window: None,
             checkpoints_watched: false,
+            class_actions: BTreeMap::new(),
+            warn_no_checkpoint_after: None,
         }
     }
 
@@ -1683,6 +1761,65 @@ mod tests {
         });
         r.exit(1, JobExit::Code(1));
         assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
+    }
+
+    #[test]
+    fn the_policy_table_overrides_a_class_action_and_says_so() {
+        let mut p = policy();
+        p.class_actions.insert(FaultClass::GpuOom, Action::Restart);
+        p.class_actions.insert(FaultClass::GpuHang, Action::Note);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuOom, Action::Fallback),
+        });
+        assert!(out.iter().any(
+            |e| matches!(e, Effect::Say(m) if m.contains("[policy] makes gpu_oom `restart`"))
+        ));
+        r.exit(1, JobExit::Code(1));
+        r.advance(Duration::from_secs(2));
+        // Restarted on the same tier; a hang made `note` by the policy stops nothing.
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        let out = r.feed(Event::Fault {
+            attempt: 2,
+            fault: fault(FaultClass::GpuHang, Action::Restart),
+        });
+        assert!(signals(&out).is_empty());
+    }
+
+    #[test]
+    fn a_long_attempt_without_a_checkpoint_is_warned_about_and_so_is_a_start_from_scratch() {
+        let mut p = policy();
+        p.checkpoints_watched = true;
+        p.warn_no_checkpoint_after = Some(Duration::from_secs(600));
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.advance(Duration::from_secs(700));
+        let out = r.exit(1, JobExit::Code(1));
+        let warnings: Vec<&String> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::Warning { message }) => Some(message),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("attempt 1 ran 11m40s and no new complete checkpoint"));
+        assert!(warnings[1].starts_with("attempt 2 starts from scratch"));
+        // A short attempt, or one that saved, is no news.
+        r.advance(Duration::from_secs(2));
+        r.feed(Event::Checkpoint {
+            attempt: 2,
+            path: "ckpt/a.pt".into(),
+            at: r.now,
+        });
+        r.advance(Duration::from_secs(900));
+        let out = r.exit(2, JobExit::Code(1));
+        assert!(
+            !out.iter()
+                .any(|e| matches!(e, Effect::Journal(Record::Warning { .. })))
+        );
     }
 
     #[test]

@@ -77,7 +77,9 @@ impl Scene {
             .arg("--ckpt-dir")
             .arg(self.ckpt())
             .args(job)
-            .stdin(Stdio::null());
+            .stdin(Stdio::null())
+            // Learned tiers stay in the scene: one test's faults never move another's start.
+            .env("XDG_STATE_HOME", self.path("state"));
         cmd
     }
 
