@@ -106,14 +106,15 @@ impl KernelClassifier {
         }
     }
 
-    fn classify(&mut self, record: &kmsg::Record) -> Option<Fault> {
+    fn classify(&mut self, record: kmsg::Record) -> Option<Fault> {
         if let Some((message, known)) = &self.previous
             && *message == record.message
         {
             return known.clone();
         }
         let fault = self.rules.classify(Stream::Kernel, &record.text());
-        self.previous = Some((record.message.clone(), fault.clone()));
+        // The record is ours: its message is kept, not copied.
+        self.previous = Some((record.message, fault.clone()));
         fault
     }
 
@@ -157,9 +158,11 @@ impl KernelClassifier {
         let Some(held) = &mut self.held else {
             return false;
         };
-        // Another device's block printed in between does not continue this one.
+        // Another device's block printed in between does not continue this one (a line that
+        // names no device may: older kernels print the process without one).
         if let Some(pci) = held.fault.captures.get("pci")
             && !text.contains(pci.as_str())
+            && names_a_device(text)
         {
             return false;
         }
@@ -176,12 +179,28 @@ impl KernelClassifier {
     }
 }
 
+/// Whether a kernel line names a PCI device (`0000:0b:00.0`).
+fn names_a_device(text: &str) -> bool {
+    text.as_bytes().windows(12).any(|w| {
+        let hex = |r: std::ops::Range<usize>| w[r].iter().all(u8::is_ascii_hexdigit);
+        hex(0..4)
+            && w[4] == b':'
+            && hex(5..7)
+            && w[7] == b':'
+            && hex(8..10)
+            && w[10] == b'.'
+            && w[11].is_ascii_digit()
+    })
+}
+
 impl Classify<KernelFault> for KernelClassifier {
     fn record(&mut self, record: kmsg::Record, now: Instant, out: &mut Vec<Kept<KernelFault>>) {
         let (facility, seq) = (record.facility, record.seq);
-        let fault = self.classify(&record);
-        if self.held.is_some() {
-            if fault.is_none() && self.continues(&record.text()) {
+        // Only while a block is held does the text matter after matching.
+        let held_text = self.held.is_some().then(|| record.text().into_owned());
+        let fault = self.classify(record);
+        if let Some(text) = held_text {
+            if fault.is_none() && self.continues(&text) {
                 // The block named its process: nothing more can change whose it is.
                 if self
                     .held
