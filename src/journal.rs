@@ -156,6 +156,10 @@ pub enum Record {
         /// Kernel-log and health faults: why the fault was judged to concern the job.
         #[serde(skip_serializing_if = "Option::is_none")]
         attribution: Option<String>,
+        /// Whether it starts an incident of the attempt or follows from an earlier fault
+        /// (`crate::incident`), and which.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        incident: Option<crate::incident::Role>,
     },
     /// A kernel-log or health fault that does not concern the job (another process, a device
     /// the job does not use, or nothing to tell): shown and recorded, never acted on.

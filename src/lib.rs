@@ -44,6 +44,7 @@ pub mod demo;
 pub mod executor;
 pub mod exit;
 pub mod gpu;
+pub mod incident;
 pub mod job;
 pub mod journal;
 pub mod ladder;

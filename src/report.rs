@@ -85,6 +85,9 @@ pub struct AttemptReport {
     pub fault: Option<FaultLine>,
     /// Every fault seen, by rule, with how often.
     pub faults: BTreeMap<String, u64>,
+    /// The attempt's faults as incidents: one cause each, with how many of the faults
+    /// journaled after it followed from it (`crate::incident`). Noted faults start none.
+    pub incidents: Vec<IncidentReport>,
     /// How many checkpoints it wrote (`checkpoint_saved` records).
     pub checkpoints_written: u32,
     /// Seconds of this attempt that count as kept (see the module documentation).
@@ -98,6 +101,13 @@ pub struct FaultLine {
     pub action: String,
     pub stream: String,
     pub line: String,
+}
+
+/// One incident of an attempt: its cause, and how many journaled faults followed from it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct IncidentReport {
+    pub cause: FaultLine,
+    pub followed: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -279,6 +289,7 @@ pub fn build(journal: &str) -> Report {
                 let Some(a) = attempt.and_then(|n| find(&mut r.attempts, n)) else {
                     continue;
                 };
+                link_incident(a, &v);
                 if a.fault.is_none() && str_of(&v, "action") != "note" {
                     a.fault = Some(FaultLine {
                         class: str_of(&v, "class"),
@@ -510,6 +521,52 @@ fn goodput(
     }
 }
 
+/// Counts a `fault` record into its attempt's incidents: a cascade (`incident.role`) adds to
+/// the incident of the root it names, anything else acted on starts one. Journals written
+/// before incidents were recorded have no `incident`: each acted-on fault is its own.
+fn link_incident(a: &mut AttemptReport, v: &Value) {
+    let incident = &v["incident"];
+    if incident["role"] == "cascade" {
+        let root = &incident["root"];
+        let (rule, line) = (str_of(root, "rule"), str_of(root, "line"));
+        if let Some(known) = a
+            .incidents
+            .iter_mut()
+            .rev()
+            .find(|i| !root.is_object() || (i.cause.rule == rule && i.cause.line == line))
+        {
+            known.followed += 1;
+            return;
+        }
+        if root.is_object() {
+            // Its root was not journaled as the job's (foreign, or only noted).
+            a.incidents.push(IncidentReport {
+                cause: FaultLine {
+                    class: str_of(root, "class"),
+                    rule,
+                    line,
+                    ..FaultLine::default()
+                },
+                followed: 1,
+            });
+            return;
+        }
+    }
+    if str_of(v, "action") == "note" {
+        return;
+    }
+    a.incidents.push(IncidentReport {
+        cause: FaultLine {
+            class: str_of(v, "class"),
+            rule: str_of(v, "rule"),
+            action: str_of(v, "action"),
+            stream: str_of(v, "stream"),
+            line: str_of(v, "line"),
+        },
+        followed: 0,
+    });
+}
+
 fn find(attempts: &mut [AttemptReport], n: u32) -> Option<&mut AttemptReport> {
     attempts.iter_mut().rev().find(|a| a.attempt == n)
 }
@@ -633,6 +690,16 @@ impl fmt::Display for Report {
                 )?;
                 writeln!(f, "      line:  {}", fault.line)?;
             }
+            // One cause per incident; the faults that only followed from it are counted.
+            if a.incidents.len() > 1 || a.incidents.iter().any(|i| i.followed > 0) {
+                for i in &a.incidents {
+                    writeln!(
+                        f,
+                        "      incident: {} ({}); {} later fault(s) followed from it",
+                        i.cause.class, i.cause.rule, i.followed
+                    )?;
+                }
+            }
         }
         writeln!(f)?;
         writeln!(f, "time per tier:")?;
@@ -746,6 +813,33 @@ mod tests {
             line(60, r#""event":"run_finished","outcome":"succeeded","detail":"the job finished","attempts":2,"restarts":1,"exit_code":0"#),
         ]
         .join("\n")
+    }
+
+    /// Issue 13: an Xid 79 and what followed from it (a second Xid 79, fallen off the bus, the
+    /// NCCL watchdog's fallout) are one incident with one cause.
+    #[test]
+    fn an_incident_names_one_cause_and_counts_what_followed() {
+        let root = r#""incident":{"role":"root"}"#;
+        let cascade = r#""incident":{"role":"cascade","root":{"class":"gpu_lost","rule":"xid-79","line":"NVRM: Xid (PCI:0000:06:00): 79, GPU has fallen off the bus."},"why":"w"}"#;
+        let journal = [
+            line(0, r#""event":"run_started","command":["python","train.py"],"ladder":["gpu","cpu"]"#),
+            line(1, r#""event":"attempt_started","attempt":1,"tier":"gpu","device":"cuda","checkpoint":null,"pid":10"#),
+            line(5, &format!(r#""event":"fault","attempt":1,"class":"gpu_lost","rule":"xid-79","action":"fallback","stream":"kernel","line":"NVRM: Xid (PCI:0000:06:00): 79, GPU has fallen off the bus.",{root}"#)),
+            line(5, &format!(r#""event":"fault","attempt":1,"class":"gpu_lost","rule":"nv-fallen-off-bus","action":"fallback","stream":"kernel","line":"NVRM: GPU 0000:06:00.0: GPU has fallen off the bus.",{cascade}"#)),
+            line(6, &format!(r#""event":"fault","attempt":1,"class":"collective_failure","rule":"nccl-watchdog-exception","action":"restart","stream":"stderr","line":"watchdog",{cascade}"#)),
+            line(7, r#""event":"attempt_ended","attempt":1,"tier":"gpu","status":{"signal":15,"name":"SIGTERM"},"ended_by":"gpu_lost (xid-79)","faults":{},"seconds":6.0"#),
+        ]
+        .join("\n");
+        let r = build(&journal);
+        let a = &r.attempts[0];
+        assert_eq!(a.incidents.len(), 1, "{:?}", a.incidents);
+        assert_eq!(a.incidents[0].cause.rule, "xid-79");
+        assert_eq!(a.incidents[0].followed, 2);
+        let text = r.to_string();
+        assert!(
+            text.contains("incident: gpu_lost (xid-79); 2 later fault(s) followed from it"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1339,3 +1339,69 @@ fn a_device_fault_read_after_the_job_died_still_belongs_to_its_attempt() {
         assert!(dead(worker as i32), "worker {worker} survived");
     }
 }
+
+/// Issue 13: an amdgpu block names its process on the line after its fault line. Judged on its
+/// first line alone, the job's ring timeout, on a machine where the job uses no GPU, would be
+/// called foreign; held until its process line, it is the job's. A block whose process line
+/// never comes is judged by its device once the hold ends.
+#[test]
+fn an_amdgpu_block_whose_process_comes_a_line_later_is_the_jobs() {
+    let scene = Scene::new();
+    let mut kmsg = KernelLog::new(&scene);
+    let config = fast_config(&scene);
+    let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
+    let machine = bare_machine(&scene);
+    extra.extend(machine.iter().map(String::as_str));
+    let run = Running::start(
+        scene.command(
+            &extra,
+            &[
+                "--device",
+                "{device}",
+                "--resume",
+                "{checkpoint}",
+                "--sleep",
+                "0.05",
+                "--steps",
+                "40",
+            ],
+        ),
+        &scene,
+    );
+    let pid = trainer_pid(&scene, 1);
+    // Real forms (pop-os/cosmic-epoch#3764, ollama/ollama#7723).
+    let lone = "amdgpu 0000:86:00.0: [drm:amdgpu_job_timedout [amdgpu]] *ERROR* ring sdma0 timeout, signaled seq=857, emitted seq=859";
+    kmsg.append(lone);
+    let foreign = wait_for_records(&scene, "foreign_fault", 1);
+    let timeout =
+        "amdgpu 0000:86:00.0: ring gfx_0.0.0 timeout, signaled seq=57638, emitted seq=57641";
+    let process =
+        format!("amdgpu 0000:86:00.0:  Process python3 pid {pid} thread python3:cs0 pid {pid}");
+    kmsg.append(timeout);
+    let timeout_seq = kmsg.seq;
+    kmsg.append(&process);
+    let (status, stderr) = run.finish();
+
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    assert_eq!(foreign[0]["line"], lone);
+    assert_eq!(
+        foreign[0]["reason"],
+        "device 0000:86:00.0: the job uses no GPU of this machine on its current tier"
+    );
+    let journal = scene.journal();
+    assert_eq!(records(&journal, "foreign_fault").len(), 1, "{journal:#?}");
+    let fault = one(&journal, "fault");
+    assert_eq!(fault["attempt"], 1);
+    assert_eq!(fault["rule"], "amdgpu-ring-timeout");
+    assert_eq!(fault["class"], "gpu_hang");
+    assert_eq!(fault["line"], timeout);
+    assert_eq!(fault["captures"]["pid"], pid.to_string());
+    assert_eq!(fault["captures"]["process"], "python3");
+    assert_eq!(
+        fault["attribution"],
+        format!("pid {pid} is in the job's process tree (kernel record {timeout_seq})")
+    );
+    // A hang restarts the job once.
+    attempt_record(&journal, "attempt_started", 2);
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+}

@@ -4,7 +4,9 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use gpuwarden::incident::{Linker, Role, SCAN_WINDOW_LINES};
 use gpuwarden::rules::RuleSet;
+use gpuwarden::rules::group::Finding;
 use gpuwarden::sources::kernel::KernelSource;
 
 use super::error;
@@ -70,8 +72,9 @@ pub fn scan(args: ScanArgs) -> i32 {
                 }
             }
         };
+        let mut incidents = Linker::new(SCAN_WINDOW_LINES);
         let result = scan::scan(&rules, stream, input, |finding| {
-            scan::write_finding(&mut out, args.json, &name, many, finding)
+            write_linked(&mut out, args.json, &name, many, finding, &mut incidents)
         });
         match result {
             Ok(summary) => {
@@ -139,11 +142,12 @@ fn scan_kernel(rules: &RuleSet, stream: Option<gpuwarden::rules::Stream>, json: 
     let name = kernel::DEV_KMSG;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut incidents = Linker::new(SCAN_WINDOW_LINES);
     let result = gpuwarden::scan::scan(
         rules,
         stream.or(Some(gpuwarden::rules::Stream::Kernel)),
         text.as_slice(),
-        |finding| gpuwarden::scan::write_finding(&mut out, json, name, false, finding),
+        |finding| write_linked(&mut out, json, name, false, finding, &mut incidents),
     );
     let _ = out.flush();
     match result {
@@ -168,4 +172,45 @@ fn scan_kernel(rules: &RuleSet, stream: Option<gpuwarden::rules::Stream>, json: 
             scan_exit::ERROR
         }
     }
+}
+
+/// A finding as `scan --json` prints it, with its place in its incident.
+#[derive(serde::Serialize)]
+struct Linked<'a> {
+    #[serde(flatten)]
+    record: gpuwarden::scan::Record<'a>,
+    incident: &'a Role,
+}
+
+/// Writes a finding with what it is in its incident: a cause (`root`), or a fault that follows
+/// from an earlier finding (`cascade`, naming it), so that one incident names one cause.
+fn write_linked(
+    out: &mut impl Write,
+    json: bool,
+    file: &str,
+    show_file: bool,
+    finding: &Finding,
+    incidents: &mut Linker,
+) -> std::io::Result<()> {
+    let role = incidents.link(&finding.fault, finding.line as f64, Some(finding.line));
+    if json {
+        let linked = Linked {
+            record: gpuwarden::scan::Record::new(file, finding),
+            incident: &role,
+        };
+        serde_json::to_writer(&mut *out, &linked).map_err(std::io::Error::other)?;
+        return writeln!(out);
+    }
+    gpuwarden::scan::write_human(out, show_file.then_some(file), finding)?;
+    if let Role::Cascade { root, why } = &role {
+        match root.as_ref().and_then(|r| r.at_line.map(|l| (l, r))) {
+            Some((line, root)) => writeln!(
+                out,
+                "             follows from line {line} ({}): {why}",
+                root.rule
+            ),
+            None => writeln!(out, "             follows from an earlier fault: {why}"),
+        }?;
+    }
+    Ok(())
 }

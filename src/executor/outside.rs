@@ -4,15 +4,15 @@
 //! or a bounded report of someone else's fault.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{Executor, Input, RunError, lock};
 use crate::attribution::{JobView, pci_slot};
 use crate::journal::Record;
-use crate::rules::{Fault, RuleSet, Stream};
+use crate::rules::{Fault, FaultClass, Joins, RuleSet, Stream};
 use crate::snapshot::{FaultNote, KernelState};
 use crate::sources::health::HealthEvent;
-use crate::sources::kernel::{self, FollowConfig, Kept, KernelEvent, KernelSource};
+use crate::sources::kernel::{self, Classify, FollowConfig, Kept, KernelEvent, KernelSource};
 use crate::sources::kmsg;
 use crate::supervisor::Event;
 use crate::supervisor::outside::{Admission, Outside, whose};
@@ -36,32 +36,100 @@ fn facility_name(facility: u8) -> String {
     }
 }
 
+/// How long a kernel fault that names no process is held for the line that names it.
+///
+/// The kernel prints a block's lines back to back: in the public reports of
+/// `tests/data/corpus` the process line of an amdgpu page fault or ring timeout came 2 to 150 µs
+/// after the fault line, and on the test machine two records written back to back into
+/// `/dev/kmsg` reached a reader 6 µs apart (median of 40 pairs, 17 µs at most). 100 ms is
+/// hundreds of times that, and covers one poll (50 ms) of a file-backed kernel log. A block
+/// usually ends sooner: at its process line, or at the next record that does not continue it.
+pub const BLOCK_HOLD: Duration = Duration::from_millis(100);
+
+/// A kernel fault waiting for the rest of its block.
+#[derive(Debug)]
+struct Held {
+    fault: Fault,
+    facility: u8,
+    seq: u64,
+    until: Instant,
+}
+
 /// The kernel reader's classifier: match the catalog, gather the facts, have them judged, all
 /// before the reader's bounded queue. The job's faults must reach the loop (`Kept::Must`);
 /// only the first few foreign reports may be dropped, and the rest never leave the thread.
-fn classifier(
+///
+/// A fault line that names no process, of a class whose process can come on a line of its
+/// own (amdgpu: `ring gfx_0.0.0 timeout` then `Process python3 pid 2113 thread ...`), is held
+/// until that line comes, until a record that does not continue it, or for [`BLOCK_HOLD`]; then
+/// it is judged with what the block said. Judged on its first line alone, the job's own fault
+/// would be called foreign.
+struct KernelClassifier {
     rules: Arc<RuleSet>,
     view: Arc<Mutex<JobView>>,
     outside: Arc<Mutex<Outside>>,
-) -> impl FnMut(kmsg::Record) -> Option<Kept<KernelFault>> + Send + 'static {
-    // A flood repeats one message word for word: the previous message and what it was answer
-    // for it without matching the whole catalog again (about 100 µs a fault line).
-    let mut previous: Option<(Vec<u8>, Option<Fault>)> = None;
-    move |record: kmsg::Record| {
-        let (facility, seq) = (record.facility, record.seq);
-        let mut fault = match &previous {
-            Some((message, known)) if *message == record.message => known.clone()?,
-            _ => {
-                let fault = rules.classify(Stream::Kernel, &record.text());
-                // The record is ours: its message is kept, not copied.
-                previous = Some((record.message, fault.clone()));
-                fault?
-            }
-        };
+    /// A flood repeats one message word for word: the previous message and what it was answer
+    /// for it without matching the whole catalog again (about 100 µs a fault line).
+    previous: Option<(Vec<u8>, Option<Fault>)>,
+    /// The classes a kernel context line can add a pid to.
+    gains_pid: Vec<FaultClass>,
+    held: Option<Held>,
+    hold: Duration,
+}
+
+impl KernelClassifier {
+    fn new(
+        rules: Arc<RuleSet>,
+        view: Arc<Mutex<JobView>>,
+        outside: Arc<Mutex<Outside>>,
+        hold: Duration,
+    ) -> KernelClassifier {
+        let gains_pid = FaultClass::ALL
+            .into_iter()
+            .filter(|&class| {
+                rules.contexts().iter().any(|c| {
+                    c.joins == Joins::After
+                        && c.streams.contains(&Stream::Kernel)
+                        && c.joins_class(class)
+                        && c.regex().contains("?P<pid>")
+                })
+            })
+            .collect();
+        KernelClassifier {
+            rules,
+            view,
+            outside,
+            previous: None,
+            gains_pid,
+            held: None,
+            hold,
+        }
+    }
+
+    fn classify(&mut self, record: kmsg::Record) -> Option<Fault> {
+        if let Some((message, known)) = &self.previous
+            && *message == record.message
+        {
+            return known.clone();
+        }
+        let fault = self.rules.classify(Stream::Kernel, &record.text());
+        // The record is ours: its message is kept, not copied.
+        self.previous = Some((record.message, fault.clone()));
+        fault
+    }
+
+    /// Judges a whole fault: whose it is, and whether it must reach the loop.
+    fn judge(
+        &self,
+        mut fault: Fault,
+        facility: u8,
+        seq: u64,
+        now: Instant,
+    ) -> Option<Kept<KernelFault>> {
         fault.facility = Some(facility_name(facility));
-        let facts = lock(&view).facts(&fault, false);
+        let facts = lock(&self.view).facts(&fault, false);
         let verdict = whose(&fault, &facts);
-        let admission = lock(&outside).admit(fault, verdict, Instant::now());
+        let admission = lock(&self.outside).admit(fault, verdict, now);
         let must = match admission {
             Admission::Held => return None,
             Admission::Act { .. } => true,
@@ -78,6 +146,97 @@ fn classifier(
             Kept::May(kept)
         })
     }
+
+    fn release(&mut self, now: Instant, out: &mut Vec<Kept<KernelFault>>) {
+        if let Some(held) = self.held.take() {
+            out.extend(self.judge(held.fault, held.facility, held.seq, now));
+        }
+    }
+
+    /// The held fault takes what a continuation line says; true when the line continues it.
+    fn continues(&mut self, text: &str) -> bool {
+        let Some(held) = &mut self.held else {
+            return false;
+        };
+        // Another device's block printed in between does not continue this one (a line that
+        // names no device may: older kernels print the process without one).
+        if let Some(pci) = held.fault.captures.get("pci")
+            && !text.contains(pci.as_str())
+            && names_a_device(text)
+        {
+            return false;
+        }
+        let Some(context) = self.rules.context(Some(Stream::Kernel), text) else {
+            return false;
+        };
+        if context.context.joins != Joins::After || !context.context.joins_class(held.fault.class) {
+            return false;
+        }
+        for (name, value) in context.captures {
+            held.fault.captures.entry(name).or_insert(value);
+        }
+        true
+    }
+}
+
+/// Whether a kernel line names a PCI device (`0000:0b:00.0`).
+fn names_a_device(text: &str) -> bool {
+    text.as_bytes().windows(12).any(|w| {
+        let hex = |r: std::ops::Range<usize>| w[r].iter().all(u8::is_ascii_hexdigit);
+        hex(0..4)
+            && w[4] == b':'
+            && hex(5..7)
+            && w[7] == b':'
+            && hex(8..10)
+            && w[10] == b'.'
+            && w[11].is_ascii_digit()
+    })
+}
+
+impl Classify<KernelFault> for KernelClassifier {
+    fn record(&mut self, record: kmsg::Record, now: Instant, out: &mut Vec<Kept<KernelFault>>) {
+        let (facility, seq) = (record.facility, record.seq);
+        // Only while a block is held does the text matter after matching.
+        let held_text = self.held.is_some().then(|| record.text().into_owned());
+        let fault = self.classify(record);
+        if let Some(text) = held_text {
+            if fault.is_none() && self.continues(&text) {
+                // The block named its process: nothing more can change whose it is.
+                if self
+                    .held
+                    .as_ref()
+                    .is_some_and(|h| h.fault.captures.contains_key("pid"))
+                {
+                    self.release(now, out);
+                }
+                return;
+            }
+            self.release(now, out);
+        }
+        let Some(fault) = fault else {
+            return;
+        };
+        if !fault.captures.contains_key("pid") && self.gains_pid.contains(&fault.class) {
+            self.held = Some(Held {
+                fault,
+                facility,
+                seq,
+                until: now + self.hold,
+            });
+            return;
+        }
+        out.extend(self.judge(fault, facility, seq, now));
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.held.as_ref().map(|h| h.until)
+    }
+
+    fn due(&mut self, now: Instant, out: &mut Vec<Kept<KernelFault>>) {
+        if self.held.as_ref().is_some_and(|h| h.until <= now) {
+            self.release(now, out);
+        }
+    }
 }
 
 impl Executor<'_> {
@@ -85,12 +244,13 @@ impl Executor<'_> {
     /// to leave the job unsupervised.
     pub(super) fn follow_kernel(&mut self, source: KernelSource) -> Result<(), RunError> {
         self.rules.prepare(&[Stream::Kernel]);
-        let classify = classifier(
+        let classify = KernelClassifier::new(
             Arc::clone(&self.rules),
             Arc::clone(&self.view),
             Arc::clone(&self.outside),
+            BLOCK_HOLD,
         );
-        match kernel::follow_kept(
+        match kernel::follow_held(
             FollowConfig::new(source),
             classify,
             self.tx.clone(),

@@ -28,6 +28,9 @@
 //!   with [`KernelEvent::GaveUp`]. The thread catches the panic and runs its read loop again
 //!   (reopening the source after an I/O error), so the classifier, the channel and the count
 //!   of sequence numbers survive the restart and records missed meanwhile are reported lost.
+//! - **Blocks are decided whole.** A classifier may hold a record back ([`Classify`]) until the
+//!   lines that complete it arrive (an amdgpu fault names its process a line later); the reader
+//!   wakes at the classifier's deadline to hand it on even when no record comes.
 //! - **Degrade, don't die.** Without permission to read `/dev/kmsg` (or without the device), the
 //!   follower says so once ([`KernelEvent::Unavailable`]) and does nothing more.
 //! - **Stops promptly.** [`Handle::stop`] wakes the reader through a pipe it polls with the
@@ -230,6 +233,41 @@ pub enum Kept<T> {
     May(T),
 }
 
+/// A classifier that may hold a record back until the lines that complete it have come: an
+/// amdgpu fault names its process a line later (`ring gfx_0.0.0 timeout` ... then ` Process
+/// python3 pid 2113 thread ...`), and whose fault it is can only be decided on the whole block.
+///
+/// The reader thread hands it every record, and asks it for what is due whenever its
+/// [`Classify::deadline`] passes, even when no record comes. What it returns in `out` is handed
+/// on in that order.
+pub trait Classify<T>: Send + 'static {
+    /// One record read at `now`: push what is ready to go (possibly a block it was holding,
+    /// which this record ends, then this one).
+    fn record(&mut self, record: Record, now: Instant, out: &mut Vec<Kept<T>>);
+    /// When what it holds must be decided even if no record comes; `None` when it holds nothing.
+    fn deadline(&self) -> Option<Instant>;
+    /// Pushes what is due at `now` (everything, when `now` is past every deadline).
+    fn due(&mut self, now: Instant, out: &mut Vec<Kept<T>>);
+}
+
+/// A classifier that decides each record on its own and holds nothing.
+struct Alone<C>(C);
+
+impl<T, C> Classify<T> for Alone<C>
+where
+    C: FnMut(Record) -> Option<Kept<T>> + Send + 'static,
+{
+    fn record(&mut self, record: Record, _now: Instant, out: &mut Vec<Kept<T>>) {
+        out.extend((self.0)(record));
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+
+    fn due(&mut self, _now: Instant, _out: &mut Vec<Kept<T>>) {}
+}
+
 /// Like [`follow`], with a classifier that says which records must not be dropped.
 pub fn follow_kept<T, E, C, W>(
     config: FollowConfig,
@@ -241,6 +279,22 @@ where
     T: 'static,
     E: Send + 'static,
     C: FnMut(Record) -> Option<Kept<T>> + Send + 'static,
+    W: Fn(KernelEvent<T>) -> E + Send + 'static,
+{
+    follow_held(config, Alone(classify), tx, wrap)
+}
+
+/// Like [`follow_kept`], with a classifier that may hold records back ([`Classify`]).
+pub fn follow_held<T, E, C, W>(
+    config: FollowConfig,
+    classify: C,
+    tx: SyncSender<E>,
+    wrap: W,
+) -> io::Result<Follower>
+where
+    T: 'static,
+    E: Send + 'static,
+    C: Classify<T>,
     W: Fn(KernelEvent<T>) -> E + Send + 'static,
 {
     let stop = Arc::new(AtomicBool::new(false));
@@ -357,7 +411,7 @@ struct Worker<T, E, C, W> {
 
 impl<T, E, C, W> Worker<T, E, C, W>
 where
-    C: FnMut(Record) -> Option<Kept<T>>,
+    C: Classify<T>,
     W: Fn(KernelEvent<T>) -> E,
 {
     fn run(mut self, first: io::Result<Input>) {
@@ -456,17 +510,23 @@ where
     fn pump_kmsg(&mut self, file: &mut File) -> io::Result<Exit> {
         let mut buf = vec![0u8; READ_BUF];
         loop {
+            self.release(Instant::now());
             self.flush();
             if let Some(exit) = self.exit() {
                 return Ok(exit);
             }
             // Wait for a record or the stop byte; while the outbox holds something, wake up
-            // in a while to offer it again.
-            let timeout = if self.outbox.is_empty() {
-                PollTimeout::NONE
+            // in a while to offer it again, and when the classifier holds a block, by its
+            // deadline.
+            let mut timeout = if self.outbox.is_empty() {
+                None
             } else {
-                poll_timeout(RETRY)
+                Some(RETRY)
             };
+            if let Some(left) = self.held_for() {
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
+            let timeout = timeout.map_or(PollTimeout::NONE, poll_timeout_ceil);
             let mut fds = [
                 PollFd::new(file.as_fd(), PollFlags::POLLIN),
                 PollFd::new(self.wake.as_fd(), PollFlags::POLLIN),
@@ -501,6 +561,7 @@ where
     fn pump_file(&mut self, tail: &mut Tail) -> io::Result<Exit> {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
+            self.release(Instant::now());
             self.flush();
             if let Some(exit) = self.exit() {
                 return Ok(exit);
@@ -533,11 +594,14 @@ where
             } else if tail.lines.holds_record() {
                 tail.quiet = true;
             }
-            let pause = if self.outbox.is_empty() {
+            let mut pause = if self.outbox.is_empty() {
                 FILE_POLL
             } else {
                 RETRY
             };
+            if let Some(left) = self.held_for() {
+                pause = pause.min(left.max(Duration::from_millis(1)));
+            }
             if self.wait(pause) {
                 return Ok(Exit::Stopped);
             }
@@ -572,11 +636,34 @@ where
             self.outbox.lost(records);
             self.flush();
         }
-        match (self.classify)(record) {
-            Some(Kept::Must(kept)) => self.notice(KernelEvent::Record(kept)),
-            Some(Kept::May(kept)) => self.forward(KernelEvent::Record(kept)),
-            None => {}
+        let mut out = Vec::new();
+        self.classify.record(record, Instant::now(), &mut out);
+        self.hand_on(out);
+    }
+
+    fn hand_on(&mut self, kept: Vec<Kept<T>>) {
+        for kept in kept {
+            match kept {
+                Kept::Must(kept) => self.notice(KernelEvent::Record(kept)),
+                Kept::May(kept) => self.forward(KernelEvent::Record(kept)),
+            }
         }
+    }
+
+    /// Hands on what the classifier holds and is due at `now`.
+    fn release(&mut self, now: Instant) {
+        if self.classify.deadline().is_some_and(|d| d <= now) {
+            let mut out = Vec::new();
+            self.classify.due(now, &mut out);
+            self.hand_on(out);
+        }
+    }
+
+    /// How long until the classifier's deadline, if it holds anything.
+    fn held_for(&self) -> Option<Duration> {
+        self.classify
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()))
     }
 
     /// A bad record is reported like a kept one, and dropped like one: a file of garbage must
@@ -622,6 +709,12 @@ where
     /// The reader is ending (`Unavailable`, `GaveUp`): hand on what is held, waiting for room
     /// as long as it takes, but never past a stop.
     fn deliver_last(&mut self) {
+        // A block the classifier holds is decided now: nothing more will complete it.
+        if self.classify.deadline().is_some() {
+            let mut out = Vec::new();
+            self.classify.due(far_future(), &mut out);
+            self.hand_on(out);
+        }
         loop {
             self.flush();
             if self.outbox.is_empty() || self.disconnected || self.wait(RETRY) {
@@ -644,6 +737,17 @@ where
 
 fn poll_timeout(d: Duration) -> PollTimeout {
     PollTimeout::from(u16::try_from(d.as_millis()).unwrap_or(u16::MAX))
+}
+
+/// A time past any deadline a classifier can set.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400)
+}
+
+/// Like [`poll_timeout`], rounding up: a deadline a fraction of a millisecond away must not
+/// become a busy loop of zero-length polls.
+fn poll_timeout_ceil(d: Duration) -> PollTimeout {
+    poll_timeout(d.saturating_add(Duration::from_micros(999)))
 }
 
 /// Records the sequence number of a record just read; returns the loss it reveals, if any:
@@ -947,6 +1051,60 @@ mod tests {
         assert!(matches!(next(&rx), KernelEvent::Malformed { raw, .. } if raw == "not a record"));
         assert_eq!(next(&rx), KernelEvent::Lost { records: Some(4) });
         assert_eq!(message(&next(&rx)), "seven");
+        follower.stop();
+    }
+
+    /// Holds each record until the next one or its deadline, like a block waiting for its
+    /// process line.
+    struct HoldOne {
+        held: Option<(u64, Instant)>,
+        hold: Duration,
+    }
+
+    impl Classify<u64> for HoldOne {
+        fn record(&mut self, record: Record, now: Instant, out: &mut Vec<Kept<u64>>) {
+            out.extend(self.held.take().map(|(seq, _)| Kept::Must(seq)));
+            self.held = Some((record.seq, now + self.hold));
+        }
+        fn deadline(&self) -> Option<Instant> {
+            self.held.map(|(_, until)| until)
+        }
+        fn due(&mut self, now: Instant, out: &mut Vec<Kept<u64>>) {
+            if self.held.is_some_and(|(_, until)| until <= now) {
+                out.extend(self.held.take().map(|(seq, _)| Kept::Must(seq)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_held_record_goes_out_at_the_next_record_or_at_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, source) = file_source(&dir, true);
+        append(&path, "4,1,1,-;first\n4,2,2,-;second\n");
+        let (tx, rx) = sync_channel(8);
+        let hold = Duration::from_millis(100);
+        let started = Instant::now();
+        let follower = follow_held(
+            FollowConfig::new(source),
+            HoldOne { held: None, hold },
+            tx,
+            |e| e,
+        )
+        .unwrap();
+        let seq = |rx: &Receiver<KernelEvent<u64>>| match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(KernelEvent::Record(seq)) => seq,
+            other => panic!("{other:?}"),
+        };
+        // The first goes out when the second arrives; the second, with nothing after it, at
+        // its deadline and not much later.
+        assert_eq!(seq(&rx), 1);
+        assert_eq!(seq(&rx), 2);
+        let took = started.elapsed();
+        assert!(took >= hold, "released before its deadline: {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "held far past its deadline: {took:?}"
+        );
         follower.stop();
     }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use crate::job::{JobExit, Sig};
 
 pub mod outside;
+use crate::incident::{Linker, RUN_WINDOW_SECONDS, Role};
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
 
@@ -286,6 +287,10 @@ struct Live {
     seen: BTreeMap<String, u64>,
     /// The latest evidence of progress (the start counts as progress).
     last_progress: Instant,
+    /// When the attempt started: incidents are linked by the time since.
+    started: Instant,
+    /// The attempt's faults linked into incidents: which is a cause, which follows from one.
+    incidents: Linker,
 }
 
 impl Live {
@@ -551,6 +556,8 @@ impl Supervisor {
             drained: Vec::new(),
             seen: BTreeMap::new(),
             last_progress: now,
+            started: now,
+            incidents: Linker::new(RUN_WINDOW_SECONDS),
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -593,7 +600,9 @@ impl Supervisor {
         }
         live.seen.insert(fault.rule.clone(), 1);
         out.extend(policy_said.map(Effect::Say));
-        let record = Effect::Journal(fault_record(attempt, &fault));
+        let since = now.saturating_duration_since(live.started).as_secs_f64();
+        let role = live.incidents.link(&fault, since, None);
+        let record = Effect::Journal(fault_record(attempt, &fault, Some(role)));
         if fault.action == Action::Note {
             out.push(record);
             return;
@@ -746,7 +755,9 @@ impl Supervisor {
         };
         let attempt = live.attempt;
         live.seen.insert(fault.rule.clone(), 1);
-        out.push(Effect::Journal(fault_record(attempt, &fault)));
+        let since = now.saturating_duration_since(live.started).as_secs_f64();
+        let role = live.incidents.link(&fault, since, None);
+        out.push(Effect::Journal(fault_record(attempt, &fault, Some(role))));
         out.push(Effect::Say(format!(
             "fault in attempt {attempt}: {} ({}): {}",
             fault.class,
@@ -863,7 +874,13 @@ impl Supervisor {
             && let Some(mut fault) = status.and_then(crash_fault)
         {
             out.extend(self.policy.apply(&mut fault).map(Effect::Say));
-            out.push(Effect::Journal(fault_record(live.attempt, &fault)));
+            let since = now.saturating_duration_since(live.started).as_secs_f64();
+            let role = live.incidents.link(&fault, since, None);
+            out.push(Effect::Journal(fault_record(
+                live.attempt,
+                &fault,
+                Some(role),
+            )));
             out.push(Effect::Say(format!(
                 "fault in attempt {}: {} ({}): {}",
                 live.attempt,
@@ -1164,7 +1181,7 @@ impl Supervisor {
 }
 
 /// The journal record of a fault acted on in `attempt`.
-fn fault_record(attempt: u32, fault: &Fault) -> Record {
+fn fault_record(attempt: u32, fault: &Fault, incident: Option<Role>) -> Record {
     Record::Fault {
         attempt,
         class: fault.class,
@@ -1176,6 +1193,7 @@ fn fault_record(attempt: u32, fault: &Fault) -> Record {
         captures: fault.captures.clone(),
         facility: fault.facility.clone(),
         attribution: fault.attribution.clone(),
+        incident,
     }
 }
 
@@ -1509,6 +1527,43 @@ mod tests {
             stream: Stream::Kernel,
             rule: "xid-31".to_string(),
             ..fault(FaultClass::GpuMemoryFault, Action::Fallback)
+        }
+    }
+
+    /// Issue 13: the job's own report of a GPU fault the kernel reported first, and the
+    /// collective's fallout, are journaled as following from the kernel's fault.
+    #[test]
+    fn faults_that_follow_from_the_first_are_journaled_as_its_cascade() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let mut all = r.feed(Event::Fault {
+            attempt: 1,
+            fault: kernel_fault(),
+        });
+        all.extend(r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
+        }));
+        all.extend(r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::CollectiveFailure, Action::Restart),
+        }));
+        let incidents: Vec<Role> = all
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(Record::Fault { incident, .. }) => incident.clone(),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(incidents.len(), 3, "{all:#?}");
+        assert_eq!(incidents[0], Role::Root);
+        for role in &incidents[1..] {
+            match role {
+                Role::Cascade {
+                    root: Some(root), ..
+                } => assert_eq!(root.rule, "xid-31"),
+                other => panic!("not a cascade of the Xid: {other:?}"),
+            }
         }
     }
 
