@@ -36,6 +36,37 @@ fn demo_faults_on_gpu_resumes_on_cpu_and_finishes() {
     );
     assert!(stderr.contains("gpu_memory_fault"), "{stderr}");
 
+    // Issue 12, its own voice: the user's view, not internals.
+    assert!(!stderr.contains("__demo-job"), "{stderr}");
+    assert!(
+        stderr.contains("gpuwarden: supervising: the demo's training job"),
+        "{stderr}"
+    );
+    // Paths as seen from where the user stands (the run directory is under it).
+    assert!(
+        stderr.contains("gpuwarden: run directory: run\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("resuming from run/checkpoints/ckpt-step00015.safetensors"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&dir.path().display().to_string()),
+        "{stderr}"
+    );
+    // Not a terminal: no colour.
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    // The summary table fits 80 columns.
+    let table: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("  attempt"))
+        .collect();
+    assert_eq!(table.len(), 3, "{stderr}");
+    for line in table {
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+
     let journal = read_jsonl(&run_dir.join("journal.jsonl"));
     let starts: Vec<_> = journal
         .iter()

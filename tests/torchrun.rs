@@ -74,6 +74,13 @@ fn rank_fault_restarts_every_rank_from_the_checkpoint(launcher: &[&str], own_ses
         "{stderr}"
     );
 
+    // The command as typed, ready to be copied back into a shell.
+    let supervising = format!(
+        "gpuwarden: supervising: {} {rank} --device {{device}}",
+        launcher.join(" ")
+    );
+    assert!(stderr.contains(&supervising), "{stderr}");
+
     let starts = read_jsonl(&record);
     assert_eq!(starts.len(), 4, "two ranks, two attempts: {starts:?}");
     let (first, second) = starts.split_at(2);

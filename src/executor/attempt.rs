@@ -200,7 +200,7 @@ impl Executor<'_> {
             tier.name,
             tier.device,
             match &checkpoint {
-                Some(c) => format!(", resuming from {}", c.display()),
+                Some(c) => format!(", resuming from {}", crate::voice::shown_path(c)),
                 None => String::new(),
             }
         ));

@@ -265,9 +265,12 @@ pub fn run(
         ))?,
     }
     say(&format!(
-        "supervising `{}`; run directory {}",
-        exec.command_words().join(" "),
-        run_dir.display()
+        "supervising: {}",
+        crate::voice::job_line(&plan.command)
+    ));
+    say(&format!(
+        "run directory: {}",
+        crate::voice::shown_path(&run_dir)
     ));
 
     let policy = Policy {
