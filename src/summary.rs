@@ -58,8 +58,8 @@ const MIN_COLUMN: usize = 12;
 const HEADER: [&str; 5] = ["attempt", "tier", "resumed from", "ended by", "time"];
 
 /// The table's lines, each at most `width` characters where the cells allow it: while too wide,
-/// the wider of "resumed from" (cut at the start: the file name is what tells checkpoints apart)
-/// and "ended by" (cut at the end) gives up a character.
+/// "ended by" drops the detail in parentheses, then "resumed from" is cut at its start (the file
+/// name is what tells checkpoints apart), then "ended by" at its end.
 fn table(rows: &[[String; 5]], width: usize) -> Vec<String> {
     let header = HEADER.map(String::from);
     let mut widths = header.clone().map(|h| h.chars().count());
@@ -70,12 +70,21 @@ fn table(rows: &[[String; 5]], width: usize) -> Vec<String> {
     }
     // Two spaces of indent, two between columns.
     let total = |w: &[usize; 5]| 2 + w.iter().sum::<usize>() + 2 * (w.len() - 1);
-    while total(&widths) > width {
-        let column = if widths[2] >= widths[3] { 2 } else { 3 };
-        if widths[column] <= MIN_COLUMN {
-            break;
+    // First "ended by" down to its endings without their parenthesised detail, then "resumed
+    // from" (its start), then "ended by" again.
+    let heads = rows
+        .iter()
+        .map(|r| r[3].split(" (").next().unwrap_or("").chars().count())
+        .max()
+        .unwrap_or(0);
+    for (column, floor) in [
+        (3, heads.max(HEADER[3].len())),
+        (2, MIN_COLUMN),
+        (3, MIN_COLUMN),
+    ] {
+        while total(&widths) > width && widths[column] > floor {
+            widths[column] -= 1;
         }
-        widths[column] -= 1;
     }
     std::iter::once(&header)
         .chain(rows)
@@ -159,6 +168,12 @@ mod tests {
             assert!(line.chars().count() <= 80, "{line}");
         }
         assert!(lines[2].contains("…"), "{}", lines[2]);
+        // The path keeps as much as the shortened ending leaves room for.
+        assert!(
+            lines[2].contains("heckpoints/ckpt-step00015"),
+            "{}",
+            lines[2]
+        );
         assert!(
             lines[2].contains("ckpt-step00015.safetensors"),
             "{}",
