@@ -87,7 +87,8 @@ fn stamp() -> String {
 /// journal has the facts). Write errors are ignored: a closed stderr (a dropped ssh session)
 /// must not stop the supervision, where `eprintln!` would panic.
 pub fn say(message: &str) {
-    let colour = colour();
+    // Not while the live display holds the terminal: its pane shows text, not escape codes.
+    let colour = colour() && !crate::ui::console::taken();
     let prefix = paint(colour, Tone::Name, "gpuwarden:");
     let message = match tone_of(message) {
         Some(tone) => paint(colour, tone, message),

@@ -95,3 +95,37 @@ fn demo_faults_on_gpu_resumes_on_cpu_and_finishes() {
         "loss did not fall: {losses:?}"
     );
 }
+
+/// Issue 12: colour where stderr is a terminal (a pty from util-linux `script`), none with
+/// `NO_COLOR` set.
+#[test]
+fn colour_on_a_terminal_unless_no_color() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |no_color: bool, run_dir: &str| {
+        let mut cmd = Command::new("script");
+        cmd.current_dir(dir.path())
+            .args(["-qec"])
+            .arg(format!("{BIN} demo --step-ms 5 --run-dir {run_dir}"))
+            .arg("/dev/null")
+            .env_remove("NO_COLOR");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let coloured = run(false, "a");
+    assert!(coloured.contains("\x1b[1mgpuwarden:\x1b[0m"), "{coloured}");
+    assert!(
+        coloured.contains("\x1b[1;31mfault in attempt 1: gpu_memory_fault"),
+        "{coloured}"
+    );
+    assert!(
+        coloured.contains("\x1b[32mthe job finished after 2 attempts"),
+        "{coloured}"
+    );
+    let plain = run(true, "b");
+    assert!(plain.contains("gpuwarden: supervising:"), "{plain}");
+    assert!(!plain.contains('\x1b'), "{plain}");
+}
