@@ -257,7 +257,7 @@ impl Executor<'_> {
                     }
                     say(&format!(
                         "skipping checkpoint {}: {}",
-                        skipped.path.display(),
+                        crate::voice::shown_path(&skipped.path),
                         skipped.reason
                     ));
                     self.journal(&Record::CheckpointSkipped {
