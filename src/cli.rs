@@ -176,8 +176,8 @@ pub struct NotifyArgs {
     /// Repeatable. No https: use --notify-cmd with curl for that.
     #[arg(long, value_name = "URL")]
     pub webhook: Vec<String>,
-    /// Which events notify: fault, fallback, restart, signal, gave_up, interrupted, finished
-    /// [default: fault,fallback,gave_up,finished].
+    /// Which events notify: fault, stall, fallback, restart, signal, gave_up, interrupted, finished
+    /// [default: fault,fallback,stall,gave_up,finished].
     #[arg(long, value_name = "EVENTS", value_delimiter = ',')]
     pub notify_on: Option<Vec<String>>,
 }

@@ -44,7 +44,7 @@
 //! [notify]                        # flags --notify-cmd/--notify-arg, --webhook, --notify-on win
 //! command = ["notify-send", "gpuwarden"]       # an argv, never a shell; event JSON on stdin
 //! webhook = "http://127.0.0.1:8080/hook"       # or a list; plain http only
-//! events = ["fault", "fallback", "gave_up", "finished"]
+//! events = ["fault", "fallback", "stall", "gave_up", "finished"]
 //! ```
 
 use std::collections::BTreeMap;

@@ -163,7 +163,7 @@ pub fn run_to(job: &DemoJob, out: &mut dyn Write) -> Result<DemoSummary, DemoErr
                 out,
                 format_args!(
                     "[demo] resuming from {} at step {}  (device={}, {} steps, seed {})",
-                    path.display(),
+                    crate::voice::shown_path(path),
                     ckpt.step,
                     job.device,
                     job.steps,
@@ -209,7 +209,10 @@ pub fn run_to(job: &DemoJob, out: &mut dyn Write) -> Result<DemoSummary, DemoErr
         )?;
         if step % job.checkpoint_every == 0 {
             let path = write_checkpoint(&job.checkpoint_dir, &model.checkpoint(step, job.seed))?;
-            say(out, format_args!("[demo] saved {}", path.display()))?;
+            say(
+                out,
+                format_args!("[demo] saved {}", crate::voice::shown_path(&path)),
+            )?;
         }
         if !job.step_delay.is_zero() {
             std::thread::sleep(job.step_delay);

@@ -27,14 +27,19 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::journal::Record;
-use crate::rules::Action;
+use crate::rules::{Action, FaultClass, Stream};
 
 /// The kinds of notification, named as in `--notify-on` and `[notify] events`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
-    /// A fault the supervisor acted on (restart, fallback or stop; not a `note`).
+    /// A fault the supervisor acted on (restart, fallback or stop; not a `note`), other than
+    /// a stall.
     Fault,
+    /// The job made no progress (no output, no new checkpoint) for the stall timeout and was
+    /// stopped: told apart from other faults because a hang at 2 a.m. is what people most want
+    /// to hear about, and a silent job never says so itself.
+    Stall,
     /// A restart scheduled on a different (lower) tier of the ladder.
     Fallback,
     /// A restart on the same tier.
@@ -50,8 +55,9 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Fault,
+        Kind::Stall,
         Kind::Fallback,
         Kind::Restart,
         Kind::Signal,
@@ -61,11 +67,18 @@ impl Kind {
     ];
 
     /// What is sent when nothing is chosen: what someone watching overnight needs to know.
-    pub const DEFAULT: [Kind; 4] = [Kind::Fault, Kind::Fallback, Kind::GaveUp, Kind::Finished];
+    pub const DEFAULT: [Kind; 5] = [
+        Kind::Fault,
+        Kind::Fallback,
+        Kind::Stall,
+        Kind::GaveUp,
+        Kind::Finished,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Fault => "fault",
+            Kind::Stall => "stall",
             Kind::Fallback => "fallback",
             Kind::Restart => "restart",
             Kind::Signal => "signal",
@@ -204,7 +217,16 @@ pub fn kind_of(record: &Record, tier: &mut Option<String>) -> Option<Kind> {
             *tier = Some(t.clone());
             None
         }
-        Record::Fault { action, .. } if *action != Action::Note => Some(Kind::Fault),
+        Record::Fault { action, .. } if *action == Action::Note => None,
+        // A stall is the supervisor's own fault (stream `progress`, rule `stall-timeout`):
+        // `gpu_hang` on a GPU tier, `job_stalled` elsewhere. A `gpu_hang` the kernel log or the
+        // job reported (a ring timeout) is a fault like any other.
+        Record::Fault { stream, class, .. }
+            if *stream == Stream::Progress || *class == FaultClass::JobStalled =>
+        {
+            Some(Kind::Stall)
+        }
+        Record::Fault { .. } => Some(Kind::Fault),
         Record::RestartScheduled { tier: next, .. } => {
             if tier.as_deref().is_some_and(|t| t != next) {
                 Some(Kind::Fallback)
@@ -237,10 +259,17 @@ fn text_of(kind: Kind, record: &Record, host: &str) -> String {
             if line.len() < record_line_len(record) {
                 line.push('…');
             }
-            format!(
-                "attempt {attempt}: {class} ({rule}), action {}: {line}",
-                action.as_str()
-            )
+            if kind == Kind::Stall {
+                format!(
+                    "attempt {attempt} stalled ({class}), action {}: {line}",
+                    action.as_str()
+                )
+            } else {
+                format!(
+                    "attempt {attempt}: {class} ({rule}), action {}: {line}",
+                    action.as_str()
+                )
+            }
         }
         Record::RestartScheduled {
             attempt,
@@ -653,6 +682,50 @@ mod tests {
         for k in Kind::ALL {
             assert_eq!(Kind::parse(k.as_str()), Ok(k));
         }
+        assert!(Kind::DEFAULT.contains(&Kind::Stall));
         assert!(Kind::parse("fualt").unwrap_err().contains("gave_up"));
+    }
+
+    fn fault(class: FaultClass, stream: Stream, rule: &str) -> Record {
+        Record::Fault {
+            attempt: 1,
+            class,
+            rule: rule.into(),
+            severity: crate::rules::Severity::Error,
+            action: Action::Restart,
+            stream,
+            line: "no progress for 3.0 s".into(),
+            captures: Default::default(),
+            facility: None,
+            attribution: None,
+            incident: None,
+        }
+    }
+
+    /// A stall (the supervisor's own `stall-timeout` fault, `gpu_hang` on a GPU tier) is told
+    /// as `stall`, which is on by default; a ring timeout the kernel reported is a `fault`.
+    #[test]
+    fn a_stall_is_its_own_kind_and_on_by_default() {
+        let mut tier = None;
+        let stall = crate::supervisor::stall_fault(
+            true,
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(3),
+        );
+        let record = fault(stall.class, stall.stream, &stall.rule);
+        assert_eq!(kind_of(&record, &mut tier), Some(Kind::Stall));
+        let cpu = crate::supervisor::stall_fault(
+            false,
+            std::time::Duration::from_secs(3),
+            std::time::Duration::from_secs(3),
+        );
+        assert_eq!(cpu.class, FaultClass::JobStalled);
+        let record = fault(cpu.class, cpu.stream, &cpu.rule);
+        assert_eq!(kind_of(&record, &mut tier), Some(Kind::Stall));
+        assert!(text_of(Kind::Stall, &record, "h").contains("attempt 1 stalled (job_stalled)"));
+        let ring = fault(FaultClass::GpuHang, Stream::Kernel, "amdgpu-ring-timeout");
+        assert_eq!(kind_of(&ring, &mut tier), Some(Kind::Fault));
+        assert!(NotifyPlan::default().kinds.contains(&Kind::Stall));
+        assert_eq!(Kind::parse("stall"), Ok(Kind::Stall));
     }
 }

@@ -36,6 +36,37 @@ fn demo_faults_on_gpu_resumes_on_cpu_and_finishes() {
     );
     assert!(stderr.contains("gpu_memory_fault"), "{stderr}");
 
+    // Issue 12, its own voice: the user's view, not internals.
+    assert!(!stderr.contains("__demo-job"), "{stderr}");
+    assert!(
+        stderr.contains("gpuwarden: supervising: the demo's training job"),
+        "{stderr}"
+    );
+    // Paths as seen from where the user stands (the run directory is under it).
+    assert!(
+        stderr.contains("gpuwarden: run directory: run\n"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("resuming from run/checkpoints/ckpt-step00015.safetensors"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(&dir.path().display().to_string()),
+        "{stderr}"
+    );
+    // Not a terminal: no colour.
+    assert!(!stderr.contains('\x1b'), "{stderr}");
+    // The summary table fits 80 columns.
+    let table: Vec<&str> = stderr
+        .lines()
+        .skip_while(|l| !l.starts_with("  attempt"))
+        .collect();
+    assert_eq!(table.len(), 3, "{stderr}");
+    for line in table {
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+
     let journal = read_jsonl(&run_dir.join("journal.jsonl"));
     let starts: Vec<_> = journal
         .iter()
@@ -63,4 +94,38 @@ fn demo_faults_on_gpu_resumes_on_cpu_and_finishes() {
         losses.last().unwrap() < &(losses[0] * 0.7),
         "loss did not fall: {losses:?}"
     );
+}
+
+/// Issue 12: colour where stderr is a terminal (a pty from util-linux `script`), none with
+/// `NO_COLOR` set.
+#[test]
+fn colour_on_a_terminal_unless_no_color() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |no_color: bool, run_dir: &str| {
+        let mut cmd = Command::new("script");
+        cmd.current_dir(dir.path())
+            .args(["-qec"])
+            .arg(format!("{BIN} demo --step-ms 5 --run-dir {run_dir}"))
+            .arg("/dev/null")
+            .env_remove("NO_COLOR");
+        if no_color {
+            cmd.env("NO_COLOR", "1");
+        }
+        let out = cmd.output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    let coloured = run(false, "a");
+    assert!(coloured.contains("\x1b[1mgpuwarden:\x1b[0m"), "{coloured}");
+    assert!(
+        coloured.contains("\x1b[1;31mfault in attempt 1: gpu_memory_fault"),
+        "{coloured}"
+    );
+    assert!(
+        coloured.contains("\x1b[32mthe job finished after 2 attempts"),
+        "{coloured}"
+    );
+    let plain = run(true, "b");
+    assert!(plain.contains("gpuwarden: supervising:"), "{plain}");
+    assert!(!plain.contains('\x1b'), "{plain}");
 }

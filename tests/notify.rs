@@ -295,3 +295,54 @@ fn the_notify_table_of_the_config_file_works_and_bad_values_are_usage_errors() {
         text(&out.stderr)
     );
 }
+
+/// Issue 12: a stall is among the default notifications, as its own kind `stall` (a silent job
+/// never reports its own hang, so this is the one notification only gpuwarden can send).
+#[test]
+fn a_stall_notifies_as_stall_by_default() {
+    let scene = Scene::new();
+    let config = fast_config(&scene, "");
+    let script = hook_script(&scene);
+    let notes = scene.path("notes.jsonl");
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--no-kernel-log",
+            "--no-health",
+            "--grace",
+            "1",
+            "--stall-timeout",
+            "2s",
+            "--notify-cmd",
+            &script,
+            "--notify-arg",
+            notes.to_str().unwrap(),
+        ],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "4",
+            "--hang-at",
+            "2",
+            "--hang-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let lines: Vec<serde_json::Value> = read_jsonl(&notes);
+    let kinds: Vec<&str> = lines.iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    // One stall at the hang; on a loaded machine a slow start may be one more.
+    assert_eq!(kinds.first(), Some(&"stall"), "stderr:\n{stderr}");
+    assert_eq!(kinds.last(), Some(&"finished"), "stderr:\n{stderr}");
+    assert!(
+        kinds[..kinds.len() - 1].iter().all(|k| *k == "stall"),
+        "{kinds:?}; stderr:\n{stderr}"
+    );
+    assert_eq!(lines[0]["record"]["rule"], "stall-timeout");
+    let said = lines[0]["text"].as_str().unwrap();
+    assert!(said.contains("attempt 1 stalled (gpu_hang)"), "{said}");
+}

@@ -204,7 +204,7 @@ impl Executor<'_> {
             tier.name,
             tier.device,
             match &checkpoint {
-                Some(c) => format!(", resuming from {}", c.display()),
+                Some(c) => format!(", resuming from {}", crate::voice::shown_path(c)),
                 None => String::new(),
             }
         ));
@@ -261,7 +261,7 @@ impl Executor<'_> {
                     }
                     say(&format!(
                         "skipping checkpoint {}: {}",
-                        skipped.path.display(),
+                        crate::voice::shown_path(&skipped.path),
                         skipped.reason
                     ));
                     self.journal(&Record::CheckpointSkipped {

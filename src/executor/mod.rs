@@ -240,9 +240,12 @@ pub fn run(
     let resume_tier = exec.journal_start(watch.resume.as_ref())?;
     exec.start_watching(preflight, watch.kernel, watch.health)?;
     say(&format!(
-        "supervising `{}`; run directory {}",
-        exec.command_words().join(" "),
-        run_dir.display()
+        "supervising: {}",
+        crate::voice::job_line(&plan.command)
+    ));
+    say(&format!(
+        "run directory: {}",
+        crate::voice::shown_path(&run_dir)
     ));
 
     let policy = Policy {

@@ -228,7 +228,7 @@ impl Executor<'_> {
             Ok(()) => {
                 say(&format!(
                     "attempt {attempt}: the job's stacks are in {}",
-                    path.display()
+                    crate::voice::shown_path(&path)
                 ));
                 "py-spy dump".to_string()
             }

@@ -117,12 +117,12 @@ impl Executor<'_> {
                 });
                 say(&format!(
                     "resuming the run in {} as attempt {} on tier `{}`, {} restart(s) left{}",
-                    self.run_dir.display(),
+                    crate::voice::shown_path(&self.run_dir),
                     r.attempt,
                     plan.ladder.get(tier).map_or("?", |t| t.name.as_str()),
                     plan.max_restarts.saturating_sub(r.restarts),
                     match &checkpoint {
-                        Some(c) => format!(", from {}", c.display()),
+                        Some(c) => format!(", from {}", crate::voice::shown_path(c)),
                         None => String::new(),
                     }
                 ));

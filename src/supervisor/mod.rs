@@ -619,6 +619,7 @@ impl Supervisor {
                     fault.stream,
                     fault.advice.trim()
                 )));
+                out.extend(seen_where(&fault).into_iter().map(Effect::Say));
                 out.push(Effect::Say(format!(
                     "stopping the job in {settle:.1?} (time for its own error report): SIGTERM to its process group, SIGKILL {grace:.0?} later"
                 )));
@@ -633,11 +634,13 @@ impl Supervisor {
                     fault.stream,
                     fault.advice.trim()
                 );
+                let origin = seen_where(&fault);
                 live.stop = Some(StopCause::Fault(fault));
                 // The signal goes first: the journal's fsync must not delay it.
                 let signalled = live.stop_group(Sig::Terminate, now, out);
                 out.push(record);
                 out.push(Effect::Say(message));
+                out.extend(origin.into_iter().map(Effect::Say));
                 if signalled {
                     out.push(Effect::Say(format!(
                         "stopping the job: SIGTERM to its process group, SIGKILL after {grace:.0?}"
@@ -1223,6 +1226,33 @@ fn span_text(d: Duration) -> String {
 fn warn(message: String, out: &mut Vec<Effect>) {
     out.push(Effect::Say(format!("warning: {message}")));
     out.push(Effect::Journal(Record::Warning { message }));
+}
+
+/// For a fault from the kernel log or GPU health, which the user has not seen (the job's own
+/// output passes through, these lines do not): the line itself, the GPU it names and why it is
+/// the job's, each said on a line of its own under the fault.
+fn seen_where(fault: &Fault) -> Vec<String> {
+    let source = match fault.stream {
+        Stream::Kernel if fault.facility.as_deref() == Some("user") => {
+            "kernel log (written by a program)"
+        }
+        Stream::Kernel => "kernel log",
+        Stream::Tool => "GPU health",
+        _ => return Vec::new(),
+    };
+    let mut lines = vec![format!("  {source}: {}", fault.line.trim_end())];
+    let gpu = fault.captures.get("gpu");
+    let pci = fault.captures.get("pci");
+    match (gpu, pci) {
+        (Some(gpu), Some(pci)) => lines.push(format!("  the GPU: {gpu} (PCI {pci})")),
+        (Some(gpu), None) => lines.push(format!("  the GPU: {gpu}")),
+        (None, Some(pci)) => lines.push(format!("  the GPU: PCI {pci}")),
+        (None, None) => {}
+    }
+    if let Some(why) = &fault.attribution {
+        lines.push(format!("  why it is the job's: {why}"));
+    }
+    lines
 }
 
 /// The fault of an attempt that made no progress for `silent` (at least the stall `timeout`):
@@ -2193,6 +2223,40 @@ mod tests {
         r.exit(1, JobExit::Signal(15));
         r.advance(Duration::from_secs(1));
         assert_eq!(r.spawns(), [(1, 0), (2, 0)]);
+    }
+
+    #[test]
+    fn a_kernel_fault_is_told_with_its_line_its_gpu_and_why_it_is_the_jobs() {
+        let mut fault = stall_fault(true, Duration::from_secs(1), Duration::from_secs(1));
+        assert!(
+            seen_where(&fault).is_empty(),
+            "the job's own lines were seen already"
+        );
+        fault.stream = Stream::Kernel;
+        fault.facility = Some("kernel".into());
+        fault.line = "NVRM: Xid (PCI:0000:3b:00): 31, pid=447, name=python3, MMU Fault".into();
+        fault.captures = BTreeMap::from([("pci".to_string(), "0000:3b:00".to_string())]);
+        fault.attribution = Some("pid 447 is in the job's process tree (kernel record 9)".into());
+        assert_eq!(
+            seen_where(&fault),
+            [
+                "  kernel log: NVRM: Xid (PCI:0000:3b:00): 31, pid=447, name=python3, MMU Fault",
+                "  the GPU: PCI 0000:3b:00",
+                "  why it is the job's: pid 447 is in the job's process tree (kernel record 9)",
+            ]
+        );
+        fault.stream = Stream::Tool;
+        fault.facility = None;
+        fault.line = "GPU 1 is gone".into();
+        fault.captures.insert("gpu".into(), "1".into());
+        fault.attribution = None;
+        assert_eq!(
+            seen_where(&fault),
+            [
+                "  GPU health: GPU 1 is gone",
+                "  the GPU: 1 (PCI 0000:3b:00)"
+            ]
+        );
     }
 
     #[test]
