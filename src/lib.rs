@@ -28,6 +28,7 @@ pub mod cgroup;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod executor;
 pub mod exit;
 pub mod gpu;

@@ -526,6 +526,7 @@ mod tests {
             pci: Some("0000:03:00.0".into()),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: None,

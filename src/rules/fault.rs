@@ -328,4 +328,9 @@ pub struct Fault {
     /// For a line from outside the job's own output: why it was judged to concern the job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<String>,
+    /// The GPUs of the attempt the fault names (a PCI address, a KFD node, a `cuda:N`), as the
+    /// job sees them; empty when it names none. Filled in by the executor
+    /// (`crate::devices::named`), never by a rule.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<crate::gpu::JobGpu>,
 }

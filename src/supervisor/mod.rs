@@ -1158,6 +1158,7 @@ pub fn stall_fault(uses_gpu: bool, silent: Duration, timeout: Duration) -> Fault
         advice: "The job printed nothing and wrote no checkpoint for the whole stall timeout. On a GPU this is usually a hung kernel or a collective waiting for a rank that died; on the CPU a deadlock or a stuck data loader. The stacks captured before the stop (when py-spy is installed) show where it waited. A job that is silent by design needs a longer --stall-timeout, or --stall-timeout off.".to_string(),
         facility: None,
         attribution: None,
+        gpus: Vec::new(),
     }
 }
 
@@ -1189,6 +1190,7 @@ pub fn crash_fault(status: JobExit) -> Option<Fault> {
         ),
         facility: None,
         attribution: None,
+        gpus: Vec::new(),
     })
 }
 
@@ -1233,6 +1235,7 @@ mod tests {
             advice: "advice".to_string(),
             facility: None,
             attribution: None,
+            gpus: Vec::new(),
         }
     }
 

@@ -205,6 +205,7 @@ mod tests {
             pci: Some("0000:0b:00.0".into()),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: Some("gfx1030".into()),
             compute_capability: None,
             uuid: None,
