@@ -23,6 +23,8 @@
 //! backoff = { initial = 1.0, max = 60.0 }     # seconds, at most 86400
 //! rules = ["my-rules/"]           # searched before --rules directories
 //! force_gpu_unsafe = false
+//! gpu_exclusion = true            # a fault on some of the GPUs hides them, keeps the others
+//! min_gpus = 1                    # an exclusion never leaves fewer GPUs than this
 //! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
 //! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
 //!
@@ -99,6 +101,11 @@ pub struct Overrides {
     pub webhooks: Vec<String>,
     /// `--notify-on` event names, unparsed.
     pub notify_on: Option<Vec<String>>,
+    // -- many GPUs (issue 14) --
+    /// `--no-gpu-exclusion`.
+    pub no_gpu_exclusion: bool,
+    /// `--min-gpus N`.
+    pub min_gpus: Option<u32>,
 }
 
 /// Everything a run needs to start, checked.
@@ -132,6 +139,11 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Who is told about faults and the end of the run.
     pub notify: crate::notify::NotifyPlan,
+    /// Whether a fault pinned to some of the job's GPUs hides them and restarts on the same
+    /// tier before the ladder goes down (`gpu_exclusion`, `--no-gpu-exclusion`).
+    pub gpu_exclusion: bool,
+    /// The fewest GPUs an exclusion may leave (`min_gpus`, `--min-gpus`); at least 1.
+    pub min_gpus: usize,
 }
 
 /// Where a setting came from, for error messages.
@@ -288,6 +300,11 @@ pub enum ConfigError {
     #[error("{at}: {message}")]
     Notify { at: Origin, message: String },
 
+    #[error(
+        "{at}: min_gpus must be at least 1 (it is the fewest GPUs the job may run on after a faulty one is excluded)"
+    )]
+    ZeroMinGpus { at: Origin },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -308,6 +325,8 @@ struct RawConfig {
     #[serde(default)]
     rules: Vec<PathBuf>,
     force_gpu_unsafe: Option<bool>,
+    gpu_exclusion: Option<bool>,
+    min_gpus: Option<Spanned<u32>>,
     stall_timeout: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
     #[serde(default)]
@@ -471,6 +490,21 @@ pub fn plan(
         chosen.push((def, at));
     }
 
+    let min_gpus = match (overrides.min_gpus, &raw.min_gpus) {
+        (Some(0), _) => {
+            return Err(ConfigError::ZeroMinGpus {
+                at: Origin::Flag("--min-gpus"),
+            });
+        }
+        (Some(n), _) => n,
+        (None, Some(n)) if *n.get_ref() == 0 => {
+            return Err(ConfigError::ZeroMinGpus {
+                at: origin(source.as_ref(), n.span()),
+            });
+        }
+        (None, Some(n)) => *n.get_ref(),
+        (None, None) => 1,
+    };
     let grace = match (overrides.grace, raw.grace) {
         (Some(secs), _) => seconds("grace", secs, Origin::Flag("--grace"))?,
         (None, Some(secs)) => file_seconds("grace", secs, source.as_ref())?,
@@ -589,6 +623,8 @@ pub fn plan(
         restart_window,
         warnings,
         notify,
+        gpu_exclusion: !overrides.no_gpu_exclusion && raw.gpu_exclusion.unwrap_or(true),
+        min_gpus: min_gpus as usize,
     })
 }
 
@@ -753,6 +789,8 @@ pub fn demo_plan(
         backoff_max: DEFAULT_BACKOFF_MAX,
         rule_dirs: Vec::new(),
         force_gpu_unsafe: false,
+        gpu_exclusion: true,
+        min_gpus: 1,
         config_file: None,
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,

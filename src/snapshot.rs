@@ -97,6 +97,10 @@ pub struct JobInfo {
     pub max_restarts: u32,
     /// What the attempt resumed from.
     pub resumed_from: Option<PathBuf>,
+    /// The GPUs the attempt sees, in its ordinal order.
+    pub gpus: Vec<crate::gpu::JobGpu>,
+    /// GPUs excluded after a fault: hidden from the job for the rest of the run.
+    pub excluded: Vec<crate::gpu::JobGpu>,
     /// The newest complete checkpoint seen, and when it was written.
     pub last_checkpoint: Option<(PathBuf, SystemTime)>,
     pub run_dir: PathBuf,

@@ -211,6 +211,7 @@ pub fn run(
         view: Arc::new(Mutex::new(JobView::new(std::process::id()))),
         outside: Arc::new(Mutex::new(Outside::new())),
         gpus: watch.gpus,
+        sights: HashMap::new(),
         kernel: None,
         health: None,
         refreshed: Instant::now(),
@@ -279,6 +280,8 @@ pub fn run(
         stall_timeout: plan.stall_timeout,
         restart_window: plan.restart_window,
         checkpoints_watched: plan.checkpoints.is_some(),
+        gpu_exclusion: plan.gpu_exclusion,
+        min_gpus: plan.min_gpus,
     };
     let tiers = plan
         .ladder
@@ -354,6 +357,8 @@ struct Executor<'a> {
     /// The repeat and foreign-fault windows (pure state), shared with the kernel reader thread.
     outside: Arc<Mutex<Outside>>,
     gpus: Vec<Gpu>,
+    /// What each attempt sees of `gpus`, for telling which of its GPUs a fault names.
+    sights: HashMap<u32, crate::devices::Sight>,
     kernel: Option<Follower>,
     health: Option<HealthSource>,
     /// When the job's processes were last re-read.
@@ -467,6 +472,7 @@ impl Executor<'_> {
             (None, _) => JobState::Starting,
         };
         let restarts = sup.restarts();
+        let excluded = sup.excluded().to_vec();
         self.board.update(|s| {
             let Some(job) = &mut s.job else { return };
             job.state = state;
@@ -479,7 +485,9 @@ impl Executor<'_> {
                 job.tier = tier.name.clone();
                 job.device = tier.device.clone();
                 job.resumed_from = a.checkpoint.clone();
+                job.gpus.clone_from(&a.gpus);
             }
+            job.excluded = excluded;
             if pid.is_some() {
                 job.pid = pid;
             }
@@ -495,7 +503,10 @@ impl Executor<'_> {
                 stream,
                 event,
             } => match event {
-                OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
+                OutputEvent::Fault(mut fault) => {
+                    self.pin(attempt, &mut fault);
+                    Some(Event::Fault { attempt, fault })
+                }
                 OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
                 OutputEvent::Progress { at } => Some(Event::Progress { attempt, at }),
                 OutputEvent::Idle { at } => Some(Event::OutputIdle {
@@ -560,9 +571,13 @@ impl Executor<'_> {
         pending: &mut Vec<Event>,
     ) -> Result<Option<Outcome>, RunError> {
         match effect {
-            Effect::Spawn { attempt, tier } => {
+            Effect::Spawn {
+                attempt,
+                tier,
+                exclude,
+            } => {
                 let mut closed = Vec::new();
-                let answer = self.spawn(attempt, tier, &mut closed)?;
+                let answer = self.spawn(attempt, tier, &exclude, &mut closed)?;
                 // `pending` is a stack: the answer to Spawn must come out first.
                 pending.extend(closed);
                 pending.push(answer);
@@ -732,6 +747,13 @@ impl Executor<'_> {
     fn warn(&mut self, message: String) -> Result<(), RunError> {
         say(&format!("warning: {message}"));
         self.journal(&Record::Warning { message })
+    }
+
+    /// Notes which of `attempt`'s GPUs `fault` names (`crate::devices::named`).
+    fn pin(&self, attempt: u32, fault: &mut crate::rules::Fault) {
+        if let Some(sight) = self.sights.get(&attempt) {
+            fault.gpus = crate::devices::named(fault, &self.gpus, sight);
+        }
     }
 
     /// The command as the user gave it, one string an argument.

@@ -241,6 +241,7 @@ impl Executor<'_> {
                 attempt, mut fault, ..
             } => {
                 if live == Some(attempt) {
+                    self.pin(attempt, &mut fault);
                     if seq > 0 {
                         fault.attribution = fault
                             .attribution

@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::gpu::JobGpu;
 use crate::job::{JobExit, Sig};
 
 pub mod outside;
@@ -51,6 +52,12 @@ pub struct Policy {
     /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
     /// only then can "no new checkpoint" mean "no progress".
     pub checkpoints_watched: bool,
+    /// Whether a fault pinned to some of the attempt's GPUs restarts it on the same tier with
+    /// those GPUs hidden, before the ladder goes down (issue 14).
+    pub gpu_exclusion: bool,
+    /// The fewest GPUs the job may run on after an exclusion; an exclusion that would leave
+    /// fewer goes down the ladder instead.
+    pub min_gpus: usize,
 }
 
 /// Attempts in a row on one tier that wrote no new checkpoint, after which the tier is given
@@ -69,10 +76,12 @@ pub struct TierInfo {
 pub enum Event {
     /// Begin the run with attempt 1 on the first tier.
     Start,
-    /// The executor started `attempt`; `checkpoint` is what it resumes from.
+    /// The executor started `attempt`; `checkpoint` is what it resumes from, `gpus` the GPUs it
+    /// sees (in its ordinal order; empty on a CPU tier or where no GPU is known).
     Spawned {
         attempt: u32,
         checkpoint: Option<PathBuf>,
+        gpus: Vec<JobGpu>,
     },
     /// The executor could not start `attempt` (the command vanished, fork failed...).
     SpawnFailed { attempt: u32, error: String },
@@ -171,8 +180,13 @@ impl fmt::Display for Outcome {
 #[derive(Clone, Debug, PartialEq)]
 #[must_use]
 pub enum Effect {
-    /// Start `attempt` on ladder tier `tier` (an index into the ladder).
-    Spawn { attempt: u32, tier: usize },
+    /// Start `attempt` on ladder tier `tier` (an index into the ladder), with the GPUs
+    /// `exclude` (inventory keys, `JobGpu::key`) hidden from it.
+    Spawn {
+        attempt: u32,
+        tier: usize,
+        exclude: Vec<usize>,
+    },
     /// Send `sig` to the process group of `attempt`.
     Signal { attempt: u32, sig: Sig },
     /// Append a record to the journal (and fsync it).
@@ -237,6 +251,8 @@ pub struct AttemptSummary {
     /// The newest checkpoint it got to: the last one it wrote, else the one it resumed from.
     /// Two attempts that fault at the same point got to the same checkpoint.
     pub reached: Option<PathBuf>,
+    /// The GPUs it saw.
+    pub gpus: Vec<JobGpu>,
 }
 
 /// The attempt that is running or being stopped.
@@ -263,6 +279,8 @@ struct Live {
     seen: BTreeMap<String, u64>,
     /// The latest evidence of progress (the start counts as progress).
     last_progress: Instant,
+    /// The GPUs it sees (`Event::Spawned`).
+    gpus: Vec<JobGpu>,
 }
 
 impl Live {
@@ -322,6 +340,8 @@ pub struct Supervisor {
     /// resumed run continues where its journal stopped.
     start: (u32, usize),
     attempts: Vec<AttemptSummary>,
+    /// GPUs hidden from every later attempt, as the attempt that excluded them saw them.
+    excluded: Vec<JobGpu>,
 }
 
 impl Supervisor {
@@ -334,7 +354,18 @@ impl Supervisor {
             restart_times: Vec::new(),
             start: (1, 0),
             attempts: Vec::new(),
+            excluded: Vec::new(),
         }
+    }
+
+    /// The GPUs excluded so far (they stay hidden for the rest of the run).
+    pub fn excluded(&self) -> &[JobGpu] {
+        &self.excluded
+    }
+
+    /// Continues a run whose earlier attempts excluded `gpus` (`gpuwarden resume`).
+    pub fn exclude_from_start(&mut self, gpus: Vec<JobGpu>) {
+        self.excluded = gpus;
     }
 
     /// The attempt that is running or being stopped: until it has ended (its group gone and its
@@ -422,7 +453,8 @@ impl Supervisor {
             Event::Spawned {
                 attempt,
                 checkpoint,
-            } => self.on_spawned(attempt, checkpoint),
+                gpus,
+            } => self.on_spawned(attempt, checkpoint, gpus),
             Event::SpawnFailed { attempt, error } => {
                 if self.is_current(attempt) {
                     if let Some(a) = self.attempts.last_mut() {
@@ -528,6 +560,7 @@ impl Supervisor {
             drained: Vec::new(),
             seen: BTreeMap::new(),
             last_progress: now,
+            gpus: Vec::new(),
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -538,17 +571,27 @@ impl Supervisor {
             ending: Ending::Running,
             wrote_checkpoint: false,
             reached: None,
+            gpus: Vec::new(),
         });
-        out.push(Effect::Spawn { attempt, tier });
+        out.push(Effect::Spawn {
+            attempt,
+            tier,
+            exclude: self.excluded.iter().map(|g| g.key).collect(),
+        });
     }
 
-    fn on_spawned(&mut self, attempt: u32, checkpoint: Option<PathBuf>) {
-        if !self.is_current(attempt) {
+    fn on_spawned(&mut self, attempt: u32, checkpoint: Option<PathBuf>, gpus: Vec<JobGpu>) {
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        if live.attempt != attempt {
             return;
         }
+        live.gpus.clone_from(&gpus);
         if let Some(a) = self.attempts.last_mut() {
             a.reached.clone_from(&checkpoint);
             a.checkpoint = checkpoint;
+            a.gpus = gpus;
         }
     }
 
@@ -874,7 +917,8 @@ impl Supervisor {
             a.ending = ending;
         }
 
-        let (next_tier, reason) = match live.stop {
+        let mut excluding = String::new();
+        let (next_tier, reason) = match live.stop.take() {
             Some(StopCause::User(sig)) => {
                 self.finish(Outcome::Interrupted(sig), out);
                 return;
@@ -892,21 +936,37 @@ impl Supervisor {
                 ),
             ),
             Some(StopCause::Fault(fault)) => {
-                match self.after_fault(&fault, live.tier, live.attempt) {
-                    Ok((tier, note)) => {
-                        if let Some(note) = note {
-                            out.push(Effect::Say(note));
-                        }
-                        (tier, format!("{} ({})", fault.class, fault.rule))
+                let (action, note) = self.action_after(&fault, live.tier, live.attempt);
+                if let Some(note) = note {
+                    out.push(Effect::Say(note));
+                }
+                let reason = format!("{} ({})", fault.class, fault.rule);
+                match self.exclusion(&fault, action, &live) {
+                    Ok(gpus) => {
+                        excluding = self.exclude(&fault, gpus, &live, out);
+                        (live.tier, format!("{reason}: {excluding}"))
                     }
-                    Err(outcome) => {
-                        self.finish(outcome, out);
-                        return;
+                    Err(why) => {
+                        if let Some(why) = why {
+                            out.push(Effect::Say(why));
+                        }
+                        match self.next_tier(&fault, action, live.tier) {
+                            Ok(tier) => (tier, reason),
+                            Err(outcome) => {
+                                self.finish(outcome, out);
+                                return;
+                            }
+                        }
                     }
                 }
             }
         };
-        let next_tier = match self.after_no_progress(next_tier, live.tier) {
+        // An exclusion is a new setup of the tier, not one more try of the old one.
+        let checked = match excluding.is_empty() {
+            false => Ok(next_tier),
+            true => self.after_no_progress(next_tier, live.tier),
+        };
+        let next_tier = match checked {
             Ok(tier) => {
                 if tier != next_tier {
                     out.push(Effect::Say(format!(
@@ -972,12 +1032,7 @@ impl Supervisor {
     /// to the same checkpoint (or to none, both times) faulted at the same point of training and
     /// will end the next one too: it is deterministic, so the run goes down the ladder (or stops,
     /// for a host OOM). The same class at a later point each time is transient: the run stays.
-    fn after_fault(
-        &self,
-        fault: &Fault,
-        tier: usize,
-        attempt: u32,
-    ) -> Result<(usize, Option<String>), Outcome> {
+    fn action_after(&self, fault: &Fault, tier: usize, attempt: u32) -> (Action, Option<String>) {
         let mut action = fault.action;
         let mut note = None;
         if action == Action::Restart {
@@ -1007,12 +1062,18 @@ impl Supervisor {
                 ));
             }
         }
+        (action, note)
+    }
+
+    /// The tier to restart on after `fault` (whose action, crash-loop sense applied, is
+    /// `action`) ended an attempt on `tier`, or why the run ends.
+    fn next_tier(&self, fault: &Fault, action: Action, tier: usize) -> Result<usize, Outcome> {
         match action {
             Action::Stop => Err(Outcome::StoppedByFault {
                 rule: fault.rule.clone(),
                 class: fault.class,
             }),
-            Action::Restart | Action::Note => Ok((tier, note)),
+            Action::Restart | Action::Note => Ok(tier),
             Action::Fallback => {
                 // No kernel for this architecture (or no GPU at all): every GPU tier will fail
                 // the same way, so go straight to the first tier that does not use a GPU.
@@ -1022,10 +1083,94 @@ impl Supervisor {
                     .enumerate()
                     .skip(tier + 1)
                     .find(|(_, t)| !skip_gpu || !t.uses_gpu)
-                    .map(|(i, _)| (i, note))
+                    .map(|(i, _)| i)
                     .ok_or(Outcome::LadderExhausted)
             }
         }
+    }
+
+    /// The ladder's step between "these GPUs" and the tier below: the GPUs of the ended
+    /// attempt `live` to hide from now on, when `fault` (whose action is `action`) goes down the
+    /// ladder, blames the GPUs it names, and names some but not all of the attempt's GPUs. `Err`
+    /// with a note when the exclusion was possible but is not taken (too few GPUs would be left,
+    /// every GPU is named, or it is switched off); `Err(None)` when it does not apply at all.
+    fn exclusion(
+        &self,
+        fault: &Fault,
+        action: Action,
+        live: &Live,
+    ) -> Result<Vec<JobGpu>, Option<String>> {
+        let on_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
+        if action != Action::Fallback || !on_gpu || !fault.class.blames_the_device() {
+            return Err(None);
+        }
+        let mut named: Vec<JobGpu> = Vec::new();
+        for g in &fault.gpus {
+            if live.gpus.iter().any(|v| v.key == g.key) && !named.iter().any(|n| n.key == g.key) {
+                named.push(g.clone());
+            }
+        }
+        if named.is_empty() {
+            return Err(None);
+        }
+        let list = gpu_list(&named);
+        if !self.policy.gpu_exclusion {
+            return Err(Some(format!(
+                "{} names {list}; excluding a faulty GPU is switched off (gpu_exclusion = false): down the ladder",
+                fault.class
+            )));
+        }
+        let left = live.gpus.len() - named.len();
+        if left == 0 {
+            return Err(Some(format!(
+                "{} names {list}, every GPU the job sees: nothing to exclude, down the ladder",
+                fault.class
+            )));
+        }
+        if left < self.policy.min_gpus {
+            return Err(Some(format!(
+                "excluding {list} would leave {left} GPU(s), fewer than min_gpus = {}: down the ladder",
+                self.policy.min_gpus
+            )));
+        }
+        Ok(named)
+    }
+
+    /// Hides `gpus` from every later attempt; journals and says so. Returns the words for the
+    /// restart's reason.
+    fn exclude(
+        &mut self,
+        fault: &Fault,
+        gpus: Vec<JobGpu>,
+        live: &Live,
+        out: &mut Vec<Effect>,
+    ) -> String {
+        let remaining: Vec<u32> = live
+            .gpus
+            .iter()
+            .filter(|g| !gpus.iter().any(|x| x.key == g.key))
+            .map(|g| g.index)
+            .collect();
+        let words = format!(
+            "excluding {} for the rest of the run, keeping GPU(s) {}",
+            gpu_list(&gpus),
+            remaining
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        self.excluded.extend(gpus.iter().cloned());
+        out.push(Effect::Journal(Record::GpusExcluded {
+            attempt: live.attempt,
+            tier: self.tier_name(live.tier),
+            rule: fault.rule.clone(),
+            class: fault.class,
+            gpus,
+            excluded: self.excluded.iter().map(|g| g.index).collect(),
+            remaining,
+        }));
+        words
     }
 
     /// Attempts in a row, ending with the last one, on `tier` that wrote no new checkpoint.
@@ -1103,6 +1248,14 @@ impl Supervisor {
     }
 }
 
+/// `GPU 1 (0000:0c:00.0, the job's cuda:1)`, `GPU 0 (...) and GPU 2 (...)`.
+fn gpu_list(gpus: &[JobGpu]) -> String {
+    gpus.iter()
+        .map(JobGpu::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
 /// The journal record of a fault acted on in `attempt`.
 fn fault_record(attempt: u32, fault: &Fault) -> Record {
     Record::Fault {
@@ -1116,6 +1269,7 @@ fn fault_record(attempt: u32, fault: &Fault) -> Record {
         captures: fault.captures.clone(),
         facility: fault.facility.clone(),
         attribution: fault.attribution.clone(),
+        gpus: fault.gpus.clone(),
     }
 }
 
