@@ -623,6 +623,7 @@ mod tests {
             attempt: 1,
             tier: t.into(),
             device: "cuda".into(),
+            gpus: Vec::new(),
             checkpoint: None,
             argv: Vec::new(),
             pid: 1,

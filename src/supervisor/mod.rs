@@ -1364,6 +1364,8 @@ mod tests {
             stall_timeout: None,
             restart_window: None,
             checkpoints_watched: false,
+            gpu_exclusion: true,
+            min_gpus: 1,
         }
     }
 
@@ -1393,12 +1395,27 @@ mod tests {
         }
     }
 
+    /// GPU `index` of a test machine, seen by an attempt as `cuda:ordinal`.
+    fn gpu(index: u32, ordinal: u32) -> JobGpu {
+        JobGpu {
+            key: index as usize,
+            vendor: crate::gpu::Vendor::Amd,
+            index,
+            ordinal,
+            pci: Some(format!("0000:{:02x}:00.0", 0x0b + index)),
+        }
+    }
+
     /// A harness that runs the machine the way the executor does: Spawn is answered at once.
     struct Run {
         sup: Supervisor,
         t0: Instant,
         now: Instant,
         log: Vec<Effect>,
+        /// The machine's GPUs (vendor index = key); each attempt on a GPU tier sees those not
+        /// excluded, numbered from 0, as the executor would report them.
+        machine: u32,
+        gpu_tiers: Vec<bool>,
     }
 
     impl Run {
@@ -1409,7 +1426,27 @@ mod tests {
                 t0,
                 now: t0,
                 log: Vec::new(),
+                machine: 0,
+                gpu_tiers: tiers.iter().map(|(_, gpu)| *gpu).collect(),
             }
+        }
+
+        /// The same on a machine with `n` GPUs.
+        fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
+            let mut r = Run::new(policy, tiers);
+            r.machine = n;
+            r
+        }
+
+        fn seen(&self, tier: usize, exclude: &[usize]) -> Vec<JobGpu> {
+            if !self.gpu_tiers.get(tier).copied().unwrap_or(false) {
+                return Vec::new();
+            }
+            (0..self.machine)
+                .filter(|i| !exclude.contains(&(*i as usize)))
+                .enumerate()
+                .map(|(ordinal, index)| gpu(index, ordinal as u32))
+                .collect()
         }
 
         fn feed(&mut self, ev: Event) -> Vec<Effect> {
@@ -1418,10 +1455,16 @@ mod tests {
             while let Some(ev) = queue.pop() {
                 let effects = self.sup.step(ev, self.now);
                 for e in &effects {
-                    if let Effect::Spawn { attempt, .. } = e {
+                    if let Effect::Spawn {
+                        attempt,
+                        tier,
+                        exclude,
+                    } = e
+                    {
                         queue.push(Event::Spawned {
                             attempt: *attempt,
                             checkpoint: None,
+                            gpus: self.seen(*tier, exclude),
                         });
                     }
                 }
@@ -1457,7 +1500,7 @@ mod tests {
             self.log
                 .iter()
                 .filter_map(|e| match e {
-                    Effect::Spawn { attempt, tier } => Some((*attempt, *tier)),
+                    Effect::Spawn { attempt, tier, .. } => Some((*attempt, *tier)),
                     _ => None,
                 })
                 .collect()
@@ -2074,7 +2117,8 @@ mod tests {
             out,
             vec![Effect::Spawn {
                 attempt: 1,
-                tier: 0
+                tier: 0,
+                exclude: Vec::new(),
             }]
         );
         r.feed(Event::SpawnFailed {
@@ -2207,6 +2251,7 @@ mod tests {
         r.feed(Event::Spawned {
             attempt,
             checkpoint: checkpoint.map(PathBuf::from),
+            gpus: Vec::new(),
         });
         if writes {
             let at = r.now;
@@ -2337,5 +2382,210 @@ mod tests {
                 |e| matches!(e, Effect::Say(m) if m.contains("budget (2 within 1h) is spent"))
             )
         );
+    }
+
+    // -- issue 14: exclude only the GPU that faulted --
+
+    /// A fault of the kernel log naming GPU `index` as `attempt` sees it.
+    fn gpu_fault(r: &Run, attempt: u32, index: u32, class: FaultClass) -> Fault {
+        let mut f = kernel_fault_of(class, class.default_action());
+        f.gpus = r
+            .sup
+            .attempts()
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .unwrap()
+            .gpus
+            .iter()
+            .filter(|g| g.index == index)
+            .cloned()
+            .collect();
+        f
+    }
+
+    /// Stops `attempt` for `fault` and lets it die of the SIGTERM; returns what that caused.
+    fn stop_for(r: &mut Run, attempt: u32, fault: Fault) -> Vec<Effect> {
+        let mut out = r.feed(Event::Fault { attempt, fault });
+        out.extend(r.advance(SETTLE));
+        out.extend(r.exit(attempt, JobExit::Signal(15)));
+        out.extend(r.advance(Duration::from_secs(120)));
+        out
+    }
+
+    fn exclusions(effects: &[Effect]) -> Vec<Record> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(r @ Record::GpusExcluded { .. }) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn says(effects: &[Effect]) -> String {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Say(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_fault_on_one_of_two_gpus_restarts_on_the_same_tier_without_it() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        let spawn = r
+            .log
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::Spawn { exclude, .. } => Some(exclude.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(spawn, vec![1]);
+        let records = exclusions(&out);
+        assert_eq!(records.len(), 1, "{out:?}");
+        let Record::GpusExcluded {
+            attempt,
+            gpus,
+            excluded,
+            remaining,
+            ..
+        } = &records[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (*attempt, excluded.clone(), remaining.clone()),
+            (1, vec![1], vec![0])
+        );
+        assert_eq!(gpus[0].ordinal, 1);
+        let text = says(&out);
+        assert!(
+            text.contains("excluding GPU 1 (0000:0c:00.0, the job's cuda:1) for the rest of the run, keeping GPU(s) 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("restarting as attempt 2 on tier `gpu`"),
+            "{text}"
+        );
+        // The next attempt sees GPU 0 alone, as cuda:0.
+        let a2 = &r.sup.attempts()[1];
+        assert_eq!(a2.gpus, vec![gpu(0, 0)]);
+        assert_eq!(r.sup.excluded().len(), 1);
+    }
+
+    #[test]
+    fn a_second_fault_on_the_last_gpu_goes_down_the_ladder_and_the_first_stays_excluded() {
+        let mut r = Run::with_gpus(
+            policy(),
+            &[("gpu", true), ("gpu-safe", true), ("cpu", false)],
+            2,
+        );
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        stop_for(&mut r, 1, f);
+        let f = gpu_fault(&r, 2, 0, FaultClass::GpuEcc);
+        assert_eq!(f.gpus, vec![gpu(0, 0)]);
+        let out = stop_for(&mut r, 2, f);
+        assert!(exclusions(&out).is_empty());
+        let text = says(&out);
+        assert!(
+            text.contains("every GPU the job sees: nothing to exclude, down the ladder"),
+            "{text}"
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 1)]);
+        // GPU 1 stays hidden on the tier below too.
+        let Some(Effect::Spawn { exclude, .. }) = r
+            .log
+            .iter()
+            .rev()
+            .find(|e| matches!(e, Effect::Spawn { .. }))
+        else {
+            unreachable!()
+        };
+        assert_eq!(exclude, &vec![1]);
+        assert_eq!(r.sup.attempts()[2].gpus, vec![gpu(0, 0)]);
+    }
+
+    #[test]
+    fn a_fault_that_names_no_gpu_goes_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = kernel_fault_of(FaultClass::GpuLost, Action::Fallback);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+        assert!(r.sup.excluded().is_empty());
+    }
+
+    #[test]
+    fn a_fault_naming_every_gpu_goes_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let mut f = gpu_fault(&r, 1, 0, FaultClass::GpuMemoryFault);
+        f.gpus
+            .extend(gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault).gpus);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn no_exclusion_below_min_gpus_or_when_switched_off_or_for_an_oom() {
+        let mut p = policy();
+        p.min_gpus = 2;
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert!(
+            says(&out).contains("would leave 1 GPU(s), fewer than min_gpus = 2"),
+            "{}",
+            says(&out)
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+
+        let mut p = policy();
+        p.gpu_exclusion = false;
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert!(says(&out).contains("switched off"), "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+
+        // An OOM naming cuda:1 is the job's size, not GPU 1's fault.
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuOom);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn a_restart_fault_on_one_gpu_restarts_with_every_gpu_and_an_exclusion_beats_the_last_tier() {
+        // A reset loses the work but says nothing against the GPU: same tier, same GPUs.
+        let mut r = Run::with_gpus(policy(), &[("gpu", true)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuReset);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.sup.attempts()[1].gpus.len(), 2);
+        // On a one-tier ladder a lost GPU would end the run; with two GPUs the other carries on.
+        let f = gpu_fault(&r, 2, 0, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 2, f);
+        assert_eq!(exclusions(&out).len(), 1);
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
+        assert_eq!(r.sup.attempts()[2].gpus, vec![gpu(1, 0)]);
+        assert_eq!(r.outcome(), None);
     }
 }

@@ -210,6 +210,8 @@ fn job_scene(base: Instant) -> Snapshot {
         restarts: 1,
         max_restarts: 5,
         resumed_from: Some("ckpt/step-15.pt".into()),
+        gpus: Vec::new(),
+        excluded: Vec::new(),
         last_checkpoint: Some(("ckpt/step-20.pt".into(), wall() - Duration::from_secs(42))),
         run_dir: "gpuwarden-runs/x".into(),
     });
