@@ -106,6 +106,23 @@ pub struct JobInfo {
     pub run_dir: PathBuf,
 }
 
+impl JobInfo {
+    /// Whether the GPU a health sample is about was excluded from the job after a fault
+    /// (matched by PCI address, else by vendor and index).
+    pub fn excludes(&self, device: &crate::sources::health::DeviceRef) -> bool {
+        self.excluded.iter().any(|g| {
+            g.vendor == device.vendor
+                && match (&g.pci, &device.pci) {
+                    (Some(a), Some(b)) => {
+                        crate::gpu::PciAddress::parse(a).map(crate::gpu::PciAddress::slot)
+                            == crate::gpu::PciAddress::parse(b).map(crate::gpu::PciAddress::slot)
+                    }
+                    _ => device.index == Some(g.index),
+                }
+        })
+    }
+}
+
 /// A fault as views list it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FaultNote {

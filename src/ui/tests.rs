@@ -301,6 +301,30 @@ fn kfd_processes_are_read_per_gpu_biggest_first() {
 }
 
 #[test]
+fn an_excluded_gpu_says_so_in_its_row_and_the_job_panel() {
+    let base = Instant::now();
+    let mut snap = job_scene(base);
+    let pci = snap.gpus[0].sample.device.pci.clone();
+    let gpu = |index: u32, ordinal: u32, pci: Option<String>| crate::gpu::JobGpu {
+        key: index as usize,
+        vendor: crate::gpu::Vendor::Amd,
+        index,
+        ordinal,
+        pci,
+    };
+    if let Some(job) = &mut snap.job {
+        job.excluded = vec![gpu(0, 1, pci)];
+        job.gpus = vec![gpu(1, 0, Some("0000:0c:00.0".into()))];
+    }
+    let out = render(&snap, &view(base, "run"), 100, 30);
+    assert!(out.contains(" 0 EXCLUDED AMD Radeon"), "{out}");
+    assert!(out.contains("GPUs 1 (excluded 0)"), "{out}");
+    // Without the exclusion, the same screen says nothing of it.
+    let out = render(&job_scene(base), &view(base, "run"), 100, 30);
+    assert!(!out.contains("EXCLUDED"), "{out}");
+}
+
+#[test]
 fn eight_gpus_on_a_small_screen_say_how_many_are_not_shown() {
     let base = Instant::now();
     let mut snap = job_scene(base);
