@@ -386,6 +386,22 @@ fn a_kernel_fault_on_gpu_1_hides_it_and_the_job_goes_on_with_gpu_0_then_a_fault_
     let finished = journal.last().unwrap();
     assert_eq!(finished["outcome"], "succeeded");
     assert_eq!(finished["attempts"], 3);
+
+    // The morning after: the report tells which GPU was excluded, and reads every line.
+    let report = Command::new(BIN)
+        .arg("report")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    let report = text(&report.stdout);
+    assert!(
+        report.contains(&format!(
+            "excluded for the rest of the run: GPU 1 ({AMD_GPU1})"
+        )),
+        "{report}"
+    );
+    assert!(report.contains("      GPUs: 0,1\n"), "{report}");
+    assert!(!report.contains("skipped"), "{report}");
 }
 
 #[test]
