@@ -383,6 +383,21 @@ fn a_kernel_fault_on_gpu_1_hides_it_and_the_job_goes_on_with_gpu_0_then_a_fault_
         stderr.contains("every GPU the job sees: nothing to exclude, down the ladder"),
         "stderr:\n{stderr}"
     );
+    // The summary says which GPUs each attempt ran on, and which one was excluded.
+    assert!(
+        stderr.contains("  1        gpu (GPUs 0,1)"),
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("  2        gpu (GPUs 0)"),
+        "stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "excluded after a fault, for the rest of the run: GPU 1 ({AMD_GPU1}, the job's cuda:1)"
+        )),
+        "stderr:\n{stderr}"
+    );
     let finished = journal.last().unwrap();
     assert_eq!(finished["outcome"], "succeeded");
     assert_eq!(finished["attempts"], 3);
