@@ -294,6 +294,18 @@ pub fn run(
     let mut sup = Supervisor::new(policy, tiers);
     if let (Some(r), Some(tier)) = (&watch.resume, resume_tier) {
         sup.resume_at(r.attempt, tier, r.restarts);
+        let excluded = exec.still_excluded(&r.excluded_pci);
+        if !excluded.is_empty() {
+            say(&format!(
+                "still excluded after an earlier fault: {}",
+                excluded
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            sup.exclude_from_start(excluded);
+        }
     }
     let outcome = match exec.drive(&mut sup, &rx) {
         Ok(outcome) => outcome,
@@ -747,6 +759,30 @@ impl Executor<'_> {
     fn warn(&mut self, message: String) -> Result<(), RunError> {
         say(&format!("warning: {message}"));
         self.journal(&Record::Warning { message })
+    }
+
+    /// The GPUs of this machine at the PCI addresses a resumed run had excluded.
+    fn still_excluded(&self, excluded: &[(String, u32)]) -> Vec<crate::gpu::JobGpu> {
+        let slot = |text: &str| crate::attribution::pci_slot(text);
+        let mut out = Vec::new();
+        for (pci, ordinal) in excluded {
+            let found = self.gpus.iter().enumerate().find(|(_, g)| {
+                g.pci.as_deref().and_then(slot).is_some()
+                    && g.pci.as_deref().and_then(slot) == slot(pci)
+            });
+            if let Some((key, g)) = found
+                && !out.iter().any(|x: &crate::gpu::JobGpu| x.key == key)
+            {
+                out.push(crate::gpu::JobGpu {
+                    key,
+                    vendor: g.vendor,
+                    index: g.index,
+                    ordinal: *ordinal,
+                    pci: g.pci.clone(),
+                });
+            }
+        }
+        out
     }
 
     /// Notes which of `attempt`'s GPUs `fault` names (`crate::devices::named`).
