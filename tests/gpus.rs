@@ -602,3 +602,50 @@ fn min_gpus_zero_is_a_usage_error() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_gpu_excluded_before_gpuwarden_was_killed_stays_excluded_when_the_run_is_resumed() {
+    let scene = Scene::new();
+    let mut kmsg = KernelLog::new(&scene);
+    let mut run = start(&scene, Machine::TwoAmd, &kmsg, &[], &[], &["--steps", "40"]);
+    start_record(&scene, 1);
+    wait_for_a_checkpoint(&scene, 1);
+    kmsg.append(&amd_page_fault(AMD_GPU1));
+    let second = start_record(&scene, 2);
+    assert_eq!(env_of(&second, "ROCR_VISIBLE_DEVICES"), Some("0"));
+    // gpuwarden dies outright; its guard ends the job.
+    let mut child = run.child.take().unwrap();
+    send(child.id(), nix::sys::signal::Signal::SIGKILL);
+    child.wait().unwrap();
+    let pid = second["pid"].as_i64().unwrap() as i32;
+    wait_for("the job to die with gpuwarden", || dead(pid).then_some(()));
+
+    let mut resume = Command::new(BIN);
+    resume.arg("resume").arg(scene.run_dir());
+    for var in GPU_VARS {
+        resume.env_remove(var);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let search: Vec<PathBuf> = std::env::split_paths(&path)
+        .filter(|dir| !dir.join("nvidia-smi").exists())
+        .collect();
+    resume.env("PATH", std::env::join_paths(search).unwrap());
+    let out = resume.output().unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "still excluded after an earlier fault: GPU 1 ({AMD_GPU1}, the job's cuda:1)"
+        )),
+        "stderr:\n{stderr}"
+    );
+    let third = start_record(&scene, 3);
+    assert_eq!(env_of(&third, "ROCR_VISIBLE_DEVICES"), Some("0"));
+    assert_eq!(env_of(&third, "GPUWARDEN_NPROC"), Some("1"));
+    let journal = scene.journal();
+    assert_eq!(
+        attempt_record(&journal, "attempt_started", 3)["tier"],
+        "gpu"
+    );
+    assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+}
