@@ -114,6 +114,8 @@ enum Machine {
     TwoAmd,
     /// Two H100 through the fake nvidia-smi; an empty sysfs.
     TwoNvidia,
+    /// A copy of the two RX 6800 that a test changes, sampled for health every 0.2 s.
+    AmdSampled(PathBuf),
 }
 
 /// Starts `gpuwarden run` over the trainer on `machine`, following `kmsg`, with `env` set for
@@ -132,16 +134,17 @@ fn start(
     for dir in ["root", "empty-sys"] {
         std::fs::create_dir_all(scene.path(dir)).unwrap();
     }
-    let sysfs = match machine {
-        Machine::TwoAmd => data("tests/data/sysfs-two-gpus"),
-        Machine::TwoNvidia => scene.path("empty-sys"),
+    let (sysfs, health) = match &machine {
+        Machine::TwoAmd => (data("tests/data/sysfs-two-gpus"), "--no-health"),
+        Machine::TwoNvidia => (scene.path("empty-sys"), "--no-health"),
+        Machine::AmdSampled(dir) => (dir.clone(), "--health-interval=0.2"),
     };
     let mut args: Vec<String> = vec![
         "--config".into(),
         config.to_string_lossy().into_owned(),
         "--kernel-log".into(),
         kmsg.path.to_string_lossy().into_owned(),
-        "--no-health".into(),
+        health.into(),
         "--grace".into(),
         "2".into(),
         "--sysfs-root".into(),
@@ -173,7 +176,7 @@ fn start(
         Machine::TwoNvidia => std::iter::once(data("tests/fixtures/two-nvidia-gpus"))
             .chain(std::env::split_paths(&path))
             .collect(),
-        Machine::TwoAmd => std::env::split_paths(&path)
+        Machine::TwoAmd | Machine::AmdSampled(_) => std::env::split_paths(&path)
             .filter(|dir| !dir.join("nvidia-smi").exists())
             .collect(),
     };
@@ -648,4 +651,72 @@ fn a_gpu_excluded_before_gpuwarden_was_killed_stays_excluded_when_the_run_is_res
         "gpu"
     );
     assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+}
+
+#[test]
+fn uncorrectable_errors_rising_on_gpu_1_in_sysfs_exclude_it() {
+    // A data-centre card's RAS counter (`ras/umc_err_count`) on each GPU; GPU 1's rises.
+    let scene = Scene::new();
+    let sysfs = scene.path("sys");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(data("tests/data/sysfs-two-gpus"))
+        .arg(&sysfs)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let device = |bus: &str, port: &str| {
+        sysfs.join(format!(
+            "devices/pci0000:00/0000:00:03.{port}/0000:{bus}:00.0"
+        ))
+    };
+    for dir in [device("0b", "1"), device("0c", "2")] {
+        std::fs::create_dir(dir.join("ras")).unwrap();
+        std::fs::write(dir.join("ras/umc_err_count"), "ue: 0\nce: 0\n").unwrap();
+    }
+    let kmsg = KernelLog::new(&scene);
+    let run = start(
+        &scene,
+        Machine::AmdSampled(sysfs.clone()),
+        &kmsg,
+        &[],
+        &[],
+        &["--steps", "40"],
+    );
+    start_record(&scene, 1);
+    wait_for_a_checkpoint(&scene, 1);
+    std::fs::write(
+        device("0c", "2").join("ras/umc_err_count"),
+        "ue: 2\nce: 0\n",
+    )
+    .unwrap();
+    let second = start_record(&scene, 2);
+    assert_eq!(env_of(&second, "ROCR_VISIBLE_DEVICES"), Some("0"));
+    let (status, stderr) = run.finish();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let journal = scene.journal();
+    let fault = &records(&journal, "fault")[0];
+    assert_eq!(fault["class"], "gpu_ecc");
+    assert_eq!(fault["stream"], "tool");
+    assert_eq!(fault["gpus"][0]["pci"], AMD_GPU1);
+    let excluded = &records(&journal, "gpus_excluded")[0];
+    assert_eq!(excluded["remaining"], serde_json::json!([0]));
+    assert_eq!(
+        attempt_record(&journal, "attempt_started", 2)["tier"],
+        "gpu"
+    );
+    // The run's health history marks GPU 1 as excluded once it is.
+    let history = std::fs::read_to_string(scene.run_dir().join("health.jsonl")).unwrap();
+    assert!(
+        history
+            .lines()
+            .any(|l| l.contains(AMD_GPU1) && l.contains("\"excluded\":true")),
+        "{history}"
+    );
+    assert!(
+        !history
+            .lines()
+            .any(|l| l.contains(AMD_GPU0) && l.contains("\"excluded\"")),
+        "{history}"
+    );
 }
