@@ -1178,6 +1178,30 @@ mod tests {
     }
 
     #[test]
+    fn gpu_exclusion_and_min_gpus_from_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 1);
+        let dir = dir_with_config("gpu_exclusion = false\nmin_gpus = 3\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(!plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 3);
+        let dir = dir_with_config("min_gpus = 3\n");
+        let flags = Overrides {
+            no_gpu_exclusion: true,
+            min_gpus: Some(2),
+            ..Overrides::default()
+        };
+        let plan = plan_in(dir.path(), flags).unwrap();
+        assert!(!plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 2);
+        let err = err_in("ladder = [\"gpu\"]\nmin_gpus = 0\n");
+        assert!(err.contains("gpuwarden.toml:2:12"), "{err}");
+        assert!(err.contains("min_gpus must be at least 1"), "{err}");
+    }
+
+    #[test]
     fn full_config_is_read() {
         let dir = dir_with_config(
             r#"

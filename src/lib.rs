@@ -1,6 +1,6 @@
 //! gpuwarden supervises GPU training jobs: it runs the training command, watches its output
 //! for GPU faults, and when one appears stops the job and restarts it from the last complete
-//! checkpoint, one step down a fallback ladder (GPU, then safer settings, then CPU).
+//! checkpoint, one step down a fallback ladder (all GPUs, the GPUs that did not fault, safer settings, CPU).
 //!
 //! # Theory of operation
 //!
@@ -20,6 +20,8 @@
 //! - [`app`] is the executor: it carries out effects and runs the one event loop.
 //! - [`checkpoints`] finds the newest *complete* checkpoint; [`ladder`] turns a tier and a
 //!   checkpoint into a concrete argv and environment; [`config`] builds the validated plan.
+//! - [`devices`] says which GPUs an attempt sees and by what ordinal, which of them a fault
+//!   names, and how to hide the ones the supervisor excludes.
 //! - [`process`] holds every signal and process-group call, and the guard that kills the job
 //!   when gpuwarden itself is killed.
 
