@@ -1092,8 +1092,9 @@ impl Supervisor {
     /// The ladder's step between "these GPUs" and the tier below: the GPUs of the ended
     /// attempt `live` to hide from now on, when `fault` (whose action is `action`) goes down the
     /// ladder, blames the GPUs it names, and names some but not all of the attempt's GPUs. `Err`
-    /// with a note when the exclusion was possible but is not taken (too few GPUs would be left,
-    /// every GPU is named, or it is switched off); `Err(None)` when it does not apply at all.
+    /// with a note when the exclusion was possible but is not taken (it is switched off, every
+    /// GPU is named, the same fault hit an earlier attempt at the same point of training on other
+    /// GPUs, or too few GPUs would be left); `Err(None)` when it does not apply at all.
     fn exclusion(
         &self,
         fault: &Fault,
@@ -1125,6 +1126,26 @@ impl Supervisor {
             return Err(Some(format!(
                 "{} names {list}, every GPU the job sees: nothing to exclude, down the ladder",
                 fault.class
+            )));
+        }
+        // The same fault at the same point of training as an earlier attempt of this tier, on
+        // other GPUs: it follows the job (a bad kernel, an unsupported build), not the GPU, and
+        // excluding one GPU after another would only spend restarts on the way down.
+        let reached = self
+            .attempts
+            .iter()
+            .find(|a| a.attempt == live.attempt)
+            .map(|a| a.reached.clone());
+        let again = self.attempts.iter().any(|a| {
+            a.attempt != live.attempt
+                && a.tier == live.tier
+                && Some(&a.reached) == reached.as_ref()
+                && matches!(&a.ending, Ending::Fault { rule, .. } if *rule == fault.rule)
+        });
+        if again {
+            return Err(Some(format!(
+                "{} ({}) again at the same point of training, now on {list}: it follows the job, not the GPU; down the ladder",
+                fault.class, fault.rule
             )));
         }
         if left < self.policy.min_gpus {
@@ -2587,5 +2608,44 @@ mod tests {
         assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
         assert_eq!(r.sup.attempts()[2].gpus, vec![gpu(1, 0)]);
         assert_eq!(r.outcome(), None);
+    }
+
+    #[test]
+    fn the_same_fault_at_the_same_point_on_another_gpu_follows_the_job_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 3, FaultClass::GpuMemoryFault);
+        let out = stop_for(&mut r, 1, f);
+        assert_eq!(exclusions(&out).len(), 1);
+        // Attempt 2 (GPUs 0-2) faults the same way before writing a new checkpoint.
+        let f = gpu_fault(&r, 2, 2, FaultClass::GpuMemoryFault);
+        let out = stop_for(&mut r, 2, f);
+        assert!(exclusions(&out).is_empty());
+        assert!(
+            says(&out).contains("it follows the job, not the GPU; down the ladder"),
+            "{}",
+            says(&out)
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn the_same_fault_after_progress_on_another_gpu_excludes_that_one_too() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 3, FaultClass::GpuLost);
+        stop_for(&mut r, 1, f);
+        let at = r.now;
+        r.feed(Event::Checkpoint {
+            attempt: 2,
+            at,
+            path: PathBuf::from("ckpt/step-20.pt"),
+        });
+        let f = gpu_fault(&r, 2, 2, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 2, f);
+        assert_eq!(exclusions(&out).len(), 1, "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
+        let keys: Vec<u32> = r.sup.attempts()[2].gpus.iter().map(|g| g.index).collect();
+        assert_eq!(keys, [0, 1]);
     }
 }

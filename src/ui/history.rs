@@ -138,6 +138,7 @@ fn write_loop(board: &Board, flag: &(Mutex<bool>, Condvar)) {
     let (lock, wake) = flag;
     let mut file: Option<(File, u64)> = None;
     let mut tracker = Tracker::default();
+    let mut marked: Vec<DeviceRef> = Vec::new();
     let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
     while !*stopped {
         // The lock is held for the copy of the samples only.
@@ -172,7 +173,17 @@ fn write_loop(board: &Board, flag: &(Mutex<bool>, Condvar)) {
         }
         if let Some((f, written)) = &mut file {
             let mut text = String::new();
-            for sample in tracker.due(&samples, Instant::now()) {
+            let mut due = tracker.due(&samples, Instant::now());
+            // A GPU just excluded from the job gets a line saying so at once.
+            for sample in &samples {
+                if excluded.contains(&sample.device) && !marked.contains(&sample.device) {
+                    marked.push(sample.device.clone());
+                    if !due.iter().any(|d| d.device == sample.device) {
+                        due.push(sample.clone());
+                    }
+                }
+            }
+            for sample in due {
                 let out = excluded.contains(&sample.device);
                 text.push_str(&line(&sample, SystemTime::now(), out));
             }
