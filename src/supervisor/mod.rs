@@ -281,6 +281,9 @@ struct Live {
     last_progress: Instant,
     /// The GPUs it sees (`Event::Spawned`).
     gpus: Vec<JobGpu>,
+    /// The GPUs its faults blamed (faults that go down the ladder and say something against a
+    /// GPU), in the order named.
+    named: Vec<JobGpu>,
 }
 
 impl Live {
@@ -561,6 +564,7 @@ impl Supervisor {
             seen: BTreeMap::new(),
             last_progress: now,
             gpus: Vec::new(),
+            named: Vec::new(),
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -603,6 +607,15 @@ impl Supervisor {
         if live.attempt != attempt {
             // A late line from an attempt that is already over: it changes nothing.
             return;
+        }
+        // The GPUs the attempt's faults blame, whichever fault ends up deciding: the job's own
+        // `CUDA error` names no GPU and may come before the kernel's Xid that does.
+        if fault.action >= Action::Fallback && fault.class.blames_the_device() {
+            for g in &fault.gpus {
+                if !live.named.iter().any(|n| n.key == g.key) {
+                    live.named.push(g.clone());
+                }
+            }
         }
         // A storm of the same fault is one finding: journal the first, count the rest
         // (the count goes into `attempt_ended`). No allocation for the repeats.
@@ -1091,7 +1104,8 @@ impl Supervisor {
 
     /// The ladder's step between "these GPUs" and the tier below: the GPUs of the ended
     /// attempt `live` to hide from now on, when `fault` (whose action is `action`) goes down the
-    /// ladder, blames the GPUs it names, and names some but not all of the attempt's GPUs. `Err`
+    /// ladder and blames the device, and it or another such fault of the attempt names some but
+    /// not all of the attempt's GPUs. `Err`
     /// with a note when the exclusion was possible but is not taken (it is switched off, every
     /// GPU is named, the same fault hit an earlier attempt at the same point of training on other
     /// GPUs, or too few GPUs would be left); `Err(None)` when it does not apply at all.
@@ -1106,7 +1120,7 @@ impl Supervisor {
             return Err(None);
         }
         let mut named: Vec<JobGpu> = Vec::new();
-        for g in &fault.gpus {
+        for g in fault.gpus.iter().chain(&live.named) {
             if live.gpus.iter().any(|v| v.key == g.key) && !named.iter().any(|n| n.key == g.key) {
                 named.push(g.clone());
             }
@@ -2647,5 +2661,24 @@ mod tests {
         assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
         let keys: Vec<u32> = r.sup.attempts()[2].gpus.iter().map(|g| g.index).collect();
         assert_eq!(keys, [0, 1]);
+    }
+
+    #[test]
+    fn the_jobs_own_report_first_and_the_xid_naming_the_gpu_after_still_exclude_it() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        // `CUDA error: an illegal memory access` on stderr: no GPU named; it decides at once.
+        let own = fault(FaultClass::GpuMemoryFault, Action::Fallback);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: own,
+        });
+        // The kernel's Xid 31 naming GPU 1 comes a moment later, with the same action.
+        let mut xid = gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault);
+        xid.rule = "xid-31".into();
+        let out = stop_for(&mut r, 1, xid);
+        assert_eq!(exclusions(&out).len(), 1, "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        assert_eq!(r.sup.attempts()[1].gpus, vec![gpu(0, 0)]);
     }
 }
