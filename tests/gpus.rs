@@ -116,6 +116,8 @@ enum Machine {
     TwoNvidia,
     /// A copy of the two RX 6800 that a test changes, sampled for health every 0.2 s.
     AmdSampled(PathBuf),
+    /// No GPU gpuwarden can find: an empty sysfs, no nvidia-smi.
+    Bare,
 }
 
 /// Starts `gpuwarden run` over the trainer on `machine`, following `kmsg`, with `env` set for
@@ -136,7 +138,7 @@ fn start(
     }
     let (sysfs, health) = match &machine {
         Machine::TwoAmd => (data("tests/data/sysfs-two-gpus"), "--no-health"),
-        Machine::TwoNvidia => (scene.path("empty-sys"), "--no-health"),
+        Machine::TwoNvidia | Machine::Bare => (scene.path("empty-sys"), "--no-health"),
         Machine::AmdSampled(dir) => (dir.clone(), "--health-interval=0.2"),
     };
     let mut args: Vec<String> = vec![
@@ -176,7 +178,7 @@ fn start(
         Machine::TwoNvidia => std::iter::once(data("tests/fixtures/two-nvidia-gpus"))
             .chain(std::env::split_paths(&path))
             .collect(),
-        Machine::TwoAmd | Machine::AmdSampled(_) => std::env::split_paths(&path)
+        Machine::TwoAmd | Machine::AmdSampled(_) | Machine::Bare => std::env::split_paths(&path)
             .filter(|dir| !dir.join("nvidia-smi").exists())
             .collect(),
     };
@@ -718,5 +720,29 @@ fn uncorrectable_errors_rising_on_gpu_1_in_sysfs_exclude_it() {
             .lines()
             .any(|l| l.contains(AMD_GPU0) && l.contains("\"excluded\"")),
         "{history}"
+    );
+}
+
+#[test]
+fn a_gpu_tier_that_sees_no_known_gpu_warns_when_the_command_uses_nproc() {
+    let scene = Scene::new();
+    let kmsg = KernelLog::new(&scene);
+    let run = start(&scene, Machine::Bare, &kmsg, &[], &[], &["--steps", "2"]);
+    let (status, stderr) = run.finish();
+    assert_eq!(status.code(), Some(0), "stderr:\n{stderr}");
+    let first = start_record(&scene, 1);
+    assert!(
+        arg_after(&first, "--marker")
+            .unwrap()
+            .ends_with("nproc-1-gpus-")
+    );
+    let warnings = records(&scene.journal(), "warning");
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert!(
+        warnings[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("found no GPU it can see"),
+        "{warnings:#?}"
     );
 }

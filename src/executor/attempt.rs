@@ -77,6 +77,21 @@ impl Executor<'_> {
             }
         };
         let gpus = sight.list();
+        if tier.uses_gpu && sight.gpus.is_empty() && !self.gpus_unknown_warned {
+            let names_gpus = |arg: &[u8]| {
+                arg.windows(7).any(|w| w == b"{nproc}") || arg.windows(6).any(|w| w == b"{gpus}")
+            };
+            use std::os::unix::ffi::OsStrExt;
+            if plan.command.iter().any(|a| names_gpus(a.as_bytes()))
+                || tier.args.iter().any(|a| names_gpus(a.as_bytes()))
+            {
+                self.gpus_unknown_warned = true;
+                self.warn(format!(
+                    "tier `{}` uses a GPU, but gpuwarden found no GPU it can see (`gpuwarden probe` says what it looked at): {{nproc}} is 1 and {{gpus}} is empty",
+                    tier.name
+                ))?;
+            }
+        }
         let placeholders = Placeholders {
             device: &tier.device,
             checkpoint: checkpoint.as_deref(),

@@ -212,6 +212,7 @@ pub fn run(
         outside: Arc::new(Mutex::new(Outside::new())),
         gpus: watch.gpus,
         sights: HashMap::new(),
+        gpus_unknown_warned: false,
         kernel: None,
         health: None,
         refreshed: Instant::now(),
@@ -371,6 +372,8 @@ struct Executor<'a> {
     gpus: Vec<Gpu>,
     /// What each attempt sees of `gpus`, for telling which of its GPUs a fault names.
     sights: HashMap<u32, crate::devices::Sight>,
+    /// Said once: a GPU tier sees no GPU gpuwarden knows while the command uses `{nproc}`.
+    gpus_unknown_warned: bool,
     kernel: Option<Follower>,
     health: Option<HealthSource>,
     /// When the job's processes were last re-read.
