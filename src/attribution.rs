@@ -334,26 +334,6 @@ impl JobView {
     }
 }
 
-/// The PCI slots of the GPUs an attempt can use: this machine's GPUs, less those hidden by the
-/// `*_VISIBLE_DEVICES` variables the attempt runs with (inherited, or set or unset by its tier).
-pub fn usable_gpus(gpus: &[crate::gpu::Gpu], launch: &crate::ladder::Launch) -> Vec<Slot> {
-    let env = crate::probe::read_env(|name| {
-        if launch.unset_env.iter().any(|n| n == name) {
-            return None;
-        }
-        launch
-            .set_env
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| std::env::var_os(name))
-    });
-    crate::probe::visible(gpus, &env)
-        .into_iter()
-        .filter_map(|gpu| gpu.pci.as_deref().and_then(pci_slot))
-        .collect()
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -137,6 +137,14 @@ pub struct RunArgs {
     #[arg(long)]
     pub forget: bool,
     // -- end overnight --
+    /// When a fault names some of the job's GPUs, go down the ladder at once instead of first
+    /// restarting on the same tier with those GPUs hidden.
+    #[arg(long)]
+    pub no_gpu_exclusion: bool,
+    /// The fewest GPUs the job may run on: an exclusion that would leave fewer goes down the
+    /// ladder instead [default: 1].
+    #[arg(long, value_name = "N")]
+    pub min_gpus: Option<u32>,
     #[command(flatten)]
     pub machine: MachineArgs,
     // The live display (src/ui/).

@@ -23,6 +23,8 @@
 //! backoff = { initial = 1.0, max = 60.0 }     # seconds, at most 86400
 //! rules = ["my-rules/"]           # searched before --rules directories
 //! force_gpu_unsafe = false
+//! gpu_exclusion = true            # a fault on some of the GPUs hides them, keeps the others
+//! min_gpus = 1                    # an exclusion never leaves fewer GPUs than this
 //! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
 //! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
 //! progress = '^step \d+'         # only output lines matching this count as progress
@@ -111,6 +113,11 @@ pub struct Overrides {
     pub webhooks: Vec<String>,
     /// `--notify-on` event names, unparsed.
     pub notify_on: Option<Vec<String>>,
+    // -- many GPUs (issue 14) --
+    /// `--no-gpu-exclusion`.
+    pub no_gpu_exclusion: bool,
+    /// `--min-gpus N`.
+    pub min_gpus: Option<u32>,
 }
 
 /// Everything a run needs to start, checked.
@@ -152,6 +159,11 @@ pub struct Plan {
     pub warnings: Vec<String>,
     /// Who is told about faults and the end of the run.
     pub notify: crate::notify::NotifyPlan,
+    /// Whether a fault pinned to some of the job's GPUs hides them and restarts on the same
+    /// tier before the ladder goes down (`gpu_exclusion`, `--no-gpu-exclusion`).
+    pub gpu_exclusion: bool,
+    /// The fewest GPUs an exclusion may leave (`min_gpus`, `--min-gpus`); at least 1.
+    pub min_gpus: usize,
 }
 
 /// Where a setting came from, for error messages.
@@ -320,6 +332,11 @@ pub enum ConfigError {
     #[error("{at}: [policy] {message}")]
     Policy { at: Origin, message: String },
 
+    #[error(
+        "{at}: min_gpus must be at least 1 (it is the fewest GPUs the job may run on after a faulty one is excluded)"
+    )]
+    ZeroMinGpus { at: Origin },
+
     #[error("{at}: tier `{tier}`: {error}")]
     EnvScript {
         tier: String,
@@ -340,6 +357,8 @@ struct RawConfig {
     #[serde(default)]
     rules: Vec<PathBuf>,
     force_gpu_unsafe: Option<bool>,
+    gpu_exclusion: Option<bool>,
+    min_gpus: Option<Spanned<u32>>,
     stall_timeout: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
     progress: Option<Spanned<String>>,
@@ -506,6 +525,21 @@ pub fn plan(
         chosen.push((def, at));
     }
 
+    let min_gpus = match (overrides.min_gpus, &raw.min_gpus) {
+        (Some(0), _) => {
+            return Err(ConfigError::ZeroMinGpus {
+                at: Origin::Flag("--min-gpus"),
+            });
+        }
+        (Some(n), _) => n,
+        (None, Some(n)) if *n.get_ref() == 0 => {
+            return Err(ConfigError::ZeroMinGpus {
+                at: origin(source.as_ref(), n.span()),
+            });
+        }
+        (None, Some(n)) => *n.get_ref(),
+        (None, None) => 1,
+    };
     let grace = match (overrides.grace, raw.grace) {
         (Some(secs), _) => seconds("grace", secs, Origin::Flag("--grace"))?,
         (None, Some(secs)) => file_seconds("grace", secs, source.as_ref())?,
@@ -643,6 +677,8 @@ pub fn plan(
         warn_no_checkpoint_after,
         warnings,
         notify,
+        gpu_exclusion: !overrides.no_gpu_exclusion && raw.gpu_exclusion.unwrap_or(true),
+        min_gpus: min_gpus as usize,
     })
 }
 
@@ -807,6 +843,8 @@ pub fn demo_plan(
         backoff_max: DEFAULT_BACKOFF_MAX,
         rule_dirs: Vec::new(),
         force_gpu_unsafe: false,
+        gpu_exclusion: true,
+        min_gpus: 1,
         config_file: None,
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
         restart_window: None,
@@ -1255,6 +1293,30 @@ mod tests {
         assert!(!plan.force_gpu_unsafe);
         assert_eq!(plan.config_file, None);
         assert_eq!(plan.command, cmd());
+    }
+
+    #[test]
+    fn gpu_exclusion_and_min_gpus_from_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 1);
+        let dir = dir_with_config("gpu_exclusion = false\nmin_gpus = 3\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert!(!plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 3);
+        let dir = dir_with_config("min_gpus = 3\n");
+        let flags = Overrides {
+            no_gpu_exclusion: true,
+            min_gpus: Some(2),
+            ..Overrides::default()
+        };
+        let plan = plan_in(dir.path(), flags).unwrap();
+        assert!(!plan.gpu_exclusion);
+        assert_eq!(plan.min_gpus, 2);
+        let err = err_in("ladder = [\"gpu\"]\nmin_gpus = 0\n");
+        assert!(err.contains("gpuwarden.toml:2:12"), "{err}");
+        assert!(err.contains("min_gpus must be at least 1"), "{err}");
     }
 
     #[test]

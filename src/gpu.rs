@@ -48,6 +48,9 @@ pub struct Gpu {
     pub device_id: Option<u16>,
     /// AMD: the KFD topology node (`/sys/class/kfd/kfd/topology/nodes/N`), as `node-N` in HSA errors.
     pub kfd_node: Option<u32>,
+    /// AMD: the DRM render node's minor (`/dev/dri/renderD128` is 128), from the KFD topology.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub render_minor: Option<u32>,
     /// AMD: the gfx target, `gfx1030` (from `gfx_target_version 100300`).
     pub gfx_target: Option<String>,
     /// NVIDIA: compute capability, `9.0`.
@@ -57,6 +60,35 @@ pub struct Gpu {
     pub vram_total_bytes: Option<u64>,
     /// The kernel driver's version where the source tells it (NVIDIA driver, amdgpu module).
     pub driver_version: Option<String>,
+}
+
+/// One GPU as one attempt of the job sees it: which GPU of the machine, and the device
+/// ordinal (`cuda:N`, HIP's device N) the job knows it by once `*_VISIBLE_DEVICES` are applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct JobGpu {
+    /// Which GPU of the machine: its place in gpuwarden's inventory, stable for the whole run.
+    /// Only gpuwarden uses it; the journal names the GPU by the fields below.
+    #[serde(skip)]
+    pub key: usize,
+    pub vendor: Vendor,
+    /// The vendor's own index (KFD order on AMD, nvidia-smi's index on NVIDIA): what the
+    /// `*_VISIBLE_DEVICES` variables and the `{gpus}` placeholder list.
+    pub index: u32,
+    /// What the job calls it: `cuda:ORDINAL` in PyTorch, on AMD and NVIDIA alike.
+    pub ordinal: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pci: Option<String>,
+}
+
+impl std::fmt::Display for JobGpu {
+    /// `GPU 1 (0000:0c:00.0, the job's cuda:1)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GPU {} (", self.index)?;
+        if let Some(pci) = &self.pci {
+            write!(f, "{pci}, ")?;
+        }
+        write!(f, "the job's cuda:{})", self.ordinal)
+    }
 }
 
 /// A PCI address as sysfs, tools and kernel lines spell it: `0000:03:00.0`, `00000000:3B:00.0`

@@ -18,6 +18,7 @@ use std::time::SystemTime;
 
 use serde::{Serialize, Serializer};
 
+use crate::gpu::JobGpu;
 use crate::job::JobExit;
 use crate::rules::{Action, FaultClass, Severity, Stream};
 
@@ -130,6 +131,9 @@ pub enum Record {
         attempt: u32,
         tier: String,
         device: String,
+        /// The GPUs the attempt sees, in its ordinal order (absent where it sees none known).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<JobGpu>,
         #[serde(serialize_with = "lossless_opt_path")]
         checkpoint: Option<PathBuf>,
         #[serde(serialize_with = "lossless_argv")]
@@ -160,6 +164,23 @@ pub enum Record {
         /// (`crate::incident`), and which.
         #[serde(skip_serializing_if = "Option::is_none")]
         incident: Option<crate::incident::Role>,
+        /// The GPUs of the attempt the fault names, with the ordinal the job knows each by.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        gpus: Vec<JobGpu>,
+    },
+    /// A fault of `attempt` named some of its GPUs: they are hidden from every later attempt,
+    /// which restarts on the same tier with the others (issue 14).
+    GpusExcluded {
+        attempt: u32,
+        tier: String,
+        rule: String,
+        class: FaultClass,
+        /// The GPUs excluded now, as `attempt` saw them.
+        gpus: Vec<JobGpu>,
+        /// Every GPU excluded so far in the run, by vendor index.
+        excluded: Vec<u32>,
+        /// The GPUs the next attempt keeps, by vendor index, in the job's order.
+        remaining: Vec<u32>,
     },
     /// A kernel-log or health fault that does not concern the job (another process, a device
     /// the job does not use, or nothing to tell): shown and recorded, never acted on.

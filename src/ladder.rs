@@ -117,11 +117,18 @@ pub struct Placeholders<'a> {
     pub attempt: u32,
     /// `{run_dir}`: the run directory (journal, logs).
     pub run_dir: &'a Path,
+    /// `{gpus}`: the GPUs the attempt sees, by vendor index, in the job's order (`0,2`); empty
+    /// on a tier without GPUs.
+    pub gpus: &'a str,
+    /// `{nproc}`: how many GPUs the attempt sees (1 where it sees none), for
+    /// `torchrun --nproc-per-node {nproc}`.
+    pub nproc: usize,
 }
 
 const CHECKPOINT: &[u8] = b"{checkpoint}";
 
-/// Expands `{device}`, `{checkpoint}`, `{tier}`, `{attempt}` and `{run_dir}` in each argument.
+/// Expands `{device}`, `{checkpoint}`, `{tier}`, `{attempt}`, `{run_dir}`, `{gpus}` and
+/// `{nproc}` in each argument.
 ///
 /// Substitution is per argument and byte-exact: a value with spaces or `;` stays inside its
 /// argument, non-UTF-8 bytes survive, and unknown `{names}` or other braces (JSON arguments)
@@ -164,11 +171,14 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// literal, but [`expand_args`] drops such arguments before they get here.
 fn substitute(arg: &[u8], p: &Placeholders<'_>) -> Vec<u8> {
     let attempt = p.attempt.to_string();
+    let nproc = p.nproc.to_string();
     let mut values: Vec<(&[u8], &[u8])> = vec![
         (b"{device}", p.device.as_bytes()),
         (b"{tier}", p.tier.as_bytes()),
         (b"{attempt}", attempt.as_bytes()),
         (b"{run_dir}", p.run_dir.as_os_str().as_bytes()),
+        (b"{gpus}", p.gpus.as_bytes()),
+        (b"{nproc}", nproc.as_bytes()),
     ];
     if let Some(checkpoint) = p.checkpoint {
         values.push((CHECKPOINT, checkpoint.as_os_str().as_bytes()));
@@ -207,7 +217,8 @@ pub struct Launch {
 /// Builds the command of one attempt: the expanded command followed by the tier's expanded
 /// extra arguments, with the tier's environment plus `GPUWARDEN_DEVICE`, `GPUWARDEN_CHECKPOINT`
 /// (unset when there is none, so a stale value from the parent cannot leak in),
-/// `GPUWARDEN_TIER`, `GPUWARDEN_ATTEMPT`, `GPUWARDEN_RUN_DIR`, and `PYTHONUNBUFFERED=1`.
+/// `GPUWARDEN_TIER`, `GPUWARDEN_ATTEMPT`, `GPUWARDEN_RUN_DIR`, `GPUWARDEN_GPUS` (`{gpus}`),
+/// `GPUWARDEN_NPROC` (`{nproc}`), and `PYTHONUNBUFFERED=1`.
 ///
 /// `PYTHONUNBUFFERED=1` is there because a Python job whose stdout is a pipe buffers its output
 /// in 8 KiB blocks: the lines just before a fault would reach us late or never. It is left alone
@@ -242,6 +253,8 @@ pub fn launch(
     env.set("GPUWARDEN_TIER", OsStr::new(p.tier));
     env.set("GPUWARDEN_ATTEMPT", OsStr::new(&p.attempt.to_string()));
     env.set("GPUWARDEN_RUN_DIR", p.run_dir.as_os_str());
+    env.set("GPUWARDEN_GPUS", OsStr::new(p.gpus));
+    env.set("GPUWARDEN_NPROC", OsStr::new(&p.nproc.to_string()));
     let tier_decides = tier.set_env.contains_key("PYTHONUNBUFFERED")
         || tier.unset_env.iter().any(|n| n == "PYTHONUNBUFFERED");
     if !parent_env_has_pythonunbuffered && !tier_decides {
@@ -251,6 +264,20 @@ pub fn launch(
         argv,
         set_env: env.set,
         unset_env: env.unset,
+    }
+}
+
+impl Launch {
+    /// Sets one variable of the job's environment over what the tier said (the
+    /// `*_VISIBLE_DEVICES` that hide excluded GPUs); `set_env` and `unset_env` stay disjoint.
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        let mut env = EnvDiff {
+            set: std::mem::take(&mut self.set_env),
+            unset: std::mem::take(&mut self.unset_env),
+        };
+        env.set(name, OsStr::new(value));
+        self.set_env = env.set;
+        self.unset_env = env.unset;
     }
 }
 
@@ -524,6 +551,8 @@ mod tests {
             tier: "gpu-sdk",
             attempt: 3,
             run_dir: Path::new("/runs/eeg"),
+            gpus: "0,2",
+            nproc: 2,
         }
     }
 
@@ -549,6 +578,43 @@ mod tests {
                 "--resume=ckpt/epoch-7.pt",
                 "--log=/runs/eeg/gpu-sdk-3.log",
             ])
+        );
+    }
+
+    #[test]
+    fn gpus_and_nproc_follow_the_attempts_gpus() {
+        let out = expand_args(
+            &args(&["torchrun", "--nproc-per-node", "{nproc}", "--gpus={gpus}"]),
+            &place(None),
+        );
+        assert_eq!(
+            out,
+            args(&["torchrun", "--nproc-per-node", "2", "--gpus=0,2"])
+        );
+        let l = launch(
+            &args(&["t"]),
+            &Tier::builtin("gpu").unwrap(),
+            &place(None),
+            false,
+        );
+        assert_eq!(env_of(&l, "GPUWARDEN_GPUS").as_deref(), Some("0,2"));
+        assert_eq!(env_of(&l, "GPUWARDEN_NPROC").as_deref(), Some("2"));
+    }
+
+    #[test]
+    fn a_variable_set_over_the_tier_wins_and_keeps_the_env_disjoint() {
+        let mut tier = Tier::builtin("gpu").unwrap();
+        tier.unset_env = vec!["ROCR_VISIBLE_DEVICES".into()];
+        let mut l = launch(&args(&["t"]), &tier, &place(None), false);
+        assert!(
+            l.unset_env
+                .contains(&OsString::from("ROCR_VISIBLE_DEVICES"))
+        );
+        l.set_var("ROCR_VISIBLE_DEVICES", "0");
+        assert_eq!(env_of(&l, "ROCR_VISIBLE_DEVICES").as_deref(), Some("0"));
+        assert!(
+            !l.unset_env
+                .contains(&OsString::from("ROCR_VISIBLE_DEVICES"))
         );
     }
 
@@ -719,6 +785,8 @@ mod tests {
             tier: "cpu",
             attempt: 2,
             run_dir: Path::new("/r"),
+            gpus: "",
+            nproc: 1,
         };
         let l = launch(
             &args(&["python", "t.py", "--device", "{device}"]),

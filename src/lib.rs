@@ -1,6 +1,6 @@
 //! gpuwarden supervises GPU training jobs: it runs the training command, watches its output
 //! for GPU faults, and when one appears stops the job and restarts it from the last complete
-//! checkpoint, one step down a fallback ladder (GPU, then safer settings, then CPU).
+//! checkpoint, one step down a fallback ladder (all GPUs, the GPUs that did not fault, safer settings, CPU).
 //!
 //! # Theory of operation
 //!
@@ -32,6 +32,8 @@
 //! - [`checkpoints`] finds the newest *complete* checkpoint; [`ladder`] turns a tier and a
 //!   checkpoint into a concrete argv and environment; [`config`] builds the validated plan;
 //!   [`probe`] decides the starting tier before the run ([`verdict`]) from [`quirks`].
+//! - [`devices`] says which GPUs an attempt sees and by what ordinal, which of them a fault
+//!   names, and how to hide the ones the supervisor excludes.
 //! - [`process`] holds every signal, process-group and helper-process call, and the guard that
 //!   kills the job when gpuwarden itself is killed; [`cgroup`] the per-attempt cgroup; [`procfs`]
 //!   reads `/proc`. [`job`] is the job's vocabulary (signals, exits), a leaf every module may use.
@@ -41,6 +43,7 @@ pub mod cgroup;
 pub mod checkpoints;
 pub mod config;
 pub mod demo;
+pub mod devices;
 pub mod executor;
 pub mod exit;
 pub mod gpu;

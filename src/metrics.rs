@@ -370,6 +370,23 @@ fn render_gpus(out: &mut String, snap: &Snapshot) {
             f.sample(name, &l, v);
         }
     }
+    if let Some(job) = &snap.job
+        && !snap.gpus.is_empty()
+    {
+        let name = "gpuwarden_gpu_excluded";
+        let mut f = Family::new(
+            out,
+            name,
+            "gauge",
+            "1 for a GPU hidden from the job for the rest of the run after a fault named it.",
+        );
+        for (i, g) in snap.gpus.iter().enumerate() {
+            let b = base(&labels[i]);
+            let l: Vec<(&str, &str)> = b.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let excluded = job.excludes(&g.sample.device);
+            f.sample(name, &l, if excluded { 1.0 } else { 0.0 });
+        }
+    }
     let mut ecc = Vec::new();
     for (i, g) in snap.gpus.iter().enumerate() {
         for count in &g.sample.ecc {
@@ -526,6 +543,7 @@ mod tests {
             pci: Some("0000:03:00.0".into()),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: None,

@@ -234,6 +234,8 @@ pub fn kind_of(record: &Record, tier: &mut Option<String>) -> Option<Kind> {
                 Some(Kind::Restart)
             }
         }
+        // The ladder's first step down: the GPUs that did not fault (issue 14).
+        Record::GpusExcluded { .. } => Some(Kind::Fallback),
         Record::SignalForwarded { .. } => Some(Kind::Signal),
         Record::RunFinished { exit_code, .. } => Some(match *exit_code {
             crate::exit::SUCCESS => Kind::Finished,
@@ -288,6 +290,25 @@ fn text_of(kind: Kind, record: &Record, host: &str) -> String {
         Record::SignalForwarded { attempt, signal } => {
             format!("{signal} passed to the job (attempt {attempt})")
         }
+        Record::GpusExcluded {
+            attempt,
+            class,
+            rule,
+            gpus,
+            remaining,
+            ..
+        } => format!(
+            "excluding {} after {class} ({rule}) in attempt {attempt}; going on with GPU(s) {}",
+            gpus.iter()
+                .map(|g| g.to_string())
+                .collect::<Vec<_>>()
+                .join(" and "),
+            remaining
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         Record::RunFinished {
             outcome,
             detail,
@@ -652,6 +673,7 @@ mod tests {
             attempt: 1,
             tier: t.into(),
             device: "cuda".into(),
+            gpus: Vec::new(),
             checkpoint: None,
             argv: Vec::new(),
             pid: 1,
@@ -679,6 +701,27 @@ mod tests {
         assert_eq!(kind_of(&finished(3), &mut tier), Some(Kind::GaveUp));
         assert_eq!(kind_of(&finished(143), &mut tier), Some(Kind::Interrupted));
         assert_eq!(kind_of(&Record::Leftovers { attempt: 1 }, &mut tier), None);
+        // Excluding a faulty GPU is the ladder's first step down.
+        let excluded = Record::GpusExcluded {
+            attempt: 1,
+            tier: "gpu".into(),
+            rule: "xid-79".into(),
+            class: crate::rules::FaultClass::GpuLost,
+            gpus: vec![crate::gpu::JobGpu {
+                key: 1,
+                vendor: crate::gpu::Vendor::Nvidia,
+                index: 1,
+                ordinal: 1,
+                pci: Some("0000:86:00.0".into()),
+            }],
+            excluded: vec![1],
+            remaining: vec![0],
+        };
+        assert_eq!(kind_of(&excluded, &mut tier), Some(Kind::Fallback));
+        assert_eq!(
+            text_of(Kind::Fallback, &excluded, "node7"),
+            "gpuwarden on node7: excluding GPU 1 (0000:86:00.0, the job's cuda:1) after gpu_lost (xid-79) in attempt 1; going on with GPU(s) 0"
+        );
         for k in Kind::ALL {
             assert_eq!(Kind::parse(k.as_str()), Ok(k));
         }
@@ -699,6 +742,7 @@ mod tests {
             facility: None,
             attribution: None,
             incident: None,
+            gpus: Vec::new(),
         }
     }
 

@@ -286,7 +286,7 @@ pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
 }
 
 /// Applies one `*_VISIBLE_DEVICES` list to `list` (positions are indexes into `list`).
-fn select<'a>(list: Vec<&'a Gpu>, value: &str) -> Vec<&'a Gpu> {
+pub(crate) fn select<'a>(list: Vec<&'a Gpu>, value: &str) -> Vec<&'a Gpu> {
     let mut chosen: Vec<&Gpu> = Vec::new();
     for entry in value.split(',').map(str::trim) {
         if entry.is_empty() && value.trim().is_empty() {
@@ -779,6 +779,7 @@ mod tests {
             pci: Some("0000:03:00.0".into()),
             device_id: Some(0x73bf),
             kfd_node: Some(1),
+            render_minor: None,
             gfx_target: Some("gfx1030".into()),
             compute_capability: None,
             uuid: None,
@@ -795,6 +796,7 @@ mod tests {
             pci: None,
             device_id: None,
             kfd_node: Some(index + 1),
+            render_minor: None,
             vram_total_bytes: None,
             ..rx6800()
         }
@@ -808,6 +810,7 @@ mod tests {
             pci: Some(format!("0000:{:02x}:00.0", 0x18 + index)),
             device_id: Some(0x2330),
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: Some("9.0".into()),
             uuid: Some(format!("GPU-{index}a2b3c4d-0000-1111-2222-333344445555")),

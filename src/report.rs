@@ -92,6 +92,12 @@ pub struct AttemptReport {
     pub checkpoints_written: u32,
     /// Seconds of this attempt that count as kept (see the module documentation).
     pub kept_seconds: f64,
+    /// The GPUs it saw, by vendor index, in its order (from `attempt_started`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<u64>,
+    /// The GPUs excluded after its fault (`gpus_excluded`): `GPU 1 (0000:0c:00.0)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub excluded: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -202,6 +208,7 @@ const KNOWN: &[&str] = &[
     "leftovers",
     "attempt_ended",
     "restart_scheduled",
+    "gpus_excluded",
     "warning",
     "stacks_captured",
     "step_interval",
@@ -282,6 +289,11 @@ pub fn build(journal: &str) -> Report {
                         .map(str::to_string),
                     pid: v.get("pid").and_then(Value::as_u64),
                     started_at: Some(at_text),
+                    gpus: v
+                        .get("gpus")
+                        .and_then(Value::as_array)
+                        .map(|gpus| gpus.iter().filter_map(|g| g["index"].as_u64()).collect())
+                        .unwrap_or_default(),
                     ..AttemptReport::default()
                 });
             }
@@ -378,6 +390,23 @@ pub fn build(journal: &str) -> Report {
                 f.count += count;
             }
             "warning" => r.warnings.push(str_of(&v, "message")),
+            "gpus_excluded" => {
+                let Some(a) = attempt.and_then(|n| find(&mut r.attempts, n)) else {
+                    continue;
+                };
+                for g in v
+                    .get("gpus")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let index = g["index"].as_u64().map_or("?".into(), |i| i.to_string());
+                    a.excluded.push(match g["pci"].as_str() {
+                        Some(pci) => format!("GPU {index} ({pci})"),
+                        None => format!("GPU {index}"),
+                    });
+                }
+            }
             "run_finished" => {
                 r.outcome = Some(str_of(&v, "outcome"));
                 r.detail = Some(str_of(&v, "detail"));
@@ -682,6 +711,10 @@ impl fmt::Display for Report {
                 a.checkpoints_written,
                 duration_text(a.kept_seconds)
             )?;
+            if !a.gpus.is_empty() {
+                let gpus: Vec<String> = a.gpus.iter().map(u64::to_string).collect();
+                writeln!(f, "      GPUs: {}", gpus.join(","))?;
+            }
             if let Some(fault) = &a.fault {
                 writeln!(
                     f,
@@ -699,6 +732,13 @@ impl fmt::Display for Report {
                         i.cause.class, i.cause.rule, i.followed
                     )?;
                 }
+            }
+            if !a.excluded.is_empty() {
+                writeln!(
+                    f,
+                    "      excluded for the rest of the run: {}",
+                    a.excluded.join(", ")
+                )?;
             }
         }
         writeln!(f)?;

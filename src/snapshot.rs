@@ -97,9 +97,30 @@ pub struct JobInfo {
     pub max_restarts: u32,
     /// What the attempt resumed from.
     pub resumed_from: Option<PathBuf>,
+    /// The GPUs the attempt sees, in its ordinal order.
+    pub gpus: Vec<crate::gpu::JobGpu>,
+    /// GPUs excluded after a fault: hidden from the job for the rest of the run.
+    pub excluded: Vec<crate::gpu::JobGpu>,
     /// The newest complete checkpoint seen, and when it was written.
     pub last_checkpoint: Option<(PathBuf, SystemTime)>,
     pub run_dir: PathBuf,
+}
+
+impl JobInfo {
+    /// Whether the GPU a health sample is about was excluded from the job after a fault
+    /// (matched by PCI address, else by vendor and index).
+    pub fn excludes(&self, device: &crate::sources::health::DeviceRef) -> bool {
+        self.excluded.iter().any(|g| {
+            g.vendor == device.vendor
+                && match (&g.pci, &device.pci) {
+                    (Some(a), Some(b)) => {
+                        crate::gpu::PciAddress::parse(a).map(crate::gpu::PciAddress::slot)
+                            == crate::gpu::PciAddress::parse(b).map(crate::gpu::PciAddress::slot)
+                    }
+                    _ => device.index == Some(g.index),
+                }
+        })
+    }
 }
 
 /// A fault as views list it.
@@ -271,6 +292,7 @@ mod tests {
             pci: Some("0000:03:00.0".into()),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: None,

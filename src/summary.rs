@@ -30,14 +30,29 @@ pub fn print(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Path) {
         total.as_secs_f64(),
         crate::voice::shown_path(journal)
     ));
+    // Once a GPU was excluded, which GPUs each attempt ran on is part of its story.
+    let excluded = sup.excluded();
     let rows: Vec<[String; 5]> = attempts
         .iter()
         .map(|a| {
+            let tier = plan
+                .ladder
+                .get(a.tier)
+                .map_or_else(|| format!("#{}", a.tier), |t| t.name.clone());
+            let tier = match excluded.is_empty() || a.gpus.is_empty() {
+                true => tier,
+                false => format!(
+                    "{tier} (GPUs {})",
+                    a.gpus
+                        .iter()
+                        .map(|g| g.index.to_string())
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            };
             [
                 a.attempt.to_string(),
-                plan.ladder
-                    .get(a.tier)
-                    .map_or_else(|| format!("#{}", a.tier), |t| t.name.clone()),
+                tier,
                 a.checkpoint
                     .as_ref()
                     .map_or_else(|| "-".to_string(), |c| crate::voice::shown_path(c)),
@@ -48,6 +63,13 @@ pub fn print(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Path) {
         .collect();
     for line in table(&rows, WIDTH) {
         say_raw(&format!("{line}\n"));
+    }
+    if !excluded.is_empty() {
+        let list: Vec<String> = excluded.iter().map(|g| g.to_string()).collect();
+        say(&format!(
+            "excluded after a fault, for the rest of the run: {}",
+            list.join(", ")
+        ));
     }
 }
 

@@ -116,6 +116,16 @@ fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> 
         .iter()
         .filter(|r| event(r) == "restart_scheduled")
         .count() as u32;
+    // GPUs excluded after a fault stay excluded (issue 14), named by PCI address.
+    let excluded_pci = records
+        .iter()
+        .filter(|r| event(r) == "gpus_excluded")
+        .flat_map(|r| r["gpus"].as_array().cloned().unwrap_or_default())
+        .filter_map(|g| {
+            let ordinal = g["ordinal"].as_u64().and_then(|o| u32::try_from(o).ok())?;
+            Some((g["pci"].as_str()?.to_string(), ordinal))
+        })
+        .collect();
     let reason = match last_pid {
         Some(pid) => format!("gpuwarden pid {pid} is gone and the journal has no end"),
         None => "the journal has no end".to_string(),
@@ -127,6 +137,7 @@ fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> 
             tier,
             restarts,
             reason,
+            excluded_pci,
         },
     ))
 }

@@ -42,6 +42,8 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         }),
         webhooks: args.notify.webhook,
         notify_on: args.notify.notify_on,
+        no_gpu_exclusion: args.no_gpu_exclusion,
+        min_gpus: args.min_gpus,
     };
     let Some(cwd) = current_dir() else {
         return exit::USAGE;

@@ -60,7 +60,10 @@ pub fn watch(args: WatchArgs) -> i32 {
             return exit::INTERNAL;
         }
     };
-    let signalled = || signals.try_recv().is_ok();
+    // Only the signals that end a run end the display: SIGWINCH comes with every resize of the
+    // terminal (and SIGUSR1/2, SIGCONT are a run's to pass on), since the signal thread catches
+    // them for `run` (0613c1f).
+    let signalled = || signals.try_iter().any(|sig| !sig.forward_only());
     let shown = ui::terminal::run(&board, View::new("watch"), false, signalled, |_| {});
     collector.stop();
     match shown {

@@ -1,6 +1,7 @@
 //! Starting an attempt: the newest complete checkpoint, the tier's argv and environment, the
 //! logs, the process group, its output pumps and its waiter.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use super::{Executor, Input, RunError, lock};
 use crate::attribution;
 use crate::cgroup::Cgroup;
 use crate::checkpoints;
+use crate::devices;
 use crate::job::Sig;
 use crate::journal::Record;
 use crate::ladder::{self, Placeholders};
@@ -37,6 +39,7 @@ impl Executor<'_> {
         &mut self,
         attempt: u32,
         tier_index: usize,
+        exclude: &[usize],
         closed: &mut Vec<Event>,
     ) -> Result<Event, RunError> {
         let plan = self.plan;
@@ -50,19 +53,63 @@ impl Executor<'_> {
             Ok(c) => c,
             Err(error) => return Ok(Event::SpawnFailed { attempt, error }),
         };
+        // The GPUs the attempt sees: the tier's selection (or the user's), less the excluded.
+        let tier_env = devices::read_env(|name| {
+            if tier.unset_env.iter().any(|n| n == name) {
+                return None;
+            }
+            tier.set_env
+                .get(name)
+                .map(OsString::from)
+                .or_else(|| std::env::var_os(name))
+        });
+        let (sight, narrowed) = if !tier.uses_gpu {
+            (devices::Sight::default(), Vec::new())
+        } else {
+            let before = devices::sight(&self.gpus, &tier_env);
+            if exclude.is_empty() {
+                (before, Vec::new())
+            } else {
+                let vars = devices::narrowed(&self.gpus, &before, exclude, &tier_env);
+                let mut env = tier_env.clone();
+                env.extend(vars.iter().cloned());
+                (devices::sight(&self.gpus, &env), vars)
+            }
+        };
+        let gpus = sight.list();
+        if tier.uses_gpu && sight.gpus.is_empty() && !self.gpus_unknown_warned {
+            let names_gpus = |arg: &[u8]| {
+                arg.windows(7).any(|w| w == b"{nproc}") || arg.windows(6).any(|w| w == b"{gpus}")
+            };
+            use std::os::unix::ffi::OsStrExt;
+            if plan.command.iter().any(|a| names_gpus(a.as_bytes()))
+                || tier.args.iter().any(|a| names_gpus(a.as_bytes()))
+            {
+                self.gpus_unknown_warned = true;
+                self.warn(format!(
+                    "tier `{}` uses a GPU, but gpuwarden found no GPU it can see (`gpuwarden probe` says what it looked at): {{nproc}} is 1 and {{gpus}} is empty",
+                    tier.name
+                ))?;
+            }
+        }
         let placeholders = Placeholders {
             device: &tier.device,
             checkpoint: checkpoint.as_deref(),
             tier: &tier.name,
             attempt,
             run_dir: &self.run_dir,
+            gpus: &gpus,
+            nproc: sight.nproc(),
         };
-        let launch = ladder::launch(
+        let mut launch = ladder::launch(
             &plan.command,
             tier,
             &placeholders,
             std::env::var_os("PYTHONUNBUFFERED").is_some(),
         );
+        for (name, value) in &narrowed {
+            launch.set_var(name, value);
+        }
         let stdout_log = self.run_dir.join(format!("attempt-{attempt}.stdout.log"));
         let stderr_log = self.run_dir.join(format!("attempt-{attempt}.stderr.log"));
         // `create_new`: a log is never overwritten, whatever is in the run directory.
@@ -103,11 +150,11 @@ impl Executor<'_> {
         let pid = child.id();
         // The job leads its own group, so the group id is its pid.
         self.groups.insert(attempt, pid);
-        let usable = if tier.uses_gpu {
-            attribution::usable_gpus(&self.gpus, &launch)
-        } else {
-            Vec::new()
-        };
+        let usable = sight
+            .gpus
+            .iter()
+            .filter_map(|g| g.pci.as_deref().and_then(attribution::pci_slot))
+            .collect();
         lock(&self.view).attempt_started(attempt, pid, usable);
         self.refreshed = Instant::now();
         if let Some(cg) = &cgroup {
@@ -199,8 +246,21 @@ impl Executor<'_> {
                 error: format!("cannot start a thread to wait for the job: {e}"),
             });
         }
+        let excluded = match exclude.is_empty() {
+            true => String::new(),
+            false => format!(
+                ", GPU(s) {} (GPU(s) {} excluded)",
+                if gpus.is_empty() { "none" } else { &gpus },
+                exclude
+                    .iter()
+                    .filter_map(|&key| self.gpus.get(key))
+                    .map(|g| g.index.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
         say(&format!(
-            "attempt {attempt} on tier `{}` (device {}){}",
+            "attempt {attempt} on tier `{}` (device {}{excluded}){}",
             tier.name,
             tier.device,
             match &checkpoint {
@@ -212,6 +272,7 @@ impl Executor<'_> {
             attempt,
             tier: tier.name.clone(),
             device: tier.device.clone(),
+            gpus: sight.gpus.clone(),
             checkpoint: checkpoint.clone(),
             argv: launch.argv.clone(),
             pid,
@@ -220,9 +281,12 @@ impl Executor<'_> {
         })?;
         // The rescan reports checkpoints newer than the one resumed from.
         self.checkpoints_seen.newest = checkpoint.clone().map(|c| (c, None));
+        let seen = sight.gpus.clone();
+        self.sights.insert(attempt, sight);
         Ok(Event::Spawned {
             attempt,
             checkpoint,
+            gpus: seen,
         })
     }
 
@@ -280,6 +344,39 @@ impl Executor<'_> {
             Err(e) => Ok(Err(format!(
                 "cannot look for checkpoints in `{spec}`: {e:#}; not starting from scratch over them"
             ))),
+        }
+    }
+}
+
+impl Executor<'_> {
+    /// The GPUs of this machine at the PCI addresses a resumed run had excluded.
+    pub(super) fn still_excluded(&self, excluded: &[(String, u32)]) -> Vec<crate::gpu::JobGpu> {
+        let slot = |text: &str| crate::attribution::pci_slot(text);
+        let mut out = Vec::new();
+        for (pci, ordinal) in excluded {
+            let found = self.gpus.iter().enumerate().find(|(_, g)| {
+                g.pci.as_deref().and_then(slot).is_some()
+                    && g.pci.as_deref().and_then(slot) == slot(pci)
+            });
+            if let Some((key, g)) = found
+                && !out.iter().any(|x: &crate::gpu::JobGpu| x.key == key)
+            {
+                out.push(crate::gpu::JobGpu {
+                    key,
+                    vendor: g.vendor,
+                    index: g.index,
+                    ordinal: *ordinal,
+                    pci: g.pci.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Notes which of `attempt`'s GPUs `fault` names (`crate::devices::named`).
+    pub(super) fn pin(&self, attempt: u32, fault: &mut crate::rules::Fault) {
+        if let Some(sight) = self.sights.get(&attempt) {
+            fault.gpus = crate::devices::named(fault, &self.gpus, sight);
         }
     }
 }

@@ -213,6 +213,8 @@ pub fn run(
         view: Arc::new(Mutex::new(JobView::new(std::process::id()))),
         outside: Arc::new(Mutex::new(Outside::new())),
         gpus: watch.gpus,
+        sights: HashMap::new(),
+        gpus_unknown_warned: false,
         kernel: None,
         health: None,
         refreshed: Instant::now(),
@@ -259,6 +261,8 @@ pub fn run(
         checkpoints_watched: plan.checkpoints.is_some(),
         class_actions: plan.policy.clone(),
         warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
+        gpu_exclusion: plan.gpu_exclusion,
+        min_gpus: plan.min_gpus,
     };
     let tiers = plan
         .ladder
@@ -271,6 +275,18 @@ pub fn run(
     let mut sup = Supervisor::new(policy, tiers);
     if let (Some(r), Some(tier)) = (&watch.resume, resume_tier) {
         sup.resume_at(r.attempt, tier, r.restarts);
+        let excluded = exec.still_excluded(&r.excluded_pci);
+        if !excluded.is_empty() {
+            say(&format!(
+                "still excluded after an earlier fault: {}",
+                excluded
+                    .iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            sup.exclude_from_start(excluded);
+        }
     }
     let outcome = match exec.drive(&mut sup, &rx) {
         Ok(outcome) => outcome,
@@ -334,6 +350,10 @@ struct Executor<'a> {
     /// The repeat and foreign-fault windows (pure state), shared with the kernel reader thread.
     outside: Arc<Mutex<Outside>>,
     gpus: Vec<Gpu>,
+    /// What each attempt sees of `gpus`, for telling which of its GPUs a fault names.
+    sights: HashMap<u32, crate::devices::Sight>,
+    /// Said once: a GPU tier sees no GPU gpuwarden knows while the command uses `{nproc}`.
+    gpus_unknown_warned: bool,
     kernel: Option<Follower>,
     health: Option<HealthSource>,
     /// When the job's processes were last re-read.
@@ -445,7 +465,10 @@ impl Executor<'_> {
                 stream,
                 event,
             } => match event {
-                OutputEvent::Fault(fault) => Some(Event::Fault { attempt, fault }),
+                OutputEvent::Fault(mut fault) => {
+                    self.pin(attempt, &mut fault);
+                    Some(Event::Fault { attempt, fault })
+                }
                 OutputEvent::Closed => Some(Event::StreamClosed { attempt, stream }),
                 OutputEvent::Progress { at } => Some(Event::Progress { attempt, at }),
                 OutputEvent::Idle { at } => Some(Event::OutputIdle {
@@ -516,9 +539,13 @@ impl Executor<'_> {
         pending: &mut Vec<Event>,
     ) -> Result<Option<Outcome>, RunError> {
         match effect {
-            Effect::Spawn { attempt, tier } => {
+            Effect::Spawn {
+                attempt,
+                tier,
+                exclude,
+            } => {
                 let mut closed = Vec::new();
-                let answer = self.spawn(attempt, tier, &mut closed)?;
+                let answer = self.spawn(attempt, tier, &exclude, &mut closed)?;
                 // `pending` is a stack: the answer to Spawn must come out first.
                 pending.extend(closed);
                 pending.push(answer);

@@ -401,6 +401,7 @@ impl Executor<'_> {
                 attempt, mut fault, ..
             } => {
                 if live == Some(attempt) {
+                    self.pin(attempt, &mut fault);
                     if seq > 0 {
                         fault.attribution = fault
                             .attribution

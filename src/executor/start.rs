@@ -21,6 +21,9 @@ pub struct Resume {
     pub restarts: u32,
     /// Why the previous gpuwarden is taken to be gone.
     pub reason: String,
+    /// The GPUs the run excluded after faults, still excluded: their PCI address, and the
+    /// ordinal the attempt that excluded them knew them by.
+    pub excluded_pci: Vec<(String, u32)>,
 }
 
 impl Executor<'_> {

@@ -43,6 +43,7 @@ impl Executor<'_> {
             (None, _) => JobState::Starting,
         };
         let restarts = sup.restarts();
+        let excluded = sup.excluded().to_vec();
         self.board.update(|s| {
             let Some(job) = &mut s.job else { return };
             job.state = state;
@@ -55,7 +56,9 @@ impl Executor<'_> {
                 job.tier = tier.name.clone();
                 job.device = tier.device.clone();
                 job.resumed_from = a.checkpoint.clone();
+                job.gpus.clone_from(&a.gpus);
             }
+            job.excluded = excluded;
             if pid.is_some() {
                 job.pid = pid;
             }

@@ -287,6 +287,26 @@ impl FaultClass {
         }
     }
 
+    /// Whether a fault of this class, when it names GPUs, says something against those GPUs
+    /// rather than against the job or the setup: then the ladder's first step down is to hide
+    /// them and keep training on the others (issue 14). An OOM, a crash or a collective timeout
+    /// naming `cuda:1` is the job's size or a peer's trouble, not GPU 1's.
+    pub fn blames_the_device(self) -> bool {
+        matches!(
+            self,
+            FaultClass::GpuMemoryFault
+                | FaultClass::GpuException
+                | FaultClass::GpuUnsupportedKernel
+                | FaultClass::GpuHang
+                | FaultClass::GpuReset
+                | FaultClass::GpuLost
+                | FaultClass::GpuEcc
+                | FaultClass::GpuInterconnect
+                | FaultClass::GpuDriverError
+                | FaultClass::GpuUnavailable
+        )
+    }
+
     /// Whether a fault of this class rules out every GPU tier on the same architecture (or every
     /// GPU tier at all): no kernel image for this GPU, or no usable GPU. Retrying on the same kind
     /// of GPU cannot help, so the ladder jumps past those tiers.
@@ -328,4 +348,9 @@ pub struct Fault {
     /// For a line from outside the job's own output: why it was judged to concern the job.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attribution: Option<String>,
+    /// The GPUs of the attempt the fault names (a PCI address, a KFD node, a `cuda:N`), as the
+    /// job sees them; empty when it names none. Filled in by the executor
+    /// (`crate::devices::named`), never by a rule.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<crate::gpu::JobGpu>,
 }

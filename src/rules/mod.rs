@@ -541,6 +541,7 @@ impl RuleSet {
             advice: rule.advice.clone(),
             facility: None,
             attribution: None,
+            gpus: Vec::new(),
         })
     }
 

@@ -15,6 +15,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::gpu::JobGpu;
 use crate::job::{JobExit, Sig};
 
 pub mod outside;
@@ -52,6 +53,12 @@ pub struct Policy {
     /// Whether the executor watches a checkpoint location (and so sends `Event::Checkpoint`):
     /// only then can "no new checkpoint" mean "no progress".
     pub checkpoints_watched: bool,
+    /// Whether a fault pinned to some of the attempt's GPUs restarts it on the same tier with
+    /// those GPUs hidden, before the ladder goes down (issue 14).
+    pub gpu_exclusion: bool,
+    /// The fewest GPUs the job may run on after an exclusion; an exclusion that would leave
+    /// fewer goes down the ladder instead.
+    pub min_gpus: usize,
     /// `[policy]` in gpuwarden.toml: the action for a fault class, in place of its rule's.
     pub class_actions: BTreeMap<FaultClass, Action>,
     /// With checkpoints watched, an attempt that ran this long and wrote no new checkpoint is
@@ -93,10 +100,12 @@ pub struct TierInfo {
 pub enum Event {
     /// Begin the run with attempt 1 on the first tier.
     Start,
-    /// The executor started `attempt`; `checkpoint` is what it resumes from.
+    /// The executor started `attempt`; `checkpoint` is what it resumes from, `gpus` the GPUs it
+    /// sees (in its ordinal order; empty on a CPU tier or where no GPU is known).
     Spawned {
         attempt: u32,
         checkpoint: Option<PathBuf>,
+        gpus: Vec<JobGpu>,
     },
     /// The executor could not start `attempt` (the command vanished, fork failed...).
     SpawnFailed { attempt: u32, error: String },
@@ -194,9 +203,17 @@ impl fmt::Display for Outcome {
 /// What the executor must do. Returned as a `Vec`: an empty vector is an explicit "nothing".
 #[derive(Clone, Debug, PartialEq)]
 #[must_use]
+// Effects live for one step, a handful at a time, and most of them are journal records: boxing
+// the record would allocate twice for the common case to shrink the rare one.
+#[allow(clippy::large_enum_variant)]
 pub enum Effect {
-    /// Start `attempt` on ladder tier `tier` (an index into the ladder).
-    Spawn { attempt: u32, tier: usize },
+    /// Start `attempt` on ladder tier `tier` (an index into the ladder), with the GPUs
+    /// `exclude` (inventory keys, `JobGpu::key`) hidden from it.
+    Spawn {
+        attempt: u32,
+        tier: usize,
+        exclude: Vec<usize>,
+    },
     /// Send `sig` to the process group of `attempt`.
     Signal { attempt: u32, sig: Sig },
     /// Append a record to the journal (and fsync it).
@@ -261,6 +278,8 @@ pub struct AttemptSummary {
     /// The newest checkpoint it got to: the last one it wrote, else the one it resumed from.
     /// Two attempts that fault at the same point got to the same checkpoint.
     pub reached: Option<PathBuf>,
+    /// The GPUs it saw.
+    pub gpus: Vec<JobGpu>,
 }
 
 /// The attempt that is running or being stopped.
@@ -291,6 +310,11 @@ struct Live {
     started: Instant,
     /// The attempt's faults linked into incidents: which is a cause, which follows from one.
     incidents: Linker,
+    /// The GPUs it sees (`Event::Spawned`).
+    gpus: Vec<JobGpu>,
+    /// The GPUs its faults blamed (faults that go down the ladder and say something against a
+    /// GPU), in the order named.
+    named: Vec<JobGpu>,
 }
 
 impl Live {
@@ -350,6 +374,8 @@ pub struct Supervisor {
     /// resumed run continues where its journal stopped.
     start: (u32, usize),
     attempts: Vec<AttemptSummary>,
+    /// GPUs hidden from every later attempt, as the attempt that excluded them saw them.
+    excluded: Vec<JobGpu>,
 }
 
 impl Supervisor {
@@ -362,7 +388,18 @@ impl Supervisor {
             restart_times: Vec::new(),
             start: (1, 0),
             attempts: Vec::new(),
+            excluded: Vec::new(),
         }
+    }
+
+    /// The GPUs excluded so far (they stay hidden for the rest of the run).
+    pub fn excluded(&self) -> &[JobGpu] {
+        &self.excluded
+    }
+
+    /// Continues a run whose earlier attempts excluded `gpus` (`gpuwarden resume`).
+    pub fn exclude_from_start(&mut self, gpus: Vec<JobGpu>) {
+        self.excluded = gpus;
     }
 
     /// The attempt that is running or being stopped: until it has ended (its group gone and its
@@ -450,7 +487,8 @@ impl Supervisor {
             Event::Spawned {
                 attempt,
                 checkpoint,
-            } => self.on_spawned(attempt, checkpoint),
+                gpus,
+            } => self.on_spawned(attempt, checkpoint, gpus),
             Event::SpawnFailed { attempt, error } => {
                 if self.is_current(attempt) {
                     if let Some(a) = self.attempts.last_mut() {
@@ -558,6 +596,8 @@ impl Supervisor {
             last_progress: now,
             started: now,
             incidents: Linker::new(RUN_WINDOW_SECONDS),
+            gpus: Vec::new(),
+            named: Vec::new(),
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -568,17 +608,27 @@ impl Supervisor {
             ending: Ending::Running,
             wrote_checkpoint: false,
             reached: None,
+            gpus: Vec::new(),
         });
-        out.push(Effect::Spawn { attempt, tier });
+        out.push(Effect::Spawn {
+            attempt,
+            tier,
+            exclude: self.excluded.iter().map(|g| g.key).collect(),
+        });
     }
 
-    fn on_spawned(&mut self, attempt: u32, checkpoint: Option<PathBuf>) {
-        if !self.is_current(attempt) {
+    fn on_spawned(&mut self, attempt: u32, checkpoint: Option<PathBuf>, gpus: Vec<JobGpu>) {
+        let Phase::Live(live) = &mut self.phase else {
+            return;
+        };
+        if live.attempt != attempt {
             return;
         }
+        live.gpus.clone_from(&gpus);
         if let Some(a) = self.attempts.last_mut() {
             a.reached.clone_from(&checkpoint);
             a.checkpoint = checkpoint;
+            a.gpus = gpus;
         }
     }
 
@@ -591,6 +641,15 @@ impl Supervisor {
         if live.attempt != attempt {
             // A late line from an attempt that is already over: it changes nothing.
             return;
+        }
+        // The GPUs the attempt's faults blame, whichever fault ends up deciding: the job's own
+        // `CUDA error` names no GPU and may come before the kernel's Xid that does.
+        if fault.action >= Action::Fallback && fault.class.blames_the_device() {
+            for g in &fault.gpus {
+                if !live.named.iter().any(|n| n.key == g.key) {
+                    live.named.push(g.clone());
+                }
+            }
         }
         // A storm of the same fault is one finding: journal the first, count the rest
         // (the count goes into `attempt_ended`). No allocation for the repeats.
@@ -925,7 +984,8 @@ impl Supervisor {
             warn(message.clone(), out);
         }
 
-        let (next_tier, reason) = match live.stop {
+        let mut excluding = String::new();
+        let (next_tier, reason) = match live.stop.take() {
             Some(StopCause::User(sig)) => {
                 self.finish(Outcome::Interrupted(sig), out);
                 return;
@@ -943,21 +1003,37 @@ impl Supervisor {
                 ),
             ),
             Some(StopCause::Fault(fault)) => {
-                match self.after_fault(&fault, live.tier, live.attempt) {
-                    Ok((tier, note)) => {
-                        if let Some(note) = note {
-                            out.push(Effect::Say(note));
-                        }
-                        (tier, format!("{} ({})", fault.class, fault.rule))
+                let (action, note) = self.action_after(&fault, live.tier, live.attempt);
+                if let Some(note) = note {
+                    out.push(Effect::Say(note));
+                }
+                let reason = format!("{} ({})", fault.class, fault.rule);
+                match self.exclusion(&fault, action, &live) {
+                    Ok(gpus) => {
+                        excluding = self.exclude(&fault, gpus, &live, out);
+                        (live.tier, format!("{reason}: {excluding}"))
                     }
-                    Err(outcome) => {
-                        self.finish(outcome, out);
-                        return;
+                    Err(why) => {
+                        if let Some(why) = why {
+                            out.push(Effect::Say(why));
+                        }
+                        match self.next_tier(&fault, action, live.tier) {
+                            Ok(tier) => (tier, reason),
+                            Err(outcome) => {
+                                self.finish(outcome, out);
+                                return;
+                            }
+                        }
                     }
                 }
             }
         };
-        let next_tier = match self.after_no_progress(next_tier, live.tier) {
+        // An exclusion is a new setup of the tier, not one more try of the old one.
+        let checked = match excluding.is_empty() {
+            false => Ok(next_tier),
+            true => self.after_no_progress(next_tier, live.tier),
+        };
+        let next_tier = match checked {
             Ok(tier) => {
                 if tier != next_tier {
                     out.push(Effect::Say(format!(
@@ -1052,12 +1128,7 @@ impl Supervisor {
     /// to the same checkpoint (or to none, both times) faulted at the same point of training and
     /// will end the next one too: it is deterministic, so the run goes down the ladder (or stops,
     /// for a host OOM). The same class at a later point each time is transient: the run stays.
-    fn after_fault(
-        &self,
-        fault: &Fault,
-        tier: usize,
-        attempt: u32,
-    ) -> Result<(usize, Option<String>), Outcome> {
+    fn action_after(&self, fault: &Fault, tier: usize, attempt: u32) -> (Action, Option<String>) {
         let mut action = fault.action;
         let mut note = None;
         if action == Action::Restart {
@@ -1087,12 +1158,18 @@ impl Supervisor {
                 ));
             }
         }
+        (action, note)
+    }
+
+    /// The tier to restart on after `fault` (whose action, crash-loop sense applied, is
+    /// `action`) ended an attempt on `tier`, or why the run ends.
+    fn next_tier(&self, fault: &Fault, action: Action, tier: usize) -> Result<usize, Outcome> {
         match action {
             Action::Stop => Err(Outcome::StoppedByFault {
                 rule: fault.rule.clone(),
                 class: fault.class,
             }),
-            Action::Restart | Action::Note => Ok((tier, note)),
+            Action::Restart | Action::Note => Ok(tier),
             Action::Fallback => {
                 // No kernel for this architecture (or no GPU at all): every GPU tier will fail
                 // the same way, so go straight to the first tier that does not use a GPU.
@@ -1102,10 +1179,116 @@ impl Supervisor {
                     .enumerate()
                     .skip(tier + 1)
                     .find(|(_, t)| !skip_gpu || !t.uses_gpu)
-                    .map(|(i, _)| (i, note))
+                    .map(|(i, _)| i)
                     .ok_or(Outcome::LadderExhausted)
             }
         }
+    }
+
+    /// The ladder's step between "these GPUs" and the tier below: the GPUs of the ended
+    /// attempt `live` to hide from now on, when `fault` (whose action is `action`) goes down the
+    /// ladder and blames the device, and it or another such fault of the attempt names some but
+    /// not all of the attempt's GPUs. `Err`
+    /// with a note when the exclusion was possible but is not taken (it is switched off, every
+    /// GPU is named, the same fault hit an earlier attempt at the same point of training on other
+    /// GPUs, or too few GPUs would be left); `Err(None)` when it does not apply at all.
+    fn exclusion(
+        &self,
+        fault: &Fault,
+        action: Action,
+        live: &Live,
+    ) -> Result<Vec<JobGpu>, Option<String>> {
+        let on_gpu = self.ladder.get(live.tier).is_some_and(|t| t.uses_gpu);
+        if action != Action::Fallback || !on_gpu || !fault.class.blames_the_device() {
+            return Err(None);
+        }
+        let mut named: Vec<JobGpu> = Vec::new();
+        for g in fault.gpus.iter().chain(&live.named) {
+            if live.gpus.iter().any(|v| v.key == g.key) && !named.iter().any(|n| n.key == g.key) {
+                named.push(g.clone());
+            }
+        }
+        if named.is_empty() {
+            return Err(None);
+        }
+        let list = gpu_list(&named);
+        if !self.policy.gpu_exclusion {
+            return Err(Some(format!(
+                "{} names {list}; excluding a faulty GPU is switched off (gpu_exclusion = false): down the ladder",
+                fault.class
+            )));
+        }
+        let left = live.gpus.len() - named.len();
+        if left == 0 {
+            return Err(Some(format!(
+                "{} names {list}, every GPU the job sees: nothing to exclude, down the ladder",
+                fault.class
+            )));
+        }
+        // The same fault at the same point of training as an earlier attempt of this tier, on
+        // other GPUs: it follows the job (a bad kernel, an unsupported build), not the GPU, and
+        // excluding one GPU after another would only spend restarts on the way down.
+        let reached = self
+            .attempts
+            .iter()
+            .find(|a| a.attempt == live.attempt)
+            .map(|a| a.reached.clone());
+        let again = self.attempts.iter().any(|a| {
+            a.attempt != live.attempt
+                && a.tier == live.tier
+                && Some(&a.reached) == reached.as_ref()
+                && matches!(&a.ending, Ending::Fault { rule, .. } if *rule == fault.rule)
+        });
+        if again {
+            return Err(Some(format!(
+                "{} ({}) again at the same point of training, now on {list}: it follows the job, not the GPU; down the ladder",
+                fault.class, fault.rule
+            )));
+        }
+        if left < self.policy.min_gpus {
+            return Err(Some(format!(
+                "excluding {list} would leave {left} GPU(s), fewer than min_gpus = {}: down the ladder",
+                self.policy.min_gpus
+            )));
+        }
+        Ok(named)
+    }
+
+    /// Hides `gpus` from every later attempt; journals and says so. Returns the words for the
+    /// restart's reason.
+    fn exclude(
+        &mut self,
+        fault: &Fault,
+        gpus: Vec<JobGpu>,
+        live: &Live,
+        out: &mut Vec<Effect>,
+    ) -> String {
+        let remaining: Vec<u32> = live
+            .gpus
+            .iter()
+            .filter(|g| !gpus.iter().any(|x| x.key == g.key))
+            .map(|g| g.index)
+            .collect();
+        let words = format!(
+            "excluding {} for the rest of the run, keeping GPU(s) {}",
+            gpu_list(&gpus),
+            remaining
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        self.excluded.extend(gpus.iter().cloned());
+        out.push(Effect::Journal(Record::GpusExcluded {
+            attempt: live.attempt,
+            tier: self.tier_name(live.tier),
+            rule: fault.rule.clone(),
+            class: fault.class,
+            gpus,
+            excluded: self.excluded.iter().map(|g| g.index).collect(),
+            remaining,
+        }));
+        words
     }
 
     /// Attempts in a row, ending with the last one, on `tier` that wrote no new checkpoint.
@@ -1183,6 +1366,14 @@ impl Supervisor {
     }
 }
 
+/// `GPU 1 (0000:0c:00.0, the job's cuda:1)`, `GPU 0 (...) and GPU 2 (...)`.
+fn gpu_list(gpus: &[JobGpu]) -> String {
+    gpus.iter()
+        .map(JobGpu::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
 /// The journal record of a fault acted on in `attempt`.
 fn fault_record(attempt: u32, fault: &Fault, incident: Option<Role>) -> Record {
     Record::Fault {
@@ -1197,6 +1388,7 @@ fn fault_record(attempt: u32, fault: &Fault, incident: Option<Role>) -> Record {
         facility: fault.facility.clone(),
         attribution: fault.attribution.clone(),
         incident,
+        gpus: fault.gpus.clone(),
     }
 }
 
@@ -1282,6 +1474,7 @@ pub fn stall_fault(uses_gpu: bool, silent: Duration, timeout: Duration) -> Fault
         advice: "The job printed nothing and wrote no checkpoint for the whole stall timeout. On a GPU this is usually a hung kernel or a collective waiting for a rank that died; on the CPU a deadlock or a stuck data loader. The stacks captured before the stop (when py-spy is installed) show where it waited. A job that is silent by design needs a longer --stall-timeout, or --stall-timeout off.".to_string(),
         facility: None,
         attribution: None,
+        gpus: Vec::new(),
     }
 }
 
@@ -1313,6 +1506,7 @@ pub fn crash_fault(status: JobExit) -> Option<Fault> {
         ),
         facility: None,
         attribution: None,
+        gpus: Vec::new(),
     })
 }
 
@@ -1334,6 +1528,8 @@ mod tests {
             checkpoints_watched: false,
             class_actions: BTreeMap::new(),
             warn_no_checkpoint_after: None,
+            gpu_exclusion: true,
+            min_gpus: 1,
         }
     }
 
@@ -1359,6 +1555,18 @@ mod tests {
             advice: "advice".to_string(),
             facility: None,
             attribution: None,
+            gpus: Vec::new(),
+        }
+    }
+
+    /// GPU `index` of a test machine, seen by an attempt as `cuda:ordinal`.
+    fn gpu(index: u32, ordinal: u32) -> JobGpu {
+        JobGpu {
+            key: index as usize,
+            vendor: crate::gpu::Vendor::Amd,
+            index,
+            ordinal,
+            pci: Some(format!("0000:{:02x}:00.0", 0x0b + index)),
         }
     }
 
@@ -1368,6 +1576,10 @@ mod tests {
         t0: Instant,
         now: Instant,
         log: Vec<Effect>,
+        /// The machine's GPUs (vendor index = key); each attempt on a GPU tier sees those not
+        /// excluded, numbered from 0, as the executor would report them.
+        machine: u32,
+        gpu_tiers: Vec<bool>,
     }
 
     impl Run {
@@ -1378,7 +1590,27 @@ mod tests {
                 t0,
                 now: t0,
                 log: Vec::new(),
+                machine: 0,
+                gpu_tiers: tiers.iter().map(|(_, gpu)| *gpu).collect(),
             }
+        }
+
+        /// The same on a machine with `n` GPUs.
+        fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
+            let mut r = Run::new(policy, tiers);
+            r.machine = n;
+            r
+        }
+
+        fn seen(&self, tier: usize, exclude: &[usize]) -> Vec<JobGpu> {
+            if !self.gpu_tiers.get(tier).copied().unwrap_or(false) {
+                return Vec::new();
+            }
+            (0..self.machine)
+                .filter(|i| !exclude.contains(&(*i as usize)))
+                .enumerate()
+                .map(|(ordinal, index)| gpu(index, ordinal as u32))
+                .collect()
         }
 
         fn feed(&mut self, ev: Event) -> Vec<Effect> {
@@ -1387,10 +1619,16 @@ mod tests {
             while let Some(ev) = queue.pop() {
                 let effects = self.sup.step(ev, self.now);
                 for e in &effects {
-                    if let Effect::Spawn { attempt, .. } = e {
+                    if let Effect::Spawn {
+                        attempt,
+                        tier,
+                        exclude,
+                    } = e
+                    {
                         queue.push(Event::Spawned {
                             attempt: *attempt,
                             checkpoint: None,
+                            gpus: self.seen(*tier, exclude),
                         });
                     }
                 }
@@ -1426,7 +1664,7 @@ mod tests {
             self.log
                 .iter()
                 .filter_map(|e| match e {
-                    Effect::Spawn { attempt, tier } => Some((*attempt, *tier)),
+                    Effect::Spawn { attempt, tier, .. } => Some((*attempt, *tier)),
                     _ => None,
                 })
                 .collect()
@@ -2139,7 +2377,8 @@ mod tests {
             out,
             vec![Effect::Spawn {
                 attempt: 1,
-                tier: 0
+                tier: 0,
+                exclude: Vec::new(),
             }]
         );
         r.feed(Event::SpawnFailed {
@@ -2306,6 +2545,7 @@ mod tests {
         r.feed(Event::Spawned {
             attempt,
             checkpoint: checkpoint.map(PathBuf::from),
+            gpus: Vec::new(),
         });
         if writes {
             let at = r.now;
@@ -2436,5 +2676,268 @@ mod tests {
                 |e| matches!(e, Effect::Say(m) if m.contains("budget (2 within 1h) is spent"))
             )
         );
+    }
+
+    // -- issue 14: exclude only the GPU that faulted --
+
+    /// A fault of the kernel log naming GPU `index` as `attempt` sees it.
+    fn gpu_fault(r: &Run, attempt: u32, index: u32, class: FaultClass) -> Fault {
+        let mut f = kernel_fault_of(class, class.default_action());
+        f.gpus = r
+            .sup
+            .attempts()
+            .iter()
+            .find(|a| a.attempt == attempt)
+            .unwrap()
+            .gpus
+            .iter()
+            .filter(|g| g.index == index)
+            .cloned()
+            .collect();
+        f
+    }
+
+    /// Stops `attempt` for `fault` and lets it die of the SIGTERM; returns what that caused.
+    fn stop_for(r: &mut Run, attempt: u32, fault: Fault) -> Vec<Effect> {
+        let mut out = r.feed(Event::Fault { attempt, fault });
+        out.extend(r.advance(SETTLE));
+        out.extend(r.exit(attempt, JobExit::Signal(15)));
+        out.extend(r.advance(Duration::from_secs(120)));
+        out
+    }
+
+    fn exclusions(effects: &[Effect]) -> Vec<Record> {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Journal(r @ Record::GpusExcluded { .. }) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn says(effects: &[Effect]) -> String {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Say(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_fault_on_one_of_two_gpus_restarts_on_the_same_tier_without_it() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        let spawn = r
+            .log
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                Effect::Spawn { exclude, .. } => Some(exclude.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(spawn, vec![1]);
+        let records = exclusions(&out);
+        assert_eq!(records.len(), 1, "{out:?}");
+        let Record::GpusExcluded {
+            attempt,
+            gpus,
+            excluded,
+            remaining,
+            ..
+        } = &records[0]
+        else {
+            unreachable!()
+        };
+        assert_eq!(
+            (*attempt, excluded.clone(), remaining.clone()),
+            (1, vec![1], vec![0])
+        );
+        assert_eq!(gpus[0].ordinal, 1);
+        let text = says(&out);
+        assert!(
+            text.contains("excluding GPU 1 (0000:0c:00.0, the job's cuda:1) for the rest of the run, keeping GPU(s) 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("restarting as attempt 2 on tier `gpu`"),
+            "{text}"
+        );
+        // The next attempt sees GPU 0 alone, as cuda:0.
+        let a2 = &r.sup.attempts()[1];
+        assert_eq!(a2.gpus, vec![gpu(0, 0)]);
+        assert_eq!(r.sup.excluded().len(), 1);
+    }
+
+    #[test]
+    fn a_second_fault_on_the_last_gpu_goes_down_the_ladder_and_the_first_stays_excluded() {
+        let mut r = Run::with_gpus(
+            policy(),
+            &[("gpu", true), ("gpu-safe", true), ("cpu", false)],
+            2,
+        );
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        stop_for(&mut r, 1, f);
+        let f = gpu_fault(&r, 2, 0, FaultClass::GpuEcc);
+        assert_eq!(f.gpus, vec![gpu(0, 0)]);
+        let out = stop_for(&mut r, 2, f);
+        assert!(exclusions(&out).is_empty());
+        let text = says(&out);
+        assert!(
+            text.contains("every GPU the job sees: nothing to exclude, down the ladder"),
+            "{text}"
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 1)]);
+        // GPU 1 stays hidden on the tier below too.
+        let Some(Effect::Spawn { exclude, .. }) = r
+            .log
+            .iter()
+            .rev()
+            .find(|e| matches!(e, Effect::Spawn { .. }))
+        else {
+            unreachable!()
+        };
+        assert_eq!(exclude, &vec![1]);
+        assert_eq!(r.sup.attempts()[2].gpus, vec![gpu(0, 0)]);
+    }
+
+    #[test]
+    fn a_fault_that_names_no_gpu_goes_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = kernel_fault_of(FaultClass::GpuLost, Action::Fallback);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+        assert!(r.sup.excluded().is_empty());
+    }
+
+    #[test]
+    fn a_fault_naming_every_gpu_goes_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let mut f = gpu_fault(&r, 1, 0, FaultClass::GpuMemoryFault);
+        f.gpus
+            .extend(gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault).gpus);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn no_exclusion_below_min_gpus_or_when_switched_off_or_for_an_oom() {
+        let mut p = policy();
+        p.min_gpus = 2;
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert!(
+            says(&out).contains("would leave 1 GPU(s), fewer than min_gpus = 2"),
+            "{}",
+            says(&out)
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+
+        let mut p = policy();
+        p.gpu_exclusion = false;
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 1, f);
+        assert!(says(&out).contains("switched off"), "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+
+        // An OOM naming cuda:1 is the job's size, not GPU 1's fault.
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuOom);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn a_restart_fault_on_one_gpu_restarts_with_every_gpu_and_an_exclusion_beats_the_last_tier() {
+        // A reset loses the work but says nothing against the GPU: same tier, same GPUs.
+        let mut r = Run::with_gpus(policy(), &[("gpu", true)], 2);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 1, FaultClass::GpuReset);
+        let out = stop_for(&mut r, 1, f);
+        assert!(exclusions(&out).is_empty());
+        assert_eq!(r.sup.attempts()[1].gpus.len(), 2);
+        // On a one-tier ladder a lost GPU would end the run; with two GPUs the other carries on.
+        let f = gpu_fault(&r, 2, 0, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 2, f);
+        assert_eq!(exclusions(&out).len(), 1);
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
+        assert_eq!(r.sup.attempts()[2].gpus, vec![gpu(1, 0)]);
+        assert_eq!(r.outcome(), None);
+    }
+
+    #[test]
+    fn the_same_fault_at_the_same_point_on_another_gpu_follows_the_job_down_the_ladder() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 3, FaultClass::GpuMemoryFault);
+        let out = stop_for(&mut r, 1, f);
+        assert_eq!(exclusions(&out).len(), 1);
+        // Attempt 2 (GPUs 0-2) faults the same way before writing a new checkpoint.
+        let f = gpu_fault(&r, 2, 2, FaultClass::GpuMemoryFault);
+        let out = stop_for(&mut r, 2, f);
+        assert!(exclusions(&out).is_empty());
+        assert!(
+            says(&out).contains("it follows the job, not the GPU; down the ladder"),
+            "{}",
+            says(&out)
+        );
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn the_same_fault_after_progress_on_another_gpu_excludes_that_one_too() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
+        r.feed(Event::Start);
+        let f = gpu_fault(&r, 1, 3, FaultClass::GpuLost);
+        stop_for(&mut r, 1, f);
+        let at = r.now;
+        r.feed(Event::Checkpoint {
+            attempt: 2,
+            at,
+            path: PathBuf::from("ckpt/step-20.pt"),
+        });
+        let f = gpu_fault(&r, 2, 2, FaultClass::GpuLost);
+        let out = stop_for(&mut r, 2, f);
+        assert_eq!(exclusions(&out).len(), 1, "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0), (3, 0)]);
+        let keys: Vec<u32> = r.sup.attempts()[2].gpus.iter().map(|g| g.index).collect();
+        assert_eq!(keys, [0, 1]);
+    }
+
+    #[test]
+    fn the_jobs_own_report_first_and_the_xid_naming_the_gpu_after_still_exclude_it() {
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
+        r.feed(Event::Start);
+        // `CUDA error: an illegal memory access` on stderr: no GPU named; it decides at once.
+        let own = fault(FaultClass::GpuMemoryFault, Action::Fallback);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: own,
+        });
+        // The kernel's Xid 31 naming GPU 1 comes a moment later, with the same action.
+        let mut xid = gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault);
+        xid.rule = "xid-31".into();
+        let out = stop_for(&mut r, 1, xid);
+        assert_eq!(exclusions(&out).len(), 1, "{}", says(&out));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
+        assert_eq!(r.sup.attempts()[1].gpus, vec![gpu(0, 0)]);
     }
 }

@@ -366,6 +366,7 @@ mod tests {
             advice: String::new(),
             facility: None,
             attribution: None,
+            gpus: Vec::new(),
         }
     }
 

@@ -87,14 +87,17 @@ impl Tracker {
     }
 }
 
-/// One line of the file.
-pub fn line(sample: &GpuSample, at: SystemTime) -> String {
+/// One line of the file; `excluded` marks a GPU hidden from the job after a fault.
+pub fn line(sample: &GpuSample, at: SystemTime, excluded: bool) -> String {
     let mut value = serde_json::to_value(sample).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         map.insert(
             "at".into(),
             serde_json::Value::String(crate::time::rfc3339(at)),
         );
+        if excluded {
+            map.insert("excluded".into(), serde_json::Value::Bool(true));
+        }
     }
     format!("{value}\n")
 }
@@ -135,16 +138,24 @@ fn write_loop(board: &Board, flag: &(Mutex<bool>, Condvar)) {
     let (lock, wake) = flag;
     let mut file: Option<(File, u64)> = None;
     let mut tracker = Tracker::default();
+    let mut marked: Vec<DeviceRef> = Vec::new();
     let mut stopped = lock.lock().unwrap_or_else(PoisonError::into_inner);
     while !*stopped {
         // The lock is held for the copy of the samples only.
-        let (run_dir, samples): (Option<PathBuf>, Vec<GpuSample>) = board.update(|s| {
+        type Copy = (Option<PathBuf>, Vec<GpuSample>, Vec<DeviceRef>);
+        let (run_dir, samples, excluded): Copy = board.update(|s| {
             (
                 s.job
                     .as_ref()
                     .map(|j| j.run_dir.clone())
                     .filter(|d| !d.as_os_str().is_empty()),
                 s.gpus.iter().map(|g| g.sample.clone()).collect(),
+                s.gpus
+                    .iter()
+                    .map(|g| &g.sample.device)
+                    .filter(|d| s.job.as_ref().is_some_and(|j| j.excludes(d)))
+                    .cloned()
+                    .collect(),
             )
         });
         if file.is_none()
@@ -162,8 +173,19 @@ fn write_loop(board: &Board, flag: &(Mutex<bool>, Condvar)) {
         }
         if let Some((f, written)) = &mut file {
             let mut text = String::new();
-            for sample in tracker.due(&samples, Instant::now()) {
-                text.push_str(&line(&sample, SystemTime::now()));
+            let mut due = tracker.due(&samples, Instant::now());
+            // A GPU just excluded from the job gets a line saying so at once.
+            for sample in &samples {
+                if excluded.contains(&sample.device) && !marked.contains(&sample.device) {
+                    marked.push(sample.device.clone());
+                    if !due.iter().any(|d| d.device == sample.device) {
+                        due.push(sample.clone());
+                    }
+                }
+            }
+            for sample in due {
+                let out = excluded.contains(&sample.device);
+                text.push_str(&line(&sample, SystemTime::now(), out));
             }
             if *written + text.len() as u64 > MAX_BYTES {
                 let _ = f.write_all(
@@ -205,6 +227,7 @@ mod tests {
             pci: Some("0000:0b:00.0".into()),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: Some("gfx1030".into()),
             compute_capability: None,
             uuid: None,
@@ -241,12 +264,17 @@ mod tests {
         let text = line(
             &sample(42.0, 49.0),
             SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_463_000),
+            false,
         );
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v.get("excluded").is_none());
         assert_eq!(v["utilization_percent"], 42.0);
         assert_eq!(v["temperature_c"], 49.0);
         assert_eq!(v["device"]["index"], 0);
         assert!(v["at"].as_str().unwrap().starts_with("2026-12-05T"));
         assert!(text.ends_with('\n') && !text[..text.len() - 1].contains('\n'));
+        let excluded = line(&sample(0.0, 40.0), SystemTime::UNIX_EPOCH, true);
+        let v: serde_json::Value = serde_json::from_str(&excluded).unwrap();
+        assert_eq!(v["excluded"], true);
     }
 }

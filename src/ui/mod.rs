@@ -283,17 +283,31 @@ fn draw_gpus(frame: &mut Frame<'_>, area: Rect, rows: u16, snap: &Snapshot) {
             }
             break;
         }
-        draw_gpu(frame, Rect::new(inner.x, top, inner.width, rows), gpu);
+        let excluded = snap
+            .job
+            .as_ref()
+            .is_some_and(|job| job.excludes(&gpu.sample.device));
+        draw_gpu(
+            frame,
+            Rect::new(inner.x, top, inner.width, rows),
+            gpu,
+            excluded,
+        );
     }
 }
 
-fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {
+/// One GPU's line and history; an `excluded` GPU (hidden from the job after a fault) says so
+/// in place of part of its name.
+fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState, excluded: bool) {
     let s = &gpu.sample;
     let width = area.width as usize;
     // Fixed columns: index 3, arch 9, util 5, VRAM text 12, temperature 6, power 6, ECC 6.
     let fixed = 3 + 9 + 5 + 1 + 12 + 6 + 6 + 6;
     let bar_width = if width >= 96 { 16 } else { 8 };
-    let name_width = width.saturating_sub(fixed + bar_width + 1).clamp(6, 28);
+    let tag = if excluded { "EXCLUDED " } else { "" };
+    let name_width = width
+        .saturating_sub(fixed + bar_width + 1 + tag.len())
+        .clamp(6, 28);
     let index = s.device.index.map_or("?".into(), |i| i.to_string());
     let name = s.name.clone().unwrap_or_else(|| "unknown GPU".into());
     let arch = s.arch.clone().unwrap_or_else(|| "-".into());
@@ -304,6 +318,10 @@ fn draw_gpu(frame: &mut Frame<'_>, area: Rect, gpu: &GpuState) {
         Span::styled(
             format!("{index:>2} "),
             Style::new().add_modifier(Modifier::BOLD),
+        ),
+        Span::styled(
+            tag,
+            Style::new().fg(Color::Red).add_modifier(Modifier::BOLD),
         ),
         Span::raw(fit(&name, name_width)),
         Span::styled(format!(" {}", fit(&arch, 8)), Style::new().fg(Color::Cyan)),
@@ -467,10 +485,26 @@ fn draw_job(frame: &mut Frame<'_>, area: Rect, job: &JobInfo, view: &View) {
         .map_or("-".into(), age);
     let pid = job.pid.map_or("-".into(), |p| p.to_string());
     let budget = job.max_restarts.saturating_sub(job.restarts);
-    let first = format!(
+    let mut first = format!(
         "attempt {} on {} ({})  pid {pid}  up {uptime}  restarts {}/{} ({budget} left)",
         job.attempt, job.tier, job.device, job.restarts, job.max_restarts
     );
+    if !job.excluded.is_empty() {
+        let list = |gpus: &[crate::gpu::JobGpu]| {
+            gpus.iter()
+                .map(|g| g.index.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        first.push_str(&format!(
+            "  GPUs {} (excluded {})",
+            match job.gpus.is_empty() {
+                true => "none".to_string(),
+                false => list(&job.gpus),
+            },
+            list(&job.excluded)
+        ));
+    }
     let checkpoint = match &job.last_checkpoint {
         Some((path, at)) => {
             let ago = view.wall.duration_since(*at).map_or("-".into(), age);

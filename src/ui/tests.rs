@@ -29,6 +29,7 @@ fn rx6800() -> GpuSample {
         pci: Some("0000:0b:00.0".into()),
         device_id: None,
         kfd_node: Some(1),
+        render_minor: None,
         gfx_target: Some("gfx1030".into()),
         compute_capability: None,
         uuid: None,
@@ -52,6 +53,7 @@ fn a100() -> GpuSample {
         pci: Some("0000:41:00.0".into()),
         device_id: None,
         kfd_node: None,
+        render_minor: None,
         gfx_target: None,
         compute_capability: Some("8.0".into()),
         uuid: None,
@@ -208,6 +210,8 @@ fn job_scene(base: Instant) -> Snapshot {
         restarts: 1,
         max_restarts: 5,
         resumed_from: Some("ckpt/step-15.pt".into()),
+        gpus: Vec::new(),
+        excluded: Vec::new(),
         last_checkpoint: Some(("ckpt/step-20.pt".into(), wall() - Duration::from_secs(42))),
         run_dir: "gpuwarden-runs/x".into(),
     });
@@ -294,6 +298,30 @@ fn kfd_processes_are_read_per_gpu_biggest_first() {
     let seen: Vec<(u32, u64)> = found.iter().map(|(_, p)| (p.pid, p.vram_bytes)).collect();
     assert_eq!(seen, vec![(200, 4_194_304), (100, 1_048_576)]);
     assert!(found.iter().all(|(d, _)| *d == gpu));
+}
+
+#[test]
+fn an_excluded_gpu_says_so_in_its_row_and_the_job_panel() {
+    let base = Instant::now();
+    let mut snap = job_scene(base);
+    let pci = snap.gpus[0].sample.device.pci.clone();
+    let gpu = |index: u32, ordinal: u32, pci: Option<String>| crate::gpu::JobGpu {
+        key: index as usize,
+        vendor: crate::gpu::Vendor::Amd,
+        index,
+        ordinal,
+        pci,
+    };
+    if let Some(job) = &mut snap.job {
+        job.excluded = vec![gpu(0, 1, pci)];
+        job.gpus = vec![gpu(1, 0, Some("0000:0c:00.0".into()))];
+    }
+    let out = render(&snap, &view(base, "run"), 100, 30);
+    assert!(out.contains(" 0 EXCLUDED AMD Radeon"), "{out}");
+    assert!(out.contains("GPUs 1 (excluded 0)"), "{out}");
+    // Without the exclusion, the same screen says nothing of it.
+    let out = render(&job_scene(base), &view(base, "run"), 100, 30);
+    assert!(!out.contains("EXCLUDED"), "{out}");
 }
 
 #[test]

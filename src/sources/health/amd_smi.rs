@@ -65,6 +65,7 @@ pub fn parse_metric(text: &str, known: &[Gpu]) -> AmdSmiOutput {
             pci: base.and_then(|g| g.pci.clone()),
             device_id: base.and_then(|g| g.device_id),
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: base.and_then(|g| g.uuid.clone()),
@@ -115,6 +116,7 @@ pub fn parse_list(text: &str) -> Vec<Gpu> {
             pci: e.get("bdf").and_then(Json::as_str).and_then(normalize_pci),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: e

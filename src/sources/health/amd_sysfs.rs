@@ -187,6 +187,9 @@ impl AmdDevice {
                 pci,
                 device_id,
                 kfd_node: node.map(|n| n.id),
+                render_minor: node
+                    .and_then(|n| n.render_minor)
+                    .and_then(|m| u32::try_from(m).ok()),
                 gfx_target: node.and_then(|n| n.gfx_target_version).and_then(gfx_target),
                 compute_capability: None,
                 uuid: None,

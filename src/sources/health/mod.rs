@@ -373,6 +373,7 @@ impl HealthFault {
             // Whether the GPU is one the job uses is the supervisor's call, made from the
             // `gpu` and `pci` captures.
             attribution: None,
+            gpus: Vec::new(),
         }
     }
 }

@@ -217,6 +217,7 @@ impl Row<'_> {
             pci: pci.clone(),
             device_id: None,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: self.text("compute_cap"),
             uuid: self.text("uuid"),

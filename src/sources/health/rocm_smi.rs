@@ -90,6 +90,7 @@ pub fn parse_json(stdout: &str) -> RocmSmiOutput {
             pci: text("PCI Bus").and_then(normalize_pci),
             device_id,
             kfd_node: None,
+            render_minor: None,
             gfx_target: None,
             compute_capability: None,
             uuid: None,
