@@ -14,6 +14,8 @@
 #   OUT=/tmp/two-gpu sh docs/gpu-validation/two-gpu.sh
 # Needs PyTorch with CUDA, Triton and torchrun on PATH, and two visible GPUs.
 set -u
+# NCCL's NVLink multicast (NVLS) stays off on the lent machines (the device tool's notes).
+export NCCL_NVLS_ENABLE=0
 REPO=$PWD
 B=$REPO/target/release/gpuwarden
 OUT=${OUT:-/tmp/gpuwarden-two-gpu}
