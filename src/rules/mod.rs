@@ -39,6 +39,7 @@ mod error;
 mod fault;
 mod file;
 pub mod group;
+pub mod literals;
 pub mod prefix;
 pub mod toml_file;
 
@@ -48,7 +49,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use regex::bytes::{Regex, RegexSet, RegexSetBuilder};
+use regex::bytes::Regex;
 use regex_automata::meta;
 use regex_syntax::hir::{
     Class, ClassBytes, ClassBytesRange, ClassUnicode, ClassUnicodeRange, Hir, HirKind, Look,
@@ -109,25 +110,48 @@ pub struct Rule {
     pub streams: Vec<Stream>,
     pub advice: String,
     pub origin: Origin,
-    /// The regex as written in the rule file.
-    pattern: String,
-    /// The regex as matched, on bytes with ASCII classes (`file::ascii_regex`).
-    regex: Regex,
+    /// The regex, as written and as matched.
+    pattern: Pattern,
     examples: Vec<String>,
     counterexamples: Vec<String>,
+}
+
+/// A rule's or context's regex: the text as written in the rule file, its required literals,
+/// and the compiled regex (on bytes with ASCII classes, `file::ascii_regex`), compiled when a
+/// line first needs it unless the file was loaded with `file::Compile::Now`.
+#[derive(Clone, Debug)]
+struct Pattern {
+    text: String,
+    regex: OnceLock<Regex>,
+    /// Literals of which every match holds one; `None` when the regex has no useful ones and is
+    /// searched for whole.
+    cover: Option<Vec<literals::Lit>>,
+}
+
+impl Pattern {
+    /// The compiled regex. Patterns loaded without compiling are the built-in ones, which the
+    /// test suite compiles and checks (`every_builtin_regex_compiles`).
+    fn regex(&self) -> &Regex {
+        self.regex.get_or_init(|| {
+            file::ascii_regex(&self.text).expect("built-in regexes are checked by the tests")
+        })
+    }
+
+    fn is_match(&self, body: &str) -> bool {
+        self.regex().is_match(body.as_bytes())
+    }
 }
 
 impl Rule {
     /// The regex as written in the rule file.
     pub fn regex(&self) -> &str {
-        &self.pattern
+        &self.pattern.text
     }
 
     /// Whether this rule's regex matches the line's message (prefixes stripped), whatever its
     /// streams and whatever other rules would say.
     pub fn is_match(&self, line: &str) -> bool {
-        self.regex
-            .is_match(prefix::strip(line_body(line)).body.as_bytes())
+        self.pattern.is_match(prefix::strip(line_body(line)).body)
     }
 
     /// Real lines this rule must match.
@@ -178,8 +202,7 @@ pub struct Context {
     /// The classes of findings it may join; empty means any class.
     pub classes: Vec<FaultClass>,
     pub origin: Origin,
-    pattern: String,
-    regex: Regex,
+    pattern: Pattern,
     examples: Vec<String>,
     counterexamples: Vec<String>,
 }
@@ -187,13 +210,12 @@ pub struct Context {
 impl Context {
     /// The regex as written in the rule file.
     pub fn regex(&self) -> &str {
-        &self.pattern
+        &self.pattern.text
     }
 
     /// Whether this context's regex matches the line's message (prefixes stripped).
     pub fn is_match(&self, line: &str) -> bool {
-        self.regex
-            .is_match(prefix::strip(line_body(line)).body.as_bytes())
+        self.pattern.is_match(prefix::strip(line_body(line)).body)
     }
 
     /// Whether it may join a finding of this class.
@@ -239,23 +261,28 @@ impl Loaded {
     }
 }
 
-/// The rules that apply to one stream, compiled into one set. `rules[i]` is the index in
-/// `RuleSet::rules` of the set's pattern `i`; it is ascending, so the first match in set order is
-/// the earliest defined rule.
+/// What a line's required literals point at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Target {
+    Rule(usize),
+    Context(usize),
+}
+
+/// Finds the lines that may be fault or context lines, and the rules and contexts that may match
+/// them, without running (or compiling) any rule's regex.
 ///
-/// `prefilter` is the union of the rules' and contexts' regexes with their `^`/`$` anchors taken
-/// out, run over the raw line (or a whole buffer of lines, for `scan`): rules match the message
-/// after its prefixes are stripped, and a regex that matches the message also matches, anchors
-/// aside, the line that contains it. So a line the prefilter passes over is neither a fault nor
-/// context, and costs one pass of one automaton; only the few it stops at are stripped and
-/// matched rule by rule.
-#[derive(Clone, Debug)]
+/// `search` is one automaton over every required literal of every rule and context, and over the
+/// whole regex (anchors taken out) of those with no useful literal: a line it does not match is
+/// neither a fault nor context. It is run over the raw line (or a whole buffer of lines, for
+/// `scan`): rules match the message after its prefixes are stripped, and the message is the end
+/// of the line. `which` is the same patterns one by one, asked only of the few lines `search`
+/// stops at: which of them the line holds, and so which rules to run (`targets[pattern]`).
+#[derive(Debug)]
 struct Matcher {
-    set: RegexSet,
-    rules: Vec<usize>,
-    context_set: RegexSet,
-    contexts: Vec<usize>,
-    prefilter: meta::Regex,
+    search: meta::Regex,
+    which: OnceLock<meta::Regex>,
+    hirs: Vec<Hir>,
+    targets: Vec<Vec<Target>>,
 }
 
 /// A compiled catalog of rules.
@@ -263,12 +290,8 @@ struct Matcher {
 pub struct RuleSet {
     rules: Vec<Rule>,
     contexts: Vec<Context>,
-    /// The matcher for every rule of every stream (`scan` of a log whose stream is unknown).
-    /// Built first: it holds every pattern, so if it fits, every stream's matcher fits.
-    any: Matcher,
-    /// One matcher per stream, indexed by `Stream as usize`, built when first used (`scan`
-    /// needs none of them, `run` three of four).
-    streams: [OnceLock<Matcher>; 4],
+    /// Built on first use: `rules check` and `rules list` need none.
+    matcher: std::sync::Arc<OnceLock<Matcher>>,
 }
 
 /// An example that a rule does not match, or a counterexample that it does: the rule loads, but
@@ -447,84 +470,80 @@ impl RuleSet {
     /// syslog headers, `[rank3]:`) are stripped before matching (`prefix::strip`); a trailing
     /// `\r` (or `\n`) is ignored.
     pub fn classify(&self, stream: Stream, line: &str) -> Option<Fault> {
-        self.classify_in(self.matcher(Some(stream)), Some(stream), line)
+        self.classify_in(Some(stream), line)
     }
 
     /// Classifies a line whose stream is unknown (a log file given to `scan`) against every
     /// rule of every stream. The fault's stream is the winning rule's first stream.
     pub fn classify_any(&self, line: &str) -> Option<Fault> {
-        self.classify_in(&self.any, None, line)
+        self.classify_in(None, line)
     }
 
-    /// Compiles the matchers of these streams now and runs them once over the rules' examples,
-    /// so that the first line of each does not wait for it (tens of milliseconds for a large
-    /// catalog).
-    pub fn prepare(&self, streams: &[Stream]) {
-        for &stream in streams {
-            // Each rule's first example once: the lazy DFAs build their states for real fault
-            // lines now (a few milliseconds on the first match otherwise).
-            for rule in self.rules.iter().filter(|r| r.streams.contains(&stream)) {
-                if let Some(example) = rule.examples.first() {
-                    self.classify(stream, example);
-                }
-            }
-            self.classify(
-                stream,
-                "an ordinary line of training output: step 1 loss 0.5",
-            );
-        }
+    /// Builds the literal searcher now, so that the first line does not wait for it. The
+    /// streams are no longer needed (one searcher serves them all) and no rule's regex is
+    /// compiled: a regex is compiled when a line first holds its literals.
+    pub fn prepare(&self, _streams: &[Stream]) {
+        let matcher = self.matcher();
+        self.classify_in(None, "an ordinary line of training output: step 1 loss 0.5");
+        let _ = matcher.which();
     }
 
-    /// Makes the calling thread's search caches for `stream` (a few megabytes for a catalog
-    /// of hundreds of rules), so that the thread's first real line does not wait for them.
+    /// Makes the calling thread's search cache, so that the thread's first real line does not
+    /// wait for it.
     pub fn prepare_thread(&self, stream: Stream) {
-        // One fault line and one ordinary line: enough to make the caches; the states for
-        // every rule were built by `prepare` and are shared.
-        if let Some(example) = self
-            .rules
-            .iter()
-            .find(|r| r.streams.contains(&stream))
-            .and_then(|r| r.examples.first())
-        {
-            self.classify(stream, example);
-        }
         self.classify(
             stream,
             "an ordinary line of training output: step 1 loss 0.5",
         );
     }
 
-    /// The matcher of one stream (built on first use), or of all of them.
-    fn matcher(&self, stream: Option<Stream>) -> &Matcher {
-        let Some(stream) = stream else {
-            return &self.any;
-        };
-        self.streams[stream as usize].get_or_init(|| {
-            matcher(&self.rules, &self.contexts, Some(stream))
-                .expect("a stream's rules are a subset of the catalog, which compiled")
-        })
+    /// The literal searcher, built on first use.
+    fn matcher(&self) -> &Matcher {
+        self.matcher
+            .get_or_init(|| matcher(&self.rules, &self.contexts))
     }
 
-    fn classify_in(&self, matcher: &Matcher, stream: Option<Stream>, line: &str) -> Option<Fault> {
-        let line = line_body(line);
-        // Most lines are benign: they cost this one pass of the prefilter, and nothing else.
-        if !matcher.prefilter.is_match(line) {
-            return None;
+    /// The rules and contexts that may match `line` (raw, without its line ending), in order:
+    /// rules by index, then contexts by index. Empty for most lines, after one search.
+    fn candidates(&self, line: &str) -> Vec<Target> {
+        let matcher = self.matcher();
+        if !matcher.search.is_match(line) {
+            return Vec::new();
         }
+        let mut found = regex_automata::PatternSet::new(matcher.targets.len());
+        matcher
+            .which()
+            .which_overlapping_matches(&regex_automata::Input::new(line), &mut found);
+        let mut targets: Vec<Target> = found
+            .iter()
+            .flat_map(|pattern| matcher.targets[pattern.as_usize()].iter().copied())
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        targets
+    }
+
+    fn classify_in(&self, stream: Option<Stream>, line: &str) -> Option<Fault> {
+        let line = line_body(line);
+        // Most lines are benign: they cost one pass of the literal searcher, and nothing else.
+        let candidates = self.candidates(line);
+        let applies = |streams: &[Stream]| stream.is_none_or(|s| streams.contains(&s));
+        let mut rules = candidates
+            .iter()
+            .filter_map(|target| match *target {
+                Target::Rule(i) => Some(&self.rules[i]),
+                Target::Context(_) => None,
+            })
+            .filter(|rule| applies(&rule.streams))
+            .peekable();
+        rules.peek()?;
         let body = prefix::strip(line).body;
         let mut best: Option<&Rule> = None;
-        // The set answers "any rule?" in one pass. Which rules, though, is asked of each
-        // rule's own regex: the set's answer to that is an overlapping search of an automaton
-        // of every rule, which on a fault line (where many rules match partway) falls back to
-        // its slowest engine (measured: 0.5 ms a line, against 0.1 ms rule by rule).
-        if !matcher.set.is_match(body.as_bytes()) {
-            return None;
-        }
-        for rule in matcher.rules.iter().map(|&i| &self.rules[i]) {
-            if !rule.regex.is_match(body.as_bytes()) {
+        // In index order, so that on a tie of severity the earlier rule, seen first, stays.
+        for rule in rules {
+            if !rule.pattern.is_match(body) {
                 continue;
             }
-            // Strictly greater: on a tie the earlier rule, seen first, stays.
             if best.is_none_or(|best| rule.severity > best.severity) {
                 best = Some(rule);
             }
@@ -537,7 +556,7 @@ impl RuleSet {
             action: rule.action,
             stream: stream.unwrap_or(rule.streams[0]),
             line: line.to_string(),
-            captures: captures(&rule.regex, body),
+            captures: captures(rule.pattern.regex(), body),
             advice: rule.advice.clone(),
             facility: None,
             attribution: None,
@@ -548,36 +567,40 @@ impl RuleSet {
     /// any stream. A line a rule matches is a fault line, so callers ask this only of lines that
     /// `classify` turned down.
     pub fn context(&self, stream: Option<Stream>, line: &str) -> Option<ContextMatch<'_>> {
-        let matcher = self.matcher(stream);
         let line = line_body(line);
-        if !matcher.prefilter.is_match(line) {
-            return None;
-        }
+        let candidates = self.candidates(line);
+        let applies = |streams: &[Stream]| stream.is_none_or(|s| streams.contains(&s));
+        let mut contexts = candidates
+            .iter()
+            .filter_map(|target| match *target {
+                Target::Context(i) => Some(&self.contexts[i]),
+                Target::Rule(_) => None,
+            })
+            .filter(|context| applies(&context.streams))
+            .peekable();
+        contexts.peek()?;
         let body = prefix::strip(line).body;
-        let first = matcher.context_set.matches(body.as_bytes()).iter().next()?;
-        let context = &self.contexts[matcher.contexts[first]];
+        let context = contexts.find(|context| context.pattern.is_match(body))?;
         Some(ContextMatch {
             context,
-            captures: captures(&context.regex, body),
+            captures: captures(context.pattern.regex(), body),
         })
     }
 
     /// Where in `haystack`, at or after `start`, the first line that may be a fault or context
     /// line has a match; `None` when no line after `start` can be. For scanning whole buffers of
     /// lines: the caller takes the line around the offset, classifies it, and goes on from the
-    /// next line. `stream` `None` means every rule.
+    /// next line. One searcher serves every stream, so `stream` only documents the caller's
+    /// intent: a candidate of another stream's rule is turned down by `classify`.
     pub fn next_candidate(
         &self,
-        stream: Option<Stream>,
+        _stream: Option<Stream>,
         haystack: &[u8],
         start: usize,
     ) -> Option<usize> {
-        let matcher = self.matcher(stream);
         let input = regex_automata::Input::new(haystack).range(start..);
-        // The start of the match, not its end: a pattern with `\s` or a negated class can match
-        // across a newline, and then the line where it starts is the one to check (checking it
-        // finds any real match in it; the caller resumes at the next line, so none is skipped).
-        matcher.prefilter.search(&input).map(|m| m.start())
+        // The start of the match, not its end: the line where it starts is the one to check.
+        self.matcher().search.search(&input).map(|m| m.start())
     }
 
     /// Every rule, in the order they rank on ties.
@@ -616,12 +639,10 @@ impl RuleSet {
     fn build(loaded: Loaded) -> Result<RuleSet, RuleError> {
         unique_ids(&loaded)?;
         let Loaded { rules, contexts } = loaded;
-        let any = matcher(&rules, &contexts, None)?;
         Ok(RuleSet {
             rules,
             contexts,
-            any,
-            streams: Default::default(),
+            matcher: Default::default(),
         })
     }
 }
@@ -745,88 +766,127 @@ fn duplicate_id(id: &str, origin: &Origin, first: &Origin) -> RuleError {
     }
 }
 
-/// Compiles the rules and contexts that apply to `stream` (all of them for `None`) into sets and
-/// one prefilter.
-fn matcher(
-    rules: &[Rule],
-    contexts: &[Context],
-    stream: Option<Stream>,
-) -> Result<Matcher, RuleError> {
-    let applies = |streams: &[Stream]| stream.is_none_or(|s| streams.contains(&s));
-    let rule_indices: Vec<usize> = (0..rules.len())
-        .filter(|&i| applies(&rules[i].streams))
-        .collect();
-    let context_indices: Vec<usize> = (0..contexts.len())
-        .filter(|&i| applies(&contexts[i].streams))
-        .collect();
-    // The compiled regexes' own text: the rewritten form that `classify` must agree with.
-    let rule_patterns: Vec<&str> = rule_indices
+/// Builds the literal searcher of every rule and context (`Matcher`).
+fn matcher(rules: &[Rule], contexts: &[Context]) -> Matcher {
+    let patterns = rules
         .iter()
-        .map(|&i| rules[i].regex.as_str())
-        .collect();
-    let context_patterns: Vec<&str> = context_indices
-        .iter()
-        .map(|&i| contexts[i].regex.as_str())
-        .collect();
-    // Blame the last entry, the one that tipped the set over.
-    let too_large = |message: String| {
-        let at = match rule_indices.last() {
-            Some(&i) => file::FORMAT.at(&rules[i].origin, Some(&rules[i].id)),
-            None => file::FORMAT.at(&Origin::default(), None),
-        };
-        RuleError::TooLarge {
-            at,
-            stream: stream.map_or_else(|| "any".to_string(), |s| s.to_string()),
-            count: rule_indices.len() + context_indices.len(),
-            message,
+        .enumerate()
+        .map(|(i, rule)| (&rule.pattern, Target::Rule(i)))
+        .chain(
+            contexts
+                .iter()
+                .enumerate()
+                .map(|(i, context)| (&context.pattern, Target::Context(i))),
+        );
+    // One pattern per distinct literal (a literal many rules share, like `Xid (`, is searched
+    // once and points at all of them), then one per regex without literals.
+    let mut literal_index: HashMap<&literals::Lit, usize> = HashMap::new();
+    let mut hirs = Vec::new();
+    let mut targets: Vec<Vec<Target>> = Vec::new();
+    for (pattern, target) in patterns {
+        match &pattern.cover {
+            Some(cover) => {
+                for lit in cover {
+                    let index = *literal_index.entry(lit).or_insert_with(|| {
+                        hirs.push(literal_hir(lit));
+                        targets.push(Vec::new());
+                        hirs.len() - 1
+                    });
+                    targets[index].push(target);
+                }
+            }
+            None => {
+                // A valid regex (checked at load, or by the tests for the built-in ones).
+                let hir = regex_syntax::ParserBuilder::new()
+                    .unicode(false)
+                    .utf8(false)
+                    .build()
+                    .parse(&pattern.text)
+                    .expect("rule regexes were checked when loaded");
+                hirs.push(unanchored(&hir));
+                targets.push(vec![target]);
+            }
         }
-    };
-    let set_of = |patterns: &[&str]| {
-        RegexSetBuilder::new(patterns)
-            .unicode(false)
-            .size_limit(SET_SIZE_LIMIT)
-            // Its lazy DFA answers "which rules match" for a few hundred rules at once only
-            // with room for its states; with the default 2 MiB it falls back to the PikeVM.
-            .dfa_size_limit(PREFILTER_CACHE)
-            .build()
-            .map_err(|err| too_large(err.to_string()))
-    };
-    let set = set_of(&rule_patterns)?;
-    let context_set = set_of(&context_patterns)?;
-    let mut hirs = Vec::with_capacity(rule_patterns.len() + context_patterns.len());
-    for pattern in rule_patterns.iter().chain(&context_patterns) {
-        // Every pattern compiled with the regex crate already, whose parser this is.
-        let hir = regex_syntax::ParserBuilder::new()
-            .unicode(false)
-            .utf8(false)
-            .build()
-            .parse(pattern)
-            .map_err(|err| too_large(err.to_string()))?;
-        hirs.push(unanchored(&hir));
     }
-    let prefilter = meta::Builder::new()
+    let search = meta::Builder::new()
         .configure(
             meta::Config::new()
                 .nfa_size_limit(Some(SET_SIZE_LIMIT))
                 .dfa_size_limit(Some(SET_SIZE_LIMIT))
-                // The lazy DFA of a few hundred patterns needs room, or it keeps clearing its
-                // cache and falls back to a slower engine on ordinary lines.
-                .hybrid_cache_capacity(PREFILTER_CACHE)
+                // Offsets, not groups: `next_candidate` needs where a match starts.
                 .which_captures(regex_automata::nfa::thompson::WhichCaptures::Implicit),
         )
-        .build_many_from_hir(&hirs)
-        .map_err(|err| too_large(err.to_string()))?;
-    Ok(Matcher {
-        set,
-        rules: rule_indices,
-        context_set,
-        contexts: context_indices,
-        prefilter,
-    })
+        .build_from_hir(&Hir::alternation(hirs.clone()))
+        .expect("literals and checked regexes compile");
+    Matcher {
+        search,
+        which: OnceLock::new(),
+        hirs,
+        targets,
+    }
 }
 
-/// The lazy DFA cache of one prefilter.
-const PREFILTER_CACHE: usize = 32 << 20;
+impl Matcher {
+    /// The patterns one by one, for "which of them does this line hold".
+    fn which(&self) -> &meta::Regex {
+        self.which.get_or_init(|| {
+            meta::Builder::new()
+                .configure(
+                    meta::Config::new()
+                        .match_kind(regex_automata::MatchKind::All)
+                        .nfa_size_limit(Some(SET_SIZE_LIMIT))
+                        .dfa_size_limit(Some(SET_SIZE_LIMIT))
+                        .which_captures(regex_automata::nfa::thompson::WhichCaptures::None),
+                )
+                .build_many_from_hir(&self.hirs)
+                .expect("literals and checked regexes compile")
+        })
+    }
+}
+
+/// A literal as a regex: its bytes, each letter in both cases when the literal is
+/// case-insensitive.
+fn literal_hir(lit: &literals::Lit) -> Hir {
+    if !lit.ci {
+        return Hir::literal(lit.bytes.clone());
+    }
+    Hir::concat(
+        lit.bytes
+            .iter()
+            .map(|&b| {
+                if b.is_ascii_alphabetic() {
+                    let (lower, upper) = (b.to_ascii_lowercase(), b.to_ascii_uppercase());
+                    Hir::class(Class::Bytes(ClassBytes::new([
+                        ClassBytesRange::new(upper, upper),
+                        ClassBytesRange::new(lower, lower),
+                    ])))
+                } else {
+                    Hir::literal(vec![b])
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The built-in rules' required literals, found at build time (`build.rs`).
+mod builtin_covers {
+    include!(concat!(env!("OUT_DIR"), "/builtin_covers.rs"));
+}
+
+/// The literals build.rs found for `pattern`, when it is the regex of a built-in rule:
+/// `Some(None)` for one with no useful literals, `None` for a regex it has not seen.
+fn builtin_cover(pattern: &str) -> Option<Option<Vec<literals::Lit>>> {
+    let table = builtin_covers::BUILTIN_COVERS;
+    let at = table.binary_search_by(|(p, _)| (*p).cmp(pattern)).ok()?;
+    Some(table[at].1.map(|lits| {
+        lits.iter()
+            .map(|&(bytes, ci)| literals::Lit {
+                bytes: bytes.to_vec(),
+                ci,
+            })
+            .collect()
+    }))
+}
 
 /// `hir` without its start and end anchors, without capture groups, and with classes that do not
 /// match a newline: on one line it matches wherever `hir` matches, and also where `hir` would have
@@ -868,7 +928,7 @@ fn unanchored(hir: &Hir) -> Hir {
 fn builtin_rules() -> Result<Loaded, RuleError> {
     let mut rules = Loaded::default();
     for (name, text) in BUILTIN {
-        rules.extend(file::parse(name, text)?);
+        rules.extend(file::parse_with(name, text, file::Compile::OnFirstUse)?);
     }
     Ok(rules)
 }
