@@ -3,7 +3,10 @@
 //!
 //! The built-in rules are `rules/*.toml`, embedded at build time; a user adds more with rule
 //! directories of their own. `RuleSet::classify` is the hot path: every line of the job's output
-//! and of the kernel log goes through it, and a benign line costs one pass of one `RegexSet`.
+//! and of the kernel log goes through it, and a benign line costs one pass of one literal
+//! searcher (`Matcher`). Loading compiles no regex of the built-in files: each rule's regex is
+//! compiled the first time a line holds one of its required literals (`literals`, found at build
+//! time), so a start costs a few milliseconds and a few megabytes, not the whole catalog.
 //!
 //! This module is not policy. It does not attribute a fault to a process or device, de-duplicate
 //! an incident seen on two streams, or count repeats: the supervisor does, using the class's
@@ -93,9 +96,9 @@ const BUILTIN: [(&str, &str); 9] = [
     ("rules/tools.toml", include_str!("../../rules/tools.toml")),
 ];
 
-/// How much memory one stream's compiled `RegexSet` may take. The regex crate's default (10 MiB)
-/// is meant for one regex; a set holds the whole catalog, which is expected to grow to a few
-/// hundred rules. Each rule's own regex keeps the default limit, which stops a single runaway
+/// How much memory the combined automata (the weak rules', `scan`'s union of every regex) may
+/// take. The regex crate's default (10 MiB) is meant for one regex; the union holds the whole
+/// catalog, which is expected to grow to a few hundred rules. Each rule's own regex keeps the default limit, which stops a single runaway
 /// pattern early.
 const SET_SIZE_LIMIT: usize = 256 << 20;
 
