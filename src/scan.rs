@@ -1,9 +1,10 @@
 //! `gpuwarden scan`: find the GPU faults in a log that already exists (dmesg output, `journalctl
 //! -k`, a training log) and print them as findings.
 //!
-//! The log is read in large blocks and searched block-wise with the catalog's prefilter (one
-//! automaton over every rule), the way ripgrep searches: benign lines are never split, decoded or
-//! matched one by one. Only the lines the prefilter stops at are classified and grouped
+//! The log is read in large blocks and searched block-wise for the catalog's required literals
+//! (one automaton over every rule's, `RuleSet::candidate_lines`), the way ripgrep searches:
+//! benign lines are never split, decoded or matched one by one. Live input (a pipe, a terminal)
+//! is searched as it arrives, and a finding is printed once the input pauses (`scan_live`). Only the lines the prefilter stops at are classified and grouped
 //! (`rules::group`) into findings. Lines are numbered from 1 per input.
 //!
 //! This module reads and reports; it does not act on anything. The supervisor reads live streams
@@ -11,6 +12,10 @@
 
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, poll};
 
 use serde::Serialize;
 
@@ -77,49 +82,77 @@ pub struct Summary {
 pub fn scan(
     rules: &RuleSet,
     stream: Option<Stream>,
+    input: impl Read,
+    found: impl FnMut(&Finding) -> io::Result<()>,
+) -> io::Result<Summary> {
+    scan_live(rules, stream, input, None, found)
+}
+
+/// How long live input (a pipe, a terminal: `dmesg -w | gpuwarden scan`) may be quiet before the
+/// findings open so far are printed: a finding can still grow by its context lines and repeats,
+/// which come within milliseconds of the fault line, but a person watching must not wait for
+/// the next 64 lines to see it. A repeat after such a pause starts a new finding.
+pub const LIVE_IDLE: Duration = Duration::from_millis(100);
+
+/// [`scan`], and when `live` is the input's descriptor, the findings still open are handed out
+/// whenever the input is quiet for [`LIVE_IDLE`] (instead of at the end of the input).
+pub fn scan_live(
+    rules: &RuleSet,
+    stream: Option<Stream>,
     mut input: impl Read,
+    live: Option<BorrowedFd<'_>>,
     mut found: impl FnMut(&Finding) -> io::Result<()>,
 ) -> io::Result<Summary> {
     let mut grouper = Grouper::new();
     let mut summary = Summary::default();
-    let mut buf: Vec<u8> = Vec::with_capacity(BLOCK);
+    // One buffer for the whole input: reads fill its free end, searched lines leave its front.
+    // Reads take what is there (a pipe gives 64 KiB at a time), so lines are examined as they
+    // arrive, not when a block is full.
+    let mut buf: Vec<u8> = vec![0; BLOCK];
+    let mut filled = 0usize;
     // Lines before `buf[0]`; `buf` always starts at the start of a line.
     let mut lines_before = 0usize;
     // Inside a line longer than MAX_LINE whose head was already classified.
     let mut skipping = false;
     let mut eof = false;
     while !eof {
-        let filled = buf.len();
-        buf.resize(filled + BLOCK, 0);
-        let n = read_full(&mut input, &mut buf[filled..])?;
-        buf.truncate(filled + n);
+        if let Some(fd) = live
+            && grouper.has_open()
+            && !readable(fd, LIVE_IDLE)?
+        {
+            grouper.close_open();
+            emit(&mut grouper, &mut summary, &mut found)?;
+        }
+        let n = read_some(&mut input, &mut buf[filled..])?;
+        filled += n;
         eof = n == 0;
         if skipping {
-            match memchr::memchr(b'\n', &buf) {
+            match memchr::memchr(b'\n', &buf[..filled]) {
                 Some(end) => {
                     // The line was counted when its head was classified.
-                    buf.drain(..=end);
+                    buf.copy_within(end + 1..filled, 0);
+                    filled -= end + 1;
                     skipping = false;
                 }
                 None => {
-                    buf.clear();
+                    filled = 0;
                     continue;
                 }
             }
         }
         // Search the complete lines; keep the partial last one for the next read.
         let complete = if eof {
-            buf.len()
+            filled
         } else {
-            match memchr::memrchr(b'\n', &buf) {
+            match memchr::memrchr(b'\n', &buf[..filled]) {
                 Some(last) => last + 1,
-                None if buf.len() >= MAX_LINE => {
+                None if filled >= MAX_LINE => {
                     // One line fills the block: classify its head, skip its tail.
                     let head = &buf[..MAX_LINE];
                     lines_before += 1;
                     push_line(&mut grouper, rules, stream, lines_before, head);
                     emit(&mut grouper, &mut summary, &mut found)?;
-                    buf.clear();
+                    filled = 0;
                     skipping = true;
                     continue;
                 }
@@ -135,7 +168,8 @@ pub fn scan(
             &mut summary,
             &mut found,
         )?;
-        buf.drain(..complete);
+        buf.copy_within(complete..filled, 0);
+        filled -= complete;
     }
     summary.lines = lines_before;
     for finding in grouper.finish() {
@@ -143,6 +177,19 @@ pub fn scan(
         found(&finding)?;
     }
     Ok(summary)
+}
+
+/// Whether `fd` has input (or its end) within `wait`.
+fn readable(fd: BorrowedFd<'_>, wait: Duration) -> io::Result<bool> {
+    let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+    let millis = u16::try_from(wait.as_millis()).unwrap_or(u16::MAX);
+    loop {
+        match poll(&mut fds, millis) {
+            Ok(n) => return Ok(n > 0),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Searches a block of whole lines (the last may lack its newline at the end of the input) and
@@ -157,8 +204,9 @@ fn search_block(
     found: &mut impl FnMut(&Finding) -> io::Result<()>,
 ) -> io::Result<usize> {
     let mut pos = 0;
+    let mut candidates = rules.candidate_lines();
     while pos < block.len() {
-        let Some(hit) = rules.next_candidate(stream, block, pos) else {
+        let Some(hit) = candidates.next(block, pos) else {
             break;
         };
         let start = memchr::memrchr(b'\n', &block[pos..hit]).map_or(pos, |i| pos + i + 1);
@@ -208,18 +256,14 @@ fn count_newlines(bytes: &[u8]) -> usize {
     bytes.iter().filter(|&&b| b == b'\n').count()
 }
 
-/// Reads until `buf` is full or the input ends; retries interrupted reads.
-fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match input.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
+/// One read (what the input has, up to `buf`'s length); retries interrupted reads.
+fn read_some(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match input.read(buf) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            result => return result,
         }
     }
-    Ok(filled)
 }
 
 /// Writes one finding as `scan` prints it: one JSON object on a line (`json`), or for people.

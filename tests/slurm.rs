@@ -143,6 +143,23 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
     }
 }
 
+fn wait_for_or(what: &str, say: &dyn Fn() -> String, limit: Duration, ready: impl FnMut() -> bool) {
+    if !wait_until(limit, ready) {
+        panic!("timed out waiting for {what}\n{}", say());
+    }
+}
+
+fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if ready() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ready()
+}
+
 fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ready() {
@@ -245,8 +262,20 @@ fn the_example_requeues_on_sigusr1_and_resumes_from_the_checkpoint() {
     });
     // Slurm holds a requeued job for two minutes; this test does not wait that long. The hold
     // is set once the old run has ended (the job is PENDING with Reason=BeginTime).
-    wait_for(
+    let outputs = || {
+        let mut all = text(&cluster.cmd("scontrol", &["show", "job", &job]).stdout);
+        for entry in std::fs::read_dir(&submit).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("slurm-") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                all.push_str(&format!("--- {name}\n{text}"));
+            }
+        }
+        all
+    };
+    wait_for_or(
         "the requeued job to finish",
+        &outputs,
         Duration::from_secs(120),
         || {
             let state = cluster.job_field(&job, "JobState");

@@ -2,6 +2,7 @@
 //! `--kernel`, and answer like grep (0 nothing found, 1 found, 2 error).
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use gpuwarden::incident::{Linker, Role, SCAN_WINDOW_LINES};
@@ -39,7 +40,7 @@ pub fn scan(args: ScanArgs) -> i32 {
         RuleSet::load(&args.rules)
     };
     let rules = match rules {
-        Ok(rules) => rules,
+        Ok(rules) => rules.for_bulk_search(),
         Err(e) => {
             error(e);
             return scan_exit::ERROR;
@@ -60,11 +61,11 @@ pub fn scan(args: ScanArgs) -> i32 {
     let mut failed = false;
     for path in &files {
         let name = path.display().to_string();
-        let input: Box<dyn std::io::Read> = if name == "-" {
-            Box::new(std::io::stdin().lock())
+        let input = if name == "-" {
+            Input::Stdin(std::io::stdin())
         } else {
             match std::fs::File::open(path) {
-                Ok(file) => Box::new(file),
+                Ok(file) => Input::File(file),
                 Err(e) => {
                     error(format_args!("{name}: cannot read: {e}"));
                     failed = true;
@@ -73,8 +74,20 @@ pub fn scan(args: ScanArgs) -> i32 {
             }
         };
         let mut incidents = Linker::new(SCAN_WINDOW_LINES);
-        let result = scan::scan(&rules, stream, input, |finding| {
-            write_linked(&mut out, args.json, &name, many, finding, &mut incidents)
+        let fd = match &input {
+            Input::Stdin(stdin) => stdin.as_fd(),
+            Input::File(file) => file.as_fd(),
+        };
+        // A pipe or a terminal (`dmesg -w | gpuwarden scan`): findings go out as they are found,
+        // not when a buffer of output fills or the input ends.
+        let live = is_live(fd);
+        let reader: Box<dyn std::io::Read> = match &input {
+            Input::Stdin(stdin) => Box::new(stdin.lock()),
+            Input::File(file) => Box::new(file),
+        };
+        let result = scan::scan_live(&rules, stream, reader, live.then_some(fd), |finding| {
+            write_linked(&mut out, args.json, &name, many, finding, &mut incidents)?;
+            if live { out.flush() } else { Ok(()) }
         });
         match result {
             Ok(summary) => {
@@ -109,6 +122,21 @@ pub fn scan(args: ScanArgs) -> i32 {
     } else {
         scan_exit::NOTHING
     }
+}
+
+/// Where a scan reads from.
+enum Input {
+    Stdin(std::io::Stdin),
+    File(std::fs::File),
+}
+
+/// Whether `fd` is live input that may pause: a pipe, a socket or a terminal, not a file.
+fn is_live(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::sys::stat::{SFlag, fstat};
+    fstat(fd).is_ok_and(|st| {
+        let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        kind == SFlag::S_IFIFO || kind == SFlag::S_IFSOCK || kind == SFlag::S_IFCHR
+    })
 }
 
 /// `scan --kernel`: the records still in the kernel's buffer, as dmesg would print them, through

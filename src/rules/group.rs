@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use super::prefix::{self, Stamp};
-use super::{Fault, FaultClass, RuleSet, Stream};
+use super::{Examined, Fault, FaultClass, RuleSet, Stream};
 
 /// How many lines apart a context line and the finding it joins may be. The lines of one kernel
 /// message come together, but other subsystems (or other ranks) can log in between.
@@ -85,16 +85,13 @@ impl Grouper {
         line: &str,
     ) -> bool {
         self.close_before(number);
-        let fault = match stream {
-            Some(stream) => rules.classify(stream, line),
-            None => rules.classify_any(line),
-        };
-        if let Some(fault) = fault {
-            self.fault(number, line, fault);
-            return true;
-        }
-        let Some(context) = rules.context(stream, line) else {
-            return false;
+        let context = match rules.examine(stream, line) {
+            Examined::Fault(fault) => {
+                self.fault(number, line, fault);
+                return true;
+            }
+            Examined::Context(context) => context,
+            Examined::Neither => return false,
         };
         match context.context.joins {
             super::Joins::After => {
@@ -207,6 +204,22 @@ impl Grouper {
         }
         // `current` pointed into the old list; find it again by its first line, if it is open.
         self.current = current.and_then(|line| self.open.iter().position(|o| o.line == line));
+    }
+
+    /// Whether any finding may still grow.
+    pub fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    /// Closes every open finding now (live input went quiet): [`Grouper::ready`] returns them,
+    /// and a later repeat of the same rule starts a new finding.
+    pub fn close_open(&mut self) {
+        for finding in std::mem::take(&mut self.open) {
+            self.closings += 1;
+            self.closed
+                .insert((finding.line, finding.end_line, self.closings), finding);
+        }
+        self.current = None;
     }
 
     /// The findings that can no longer grow and that no open finding starts before, in the
