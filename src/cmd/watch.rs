@@ -307,6 +307,7 @@ pub fn demo_watch(
         sysfs_root,
         // The demo's GPU is the simulated one only: no vendor tool is asked.
         nvidia_smi: "/nonexistent/nvidia-smi".into(),
+        nvml: None,
         rocm_smi: "/nonexistent/rocm-smi".into(),
         amd_smi: "/nonexistent/amd-smi".into(),
         ..HealthConfig::default()
