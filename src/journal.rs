@@ -232,6 +232,13 @@ pub enum Record {
     /// A signal for the job (SIGUSR1/SIGUSR2: Slurm's checkpoint-before-preemption request)
     /// that gpuwarden passed to the attempt's process group; supervision went on.
     SignalForwarded { attempt: u32, signal: String },
+    /// The user forced a fallback from the live display (`f`): `attempt` (the live one, stopped
+    /// for it, or the one waiting out its backoff) gives way to the tier `to`.
+    FallbackForced {
+        attempt: u32,
+        from: String,
+        to: String,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {

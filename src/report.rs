@@ -192,6 +192,7 @@ const KNOWN: &[&str] = &[
     "leftovers",
     "attempt_ended",
     "restart_scheduled",
+    "fallback_forced",
     "warning",
     "stacks_captured",
     "run_finished",

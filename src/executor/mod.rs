@@ -107,6 +107,35 @@ enum Input {
     Signal(Sig),
     Kernel(KernelEvent<KernelFault>),
     Health(HealthEvent),
+    Request(Request),
+}
+
+/// What the user can ask of a run besides what a signal says (keys of `run --ui`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Stop the live attempt and go on one tier down the ladder (`f`).
+    ForceFallback,
+}
+
+/// Where [`Request`]s reach a run: cloned into the display before the run starts, connected
+/// by [`run`] to its loop. Before that, and after the run, a request goes nowhere.
+#[derive(Clone, Debug, Default)]
+pub struct Requests(Arc<Mutex<Option<SyncSender<Input>>>>);
+
+impl Requests {
+    /// Hands `request` to the run; false when no run listens.
+    pub fn send(&self, request: Request) -> bool {
+        let tx = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        tx.is_some_and(|tx| tx.send(Input::Request(request)).is_ok())
+    }
+
+    fn connect(&self, tx: SyncSender<Input>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    }
 }
 
 /// What `run` watches besides the job's own output, and where it publishes its state.
@@ -123,6 +152,8 @@ pub struct Watch {
     pub board: Board,
     /// Continue the run in an existing run directory (`gpuwarden resume`) instead of a new one.
     pub resume: Option<Resume>,
+    /// Where the live display's requests (a forced fallback) come in.
+    pub requests: Requests,
 }
 
 /// How long the end of a run waits for its last notifications (the run's end among them).
@@ -198,6 +229,7 @@ pub fn run(
     let notifier = crate::notify::Notifier::start(&plan.notify, &run_dir, journal.path());
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
+    watch.requests.connect(tx.clone());
 
     let mut exec = Executor {
         plan,
@@ -512,6 +544,7 @@ impl Executor<'_> {
             },
             Input::Group { attempt, event } => self.group_event(attempt, event)?,
             Input::Signal(sig) => Some(Event::Signal(sig)),
+            Input::Request(Request::ForceFallback) => Some(Event::ForceFallback),
             Input::Kernel(event) => self.kernel_event(event, live)?,
             Input::Health(event) => self.health_event(event, live)?,
         })
