@@ -225,7 +225,8 @@ struct Backend {
 
 enum Reader {
     Sysfs(AmdSysfs),
-    Nvml(nvml::NvmlReader),
+    /// Boxed: NVML's table of library functions is some 12 KiB.
+    Nvml(Box<nvml::NvmlReader>),
     /// With why NVML is not used instead, when that is worth saying (said once).
     Nvidia(ToolRunner, Option<String>),
     RocmSmi(ToolRunner),
@@ -485,7 +486,7 @@ fn choose(config: &HealthConfig) -> Vec<Backend> {
             Some(Err(e)) => (None, Some(format!("{e}; reading the GPUs with nvidia-smi"))),
         };
         if let Some(reader) = opened {
-            out.push(backend(Reader::Nvml(reader), config.interval));
+            out.push(backend(Reader::Nvml(Box::new(reader)), config.interval));
         } else if let Some(p) = find_program(&config.nvidia_smi, &path) {
             out.push(backend(Reader::Nvidia(runner(p), why_not), config.interval));
         }
