@@ -6,7 +6,8 @@
 //!  waiter thread (per attempt)            ─┤
 //!  signal thread                          ─┼─ Input ──> loop: Supervisor::step ──> Effect
 //!  kernel reader (judged: outside::whose) ─┤   (mpsc)          │
-//!  health sampler                         ─┘                   ├─ Spawn:   start an attempt (attempt.rs)
+//!  health sampler                         ─┤                   │
+//!  display keys (Requests: `f`)           ─┘                   ├─ Spawn:   start an attempt (attempt.rs)
 //!                                                              ├─ Signal:  killpg(attempt's group)
 //!                                                              ├─ Journal: append + fsync
 //!                                                              ├─ Say:     one line on stderr
