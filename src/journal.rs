@@ -264,6 +264,13 @@ pub enum Record {
         heartbeats: u64,
         median_seconds: f64,
     },
+    /// The user forced a fallback from the live display (`f`): `attempt` (the live one, stopped
+    /// for it, or the one waiting out its backoff) gives way to the tier `to`.
+    FallbackForced {
+        attempt: u32,
+        from: String,
+        to: String,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {

@@ -209,6 +209,7 @@ const KNOWN: &[&str] = &[
     "attempt_ended",
     "restart_scheduled",
     "gpus_excluded",
+    "fallback_forced",
     "warning",
     "stacks_captured",
     "step_interval",

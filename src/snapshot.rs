@@ -52,12 +52,12 @@ pub struct GpuState {
     pub at: Instant,
     /// Oldest first, at most [`HISTORY`] points.
     pub history: VecDeque<Point>,
-    /// The processes using it and their VRAM (KFD on AMD), for the live display.
+    /// The processes using it and their VRAM (KFD on AMD, NVML on NVIDIA), for the live display.
     pub processes: Vec<GpuProcess>,
 }
 
 /// A process holding memory on a GPU.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct GpuProcess {
     pub pid: u32,
     /// `/proc/PID/comm`, when readable.
@@ -198,6 +198,10 @@ impl Snapshot {
                 .find(|g| g.sample.device == sample.device)
             {
                 Some(state) => {
+                    // Only a source that lists processes replaces them (KFD's are polled apart).
+                    if let Some(list) = &sample.processes {
+                        state.processes.clone_from(list);
+                    }
                     state.sample = sample.clone();
                     state.at = at;
                     if state.history.len() == HISTORY {
@@ -209,7 +213,7 @@ impl Snapshot {
                     sample: sample.clone(),
                     at,
                     history: VecDeque::from([point]),
-                    processes: Vec::new(),
+                    processes: sample.processes.clone().unwrap_or_default(),
                 }),
             }
         }

@@ -397,6 +397,57 @@ fn run_ui_stops_the_job_with_s_after_asking() {
 }
 
 #[test]
+fn run_ui_forces_a_fallback_with_f_after_asking() {
+    if !tmux_or_skip("run_ui_fallback") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sysfs = sysfs_copy(dir.path());
+    let run = dir.path().join("run");
+    let tmux = Tmux::start(dir.path(), 100, 30);
+    tmux.type_line(&format!(
+        "{BIN} run --ui --no-kernel-log --sysfs-root {} --run-dir {} -- sh -c 'echo on-$GPUWARDEN_TIER; sleep 60'; echo status=$?",
+        sysfs.display(),
+        run.display()
+    ));
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(10), |s| s.contains("on-gpu"));
+    assert!(ok, "{screen}");
+    tmux.run(&["send-keys", "-t", "t", "f"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| s.contains("go one tier down?"));
+    assert!(ok, "f asks first:\n{screen}");
+    tmux.run(&["send-keys", "-t", "t", "n"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(3), |s| {
+        s.contains("keeps running on its tier")
+    });
+    assert!(ok, "n keeps it running:\n{screen}");
+    tmux.run(&["send-keys", "-t", "t", "f"]);
+    tmux.wait_for(Duration::from_secs(3), |s| s.contains("go one tier down?"));
+    tmux.run(&["send-keys", "-t", "t", "y"]);
+    // The attempt is stopped and the next one starts on the CPU tier after the 1 s backoff.
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(15), |s| s.contains("on-cpu"));
+    assert!(ok, "attempt 2 runs on the CPU tier:\n{screen}");
+    tmux.run(&["send-keys", "-t", "t", "s"]);
+    tmux.wait_for(Duration::from_secs(3), |s| s.contains("Stop the job now?"));
+    tmux.run(&["send-keys", "-t", "t", "y"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(15), |s| s.contains("status="));
+    assert!(ok, "the run ends after s, y:\n{screen}");
+    assert!(screen.contains("fallback forced by the user"), "{screen}");
+    let journal = std::fs::read_to_string(run.join("journal.jsonl")).unwrap();
+    assert!(
+        journal.contains(r#""event":"fallback_forced","attempt":1,"from":"gpu","to":"cpu""#),
+        "{journal}"
+    );
+    assert!(
+        journal.contains(r#""ended_by":"stopped to fall back (forced by the user)""#),
+        "{journal}"
+    );
+    assert!(
+        journal.contains(r#""reason":"fallback forced by the user""#),
+        "{journal}"
+    );
+}
+
+#[test]
 fn run_ui_without_a_terminal_says_why_and_runs_as_before() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN)

@@ -133,7 +133,8 @@ pub fn supervise(
     }
     let board = watch.board.clone();
     let sysfs_root = watch.health.as_ref().map(|h| h.sysfs_root.clone());
-    let result = super::watch::around_run(&board, ui, sysfs_root, || {
+    let requests = watch.requests.clone();
+    let result = super::watch::around_run(&board, ui, sysfs_root, requests, || {
         gpuwarden::executor::run(plan, rules, explicit_run_dir, preflight, watch)
     });
     match result {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use gpuwarden::executor::Watch;
+use gpuwarden::executor::{Request, Requests, Watch};
 use gpuwarden::exit;
 use gpuwarden::rules::RuleSet;
 use gpuwarden::snapshot::Board;
@@ -183,11 +183,12 @@ const LINGER: Duration = Duration::from_millis(1500);
 /// when `ui` is asked for and there is a terminal. The display runs on its own thread; while it
 /// is up, the job's output and gpuwarden's lines go to its output pane, and gpuwarden's lines
 /// are printed once it closes (at the end of the run, or at `q`, after which the run goes on as
-/// without it).
+/// without it). `requests` carries what keys ask of the run beyond a signal (`f`).
 pub fn around_run<T>(
     board: &Board,
     ui: bool,
     sysfs_root: Option<std::path::PathBuf>,
+    requests: Requests,
     run: impl FnOnce() -> T,
 ) -> T {
     let _history = sysfs_root
@@ -220,7 +221,9 @@ pub fn around_run<T>(
                         .unwrap_or_else(PoisonError::into_inner)
                         .is_some_and(|at| at.elapsed() >= LINGER)
                 };
-                let shown = ui::terminal::run(&board, View::new("run"), true, over, ask);
+                let shown = ui::terminal::run(&board, View::new("run"), true, over, |key| {
+                    ask(key, &requests)
+                });
                 let said = ui::console::give_back();
                 let mut err = std::io::stderr().lock();
                 if let Err(e) = shown {
@@ -253,12 +256,17 @@ pub fn around_run<T>(
 }
 
 /// Carries out what a key asks of the run: the same signal the user could send, so the
-/// supervisor handles it exactly as it would that signal.
-fn ask(key: ui::Key) {
+/// supervisor handles it exactly as it would that signal; a forced fallback, which no signal
+/// says, goes in as a request.
+fn ask(key: ui::Key, requests: &Requests) {
     use nix::sys::signal::{Signal, kill};
     let signal = match key {
         ui::Key::Stop => Signal::SIGTERM,
         ui::Key::Interrupt => Signal::SIGINT,
+        ui::Key::Fallback => {
+            requests.send(Request::ForceFallback);
+            return;
+        }
         ui::Key::Quit | ui::Key::Nothing => return,
     };
     let _ = kill(nix::unistd::Pid::this(), signal);
@@ -300,6 +308,7 @@ pub fn demo_watch(
         sysfs_root,
         // The demo's GPU is the simulated one only: no vendor tool is asked.
         nvidia_smi: "/nonexistent/nvidia-smi".into(),
+        nvml: None,
         rocm_smi: "/nonexistent/rocm-smi".into(),
         amd_smi: "/nonexistent/amd-smi".into(),
         ..HealthConfig::default()

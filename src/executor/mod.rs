@@ -6,7 +6,8 @@
 //!  waiter thread (per attempt)            ─┤
 //!  signal thread                          ─┼─ Input ──> loop: Supervisor::step ──> Effect
 //!  kernel reader (judged: outside::whose) ─┤   (mpsc)          │
-//!  health sampler                         ─┘                   ├─ Spawn:   start an attempt (attempt.rs)
+//!  health sampler                         ─┤                   │
+//!  display keys (Requests: `f`)           ─┘                   ├─ Spawn:   start an attempt (attempt.rs)
 //!                                                              ├─ Signal:  killpg(attempt's group)
 //!                                                              ├─ Journal: append + fsync
 //!                                                              ├─ Say:     one line on stderr
@@ -109,6 +110,35 @@ enum Input {
     Health(HealthEvent),
     /// A file event in the checkpoint location: look for a new checkpoint now (progress.rs).
     CheckpointHint,
+    Request(Request),
+}
+
+/// What the user can ask of a run besides what a signal says (keys of `run --ui`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// Stop the live attempt and go on one tier down the ladder (`f`).
+    ForceFallback,
+}
+
+/// Where [`Request`]s reach a run: cloned into the display before the run starts, connected
+/// by [`run`] to its loop. Before that, and after the run, a request goes nowhere.
+#[derive(Clone, Debug, Default)]
+pub struct Requests(Arc<Mutex<Option<SyncSender<Input>>>>);
+
+impl Requests {
+    /// Hands `request` to the run; false when no run listens.
+    pub fn send(&self, request: Request) -> bool {
+        let tx = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        tx.is_some_and(|tx| tx.send(Input::Request(request)).is_ok())
+    }
+
+    fn connect(&self, tx: SyncSender<Input>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
+    }
 }
 
 /// What `run` watches besides the job's own output, and where it publishes its state.
@@ -125,6 +155,8 @@ pub struct Watch {
     pub board: Board,
     /// Continue the run in an existing run directory (`gpuwarden resume`) instead of a new one.
     pub resume: Option<Resume>,
+    /// Where the live display's requests (a forced fallback) come in.
+    pub requests: Requests,
 }
 
 /// How long the end of a run waits for its last notifications (the run's end among them).
@@ -200,6 +232,7 @@ pub fn run(
     let notifier = crate::notify::Notifier::start(&plan.notify, &run_dir, journal.path());
     let (tx, rx) = mpsc::sync_channel(QUEUE);
     process::spawn_signal_thread(tx.clone(), Input::Signal).map_err(RunError::Signals)?;
+    watch.requests.connect(tx.clone());
 
     let mut exec = Executor {
         plan,
@@ -488,6 +521,7 @@ impl Executor<'_> {
             },
             Input::Group { attempt, event } => self.group_event(attempt, event)?,
             Input::Signal(sig) => Some(Event::Signal(sig)),
+            Input::Request(Request::ForceFallback) => Some(Event::ForceFallback),
             Input::Kernel(event) => self.kernel_event(event, live)?,
             Input::Health(event) => self.health_event(event, live)?,
             Input::CheckpointHint => None,

@@ -141,6 +141,9 @@ pub enum Event {
         at: Instant,
         path: PathBuf,
     },
+    /// The user asked, from the live display (`f`), to stop the live attempt and go on one
+    /// tier down the ladder, as a `fallback` fault would.
+    ForceFallback,
     /// Time passed.
     Tick,
 }
@@ -232,6 +235,8 @@ pub enum Effect {
 enum StopCause {
     Fault(Fault),
     User(Sig),
+    /// The user forced a fallback (`Event::ForceFallback`): the run goes on one tier down.
+    Forced,
 }
 
 /// How an attempt ended, for the summary.
@@ -248,6 +253,10 @@ pub enum Ending {
         sig: Sig,
         status: Option<JobExit>,
     },
+    /// Stopped to fall back one tier, as the user asked.
+    Forced {
+        status: Option<JobExit>,
+    },
     SpawnFailed(String),
 }
 
@@ -259,6 +268,7 @@ impl fmt::Display for Ending {
             Ending::Exit(status) if status.success() => f.write_str("finished (exit status 0)"),
             Ending::Exit(status) => write!(f, "{status}, no known fault"),
             Ending::User { sig, .. } => write!(f, "stopped by {}", sig.name()),
+            Ending::Forced { .. } => f.write_str("stopped to fall back (forced by the user)"),
             Ending::SpawnFailed(e) => write!(f, "could not start: {e}"),
         }
     }
@@ -538,6 +548,7 @@ impl Supervisor {
                 }
             }
             Event::Signal(sig) => self.on_signal(sig, now, &mut out),
+            Event::ForceFallback => self.force_fallback(now, &mut out),
             Event::Progress { attempt, at } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
@@ -795,6 +806,84 @@ impl Supervisor {
         }
     }
 
+    /// The user's `f`: the live attempt is stopped like one a `fallback` fault ends (SIGTERM,
+    /// SIGKILL after the grace) and the run goes on one tier down; during a backoff, the attempt
+    /// that waits starts one tier down. Refused, with a word, where it cannot be done: no tier
+    /// below, the restart budget spent, the attempt already being stopped (a fault's or the
+    /// user's own decision stands), or no job at all.
+    fn force_fallback(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let grace = self.policy.grace;
+        let budget_spent = self.restarts_in_window(now) >= self.policy.max_restarts;
+        let last = self.ladder.len().saturating_sub(1);
+        let refuse = |out: &mut Vec<Effect>, why: String| {
+            out.push(Effect::Say(format!("fallback not forced: {why}")));
+        };
+        match &mut self.phase {
+            Phase::Idle | Phase::Done => refuse(out, "no job is running".into()),
+            Phase::Backoff { attempt, tier, .. } => {
+                if *tier >= last {
+                    let why = format!("attempt {attempt} is due on the last tier already");
+                    refuse(out, why);
+                    return;
+                }
+                let from = *tier;
+                *tier += 1;
+                let (attempt, to) = (*attempt, *tier);
+                let record = Record::FallbackForced {
+                    attempt,
+                    from: self.tier_name(from),
+                    to: self.tier_name(to),
+                };
+                out.push(Effect::Journal(record));
+                out.push(Effect::Say(format!(
+                    "fallback forced by the user: attempt {attempt} will start on tier `{}` instead of `{}`",
+                    self.tier_name(to),
+                    self.tier_name(from)
+                )));
+            }
+            Phase::Live(live) => {
+                let (attempt, tier) = (live.attempt, live.tier);
+                if live.stop.is_some() || live.exit.is_some() || live.group_empty {
+                    refuse(out, format!("attempt {attempt} is already ending"));
+                    return;
+                }
+                if tier >= last {
+                    let why = format!(
+                        "`{}` is the last tier of the ladder; the job keeps running",
+                        self.tier_name(tier)
+                    );
+                    refuse(out, why);
+                    return;
+                }
+                if budget_spent {
+                    let why = format!(
+                        "the restart budget ({}) is spent; the job keeps running",
+                        self.policy.max_restarts
+                    );
+                    refuse(out, why);
+                    return;
+                }
+                live.stop = Some(StopCause::Forced);
+                let signalled = live.stop_group(Sig::Terminate, now, out);
+                out.push(Effect::Journal(Record::FallbackForced {
+                    attempt,
+                    from: self.tier_name(tier),
+                    to: self.tier_name(tier + 1),
+                }));
+                out.push(Effect::Say(format!(
+                    "fallback forced by the user: stopping attempt {attempt} on tier `{}`{}, then tier `{}`",
+                    self.tier_name(tier),
+                    if signalled {
+                        format!(" (SIGTERM to its process group, SIGKILL after {grace:.0?})")
+                    } else {
+                        String::new()
+                    },
+                    self.tier_name(tier + 1)
+                )));
+            }
+        }
+    }
+
     /// A live attempt without progress for the stall timeout is stopped as a fault: its stacks
     /// are captured first (while it is still there to be looked at), then SIGTERM.
     fn check_stall(&mut self, now: Instant, out: &mut Vec<Effect>) {
@@ -960,6 +1049,7 @@ impl Supervisor {
                 status,
             },
             Some(StopCause::User(sig)) => Ending::User { sig: *sig, status },
+            Some(StopCause::Forced) => Ending::Forced { status },
             None => Ending::Exit(status.unwrap_or(JobExit::Code(-1))),
         };
         let duration = self
@@ -1002,6 +1092,13 @@ impl Supervisor {
                     status.map_or("an unknown status".to_string(), |s| s.to_string())
                 ),
             ),
+            Some(StopCause::Forced) if live.tier + 1 < self.ladder.len() => {
+                (live.tier + 1, "fallback forced by the user".to_string())
+            }
+            Some(StopCause::Forced) => {
+                self.finish(Outcome::LadderExhausted, out);
+                return;
+            }
             Some(StopCause::Fault(fault)) => {
                 let (action, note) = self.action_after(&fault, live.tier, live.attempt);
                 if let Some(note) = note {
@@ -2400,6 +2497,118 @@ mod tests {
         });
         r.exit(1, JobExit::Signal(15));
         assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
+    }
+
+    // ---- forced fallback (issue 10: `f` in `run --ui`) ----
+
+    fn said(effects: &[Effect]) -> String {
+        effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Say(s) => Some(s.as_str()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn a_forced_fallback_stops_the_attempt_and_restarts_it_one_tier_down() {
+        let mut r = Run::new(
+            policy(),
+            &[("gpu-fast", true), ("gpu-safe", true), ("cpu", false)],
+        );
+        r.feed(Event::Start);
+        let out = r.feed(Event::ForceFallback);
+        assert_eq!(signals(&out), vec![Sig::Terminate], "the signal first");
+        assert!(matches!(out[0], Effect::Signal { .. }));
+        assert!(out.contains(&Effect::Journal(Record::FallbackForced {
+            attempt: 1,
+            from: "gpu-fast".into(),
+            to: "gpu-safe".into(),
+        })));
+        assert!(
+            said(&out).contains("fallback forced by the user"),
+            "{out:?}"
+        );
+        // Pressed again while it stops: nothing more (the grace still runs).
+        let again = r.feed(Event::ForceFallback);
+        assert!(signals(&again).is_empty());
+        assert!(said(&again).contains("already ending"));
+        r.exit(1, JobExit::Signal(15));
+        r.advance(Duration::from_secs(1));
+        // One tier down, not to the first CPU tier: a forced fallback is not a fault class.
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+        assert_eq!(r.sup.restarts(), 1, "it is a restart like any other");
+        let a = r.sup.attempts();
+        assert_eq!(
+            a[0].ending,
+            Ending::Forced {
+                status: Some(JobExit::Signal(15))
+            }
+        );
+        assert!(r.log.iter().any(|e| matches!(
+            e,
+            Effect::Journal(Record::RestartScheduled { tier, reason, .. })
+                if tier == "gpu-safe" && reason == "fallback forced by the user"
+        )));
+        r.exit(2, JobExit::Code(0));
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+    }
+
+    #[test]
+    fn a_forced_fallback_is_refused_on_the_last_tier_with_no_budget_or_during_a_stop() {
+        // The last tier: nothing below, the job keeps running.
+        let mut r = Run::new(policy(), &[("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::ForceFallback);
+        assert!(signals(&out).is_empty());
+        assert!(said(&out).contains("last tier"), "{out:?}");
+        assert!(!r.sup.stopping());
+
+        // The budget spent: a fallback would end the run instead.
+        let mut p = policy();
+        p.max_restarts = 0;
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        let out = r.feed(Event::ForceFallback);
+        assert!(signals(&out).is_empty());
+        assert!(said(&out).contains("budget"), "{out:?}");
+
+        // A fault's stop already decided: it stands (a `stop` fault must not become a
+        // fallback).
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.feed(Event::Fault {
+            attempt: 1,
+            fault: fault(FaultClass::DeviceAssert, Action::Stop),
+        });
+        let out = r.feed(Event::ForceFallback);
+        assert!(signals(&out).is_empty() && said(&out).contains("already ending"));
+        r.exit(1, JobExit::Signal(15));
+        assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
+
+        // After the run: nothing to do.
+        let out = r.feed(Event::ForceFallback);
+        assert!(said(&out).contains("no job is running"));
+    }
+
+    #[test]
+    fn a_forced_fallback_during_a_backoff_moves_the_waiting_attempt_down() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
+        r.feed(Event::Start);
+        r.exit(1, JobExit::Code(1));
+        let out = r.feed(Event::ForceFallback);
+        assert!(out.contains(&Effect::Journal(Record::FallbackForced {
+            attempt: 2,
+            from: "gpu".into(),
+            to: "cpu".into(),
+        })));
+        r.advance(Duration::from_secs(1));
+        assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
+        // On the last tier now: refused.
+        r.exit(2, JobExit::Code(1));
+        assert!(said(&r.feed(Event::ForceFallback)).contains("last tier"));
     }
 
     // ---- stall detection (issue 11) ----

@@ -261,7 +261,7 @@ pub fn one_reading(config: HealthConfig, deadline: Duration) -> io::Result<OneRe
 /// Reads which processes hold VRAM on which AMD GPU, from KFD
 /// (`<sysfs>/class/kfd/kfd/proc/<pid>/vram_<gpu_id>`), into the board's GPU rows; stops when
 /// dropped. DRM fdinfo would miss ROCm's compute queues; KFD sees them. NVIDIA's processes
-/// are not read here (that needs NVML).
+/// come with NVML's samples instead (`GpuSample::processes`).
 #[derive(Debug)]
 pub struct ProcessPoller {
     stop: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
@@ -297,7 +297,12 @@ impl ProcessPoller {
                 while !*stopped {
                     let found = kfd_processes(&procs, &ids);
                     board.update(|s| {
-                        for gpu in &mut s.gpus {
+                        // NVIDIA's come with their samples (NVML).
+                        let amd = s
+                            .gpus
+                            .iter_mut()
+                            .filter(|g| g.sample.device.vendor == crate::gpu::Vendor::Amd);
+                        for gpu in amd {
                             gpu.processes = found
                                 .iter()
                                 .filter(|(d, _)| *d == gpu.sample.device)

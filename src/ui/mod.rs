@@ -47,6 +47,8 @@ pub struct View {
     pub help: bool,
     /// `s` was pressed: the stop question is on screen.
     pub confirm_stop: bool,
+    /// `f` was pressed: the fallback question is on screen.
+    pub confirm_fallback: bool,
     /// A short notice in the bottom line (what the last key did).
     pub notice: Option<String>,
 }
@@ -60,6 +62,7 @@ impl View {
             paused: false,
             help: false,
             confirm_stop: false,
+            confirm_fallback: false,
             notice: None,
         }
     }
@@ -73,6 +76,8 @@ pub enum Key {
     Quit,
     /// Stop the job gracefully (confirmed): what SIGTERM does.
     Stop,
+    /// Stop the live attempt and restart it one tier down the ladder (confirmed).
+    Fallback,
     /// Ctrl-C during a run: what Ctrl-C does without the display (SIGINT; twice kills).
     Interrupt,
 }
@@ -97,6 +102,16 @@ pub fn key(view: &mut View, c: char, ctrl: bool, job: bool) -> Key {
             Key::Nothing
         };
     }
+    if view.confirm_fallback {
+        view.confirm_fallback = false;
+        return if c == 'y' {
+            view.notice = Some("falling back: the supervisor says what it does".into());
+            Key::Fallback
+        } else {
+            view.notice = Some("the job keeps running on its tier".into());
+            Key::Nothing
+        };
+    }
     match c {
         'q' => return Key::Quit,
         '?' | 'h' => view.help = !view.help,
@@ -105,9 +120,7 @@ pub fn key(view: &mut View, c: char, ctrl: bool, job: bool) -> Key {
             view.notice = Some(if view.paused { "paused" } else { "following" }.into());
         }
         's' if job => view.confirm_stop = true,
-        'f' if job => {
-            view.notice = Some("forcing a fallback from the display is not available yet".into())
-        }
+        'f' if job => view.confirm_fallback = true,
         _ => {}
     }
     Key::Nothing
@@ -157,6 +170,8 @@ pub fn draw(frame: &mut Frame<'_>, snap: &Snapshot, view: &View) {
         draw_help(frame, area, snap.job.is_some());
     } else if view.confirm_stop {
         draw_confirm(frame, area);
+    } else if view.confirm_fallback {
+        draw_confirm_fallback(frame, area);
     }
 }
 
@@ -746,7 +761,7 @@ fn draw_help(frame: &mut Frame<'_>, area: Rect, job: bool) {
             Line::from("s          stop the job gracefully (asks first)"),
             Line::from("Ctrl-C     interrupt the job, as without the display"),
             Line::from("p          pause / follow the output and faults"),
-            Line::from("f          force a fallback (not available yet)"),
+            Line::from("f          fall back one tier down (asks first)"),
             Line::from("?          this help"),
         ]
     } else {
@@ -772,6 +787,16 @@ fn draw_confirm(frame: &mut Frame<'_>, area: Rect) {
     frame.render_widget(
         Paragraph::new("Stop the job now? y = stop, any other key = no")
             .block(Block::new().borders(Borders::ALL).title(" Stop ")),
+        rect,
+    );
+}
+
+fn draw_confirm_fallback(frame: &mut Frame<'_>, area: Rect) {
+    let rect = centered(area, 64, 3);
+    frame.render_widget(Clear, rect);
+    frame.render_widget(
+        Paragraph::new("Stop this attempt, go one tier down? y = yes, other = no")
+            .block(Block::new().borders(Borders::ALL).title(" Fall back ")),
         rect,
     );
 }

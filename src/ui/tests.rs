@@ -280,6 +280,21 @@ fn stop_needs_a_confirmation_and_only_y_confirms() {
 }
 
 #[test]
+fn a_fallback_needs_a_confirmation_and_only_in_a_run() {
+    let mut v = View::new("run");
+    assert_eq!(key(&mut v, 'f', false, true), Key::Nothing);
+    assert!(v.confirm_fallback && !v.confirm_stop);
+    assert_eq!(key(&mut v, 'f', false, true), Key::Nothing, "f again is no");
+    assert!(!v.confirm_fallback);
+    assert_eq!(key(&mut v, 'f', false, true), Key::Nothing);
+    assert_eq!(key(&mut v, 'y', false, true), Key::Fallback);
+    assert!(!v.confirm_fallback);
+    let mut w = View::new("watch");
+    assert_eq!(key(&mut w, 'f', false, false), Key::Nothing);
+    assert!(!w.confirm_fallback);
+}
+
+#[test]
 fn kfd_processes_are_read_per_gpu_biggest_first() {
     let dir = tempfile::tempdir().unwrap();
     let procs = dir.path().join("proc");

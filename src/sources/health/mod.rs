@@ -6,7 +6,10 @@
 //! Readers, cheapest first:
 //! - [`amd_sysfs`]: amdgpu's own files under `/sys` (or `--sysfs-root DIR`), matched to the KFD
 //!   topology so that GPU indices are the ones ROCm uses. A sample is a handful of small reads.
-//! - [`nvidia`]: one `nvidia-smi --query-gpu=... --format=csv` call per sample, with a deadline.
+//! - [`nvml`]: NVIDIA's library, opened at run time where the driver installed it; a sample is a
+//!   few library calls, and it also tells which processes hold memory on each GPU.
+//! - [`nvidia`]: one `nvidia-smi --query-gpu=... --format=csv` call per sample, with a deadline;
+//!   the NVIDIA reader where NVML cannot be loaded (or `GPUWARDEN_NVML=off`).
 //! - [`rocm_smi`] and [`amd_smi`]: the AMD tools' JSON, the second path for AMD GPUs when sysfs
 //!   shows none; these tools take seconds a call, so they run rarely.
 //!
@@ -19,6 +22,7 @@
 pub mod amd_smi;
 pub mod amd_sysfs;
 pub mod nvidia;
+pub mod nvml;
 pub mod rocm_smi;
 pub mod sampler;
 mod tool;
@@ -31,6 +35,7 @@ use serde::{Serialize, Serializer};
 
 use crate::gpu::{Gpu, Vendor};
 use crate::rules::{Action, Fault, FaultClass, Severity, Stream};
+use crate::snapshot::GpuProcess;
 
 pub use sampler::{HealthConfig, HealthSource, channel_sink, nvidia_inventory, spawn};
 pub use tracker::Tracker;
@@ -43,6 +48,7 @@ pub enum SourceKind {
     RocmSmi,
     AmdSmi,
     NvidiaSmi,
+    Nvml,
 }
 
 impl SourceKind {
@@ -53,6 +59,7 @@ impl SourceKind {
             SourceKind::RocmSmi => "rocm-smi",
             SourceKind::AmdSmi => "amd-smi",
             SourceKind::NvidiaSmi => "nvidia-smi",
+            SourceKind::Nvml => "NVML",
         }
     }
 }
@@ -179,6 +186,10 @@ pub struct GpuSample {
     pub hotspot_c: Value<f64>,
     pub power_w: Value<f64>,
     pub ecc: Vec<EccCount>,
+    /// The processes holding memory on it, biggest first, where the source tells (NVML);
+    /// `None` where it does not (nvidia-smi's query, sysfs: KFD is read apart, see `ui`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<Vec<GpuProcess>>,
 }
 
 impl GpuSample {
@@ -199,6 +210,7 @@ impl GpuSample {
             hotspot_c: Value::Unknown,
             power_w: Value::Unknown,
             ecc: Vec::new(),
+            processes: None,
         }
     }
 

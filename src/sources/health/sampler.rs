@@ -3,9 +3,11 @@
 //!
 //! Which readers run:
 //! - amdgpu sysfs, when `--sysfs-root` (default `/sys`) shows AMD GPUs: every `interval`.
-//! - nvidia-smi, when it is on PATH and either no AMD GPU was found or sysfs lists an NVIDIA
-//!   display device (an old nvidia-smi left on an AMD machine must not report "no driver" as a
-//!   GPU fault): every `interval`.
+//! - NVML, when either no AMD GPU was found or sysfs lists an NVIDIA display device, and
+//!   `libnvidia-ml.so.1` loads and starts: every `interval`.
+//! - else nvidia-smi, on the same condition, when it is on PATH (an old nvidia-smi left on an
+//!   AMD machine must not report "no driver" as a GPU fault): every `interval`. A library that
+//!   loaded but did not start is said once, in a note of its first reading.
 //! - amd-smi, else rocm-smi, when the amdgpu driver is loaded (`module/amdgpu`) but sysfs
 //!   showed no AMD GPU, and one of them is on PATH: every `amd_tool_interval`, since they take
 //!   up to seconds a call.
@@ -31,7 +33,7 @@ use std::time::{Duration, Instant};
 use super::amd_sysfs::{AMDGPU_IDS_PATHS, AmdSysfs};
 use super::tool::{ToolOutcome, ToolRunner};
 use super::{
-    HealthEvent, HealthFaultKind, Problem, Reading, SourceKind, amd_smi, nvidia, rocm_smi,
+    HealthEvent, HealthFaultKind, Problem, Reading, SourceKind, amd_smi, nvidia, nvml, rocm_smi,
 };
 use crate::gpu::Gpu;
 use crate::rules::FaultClass;
@@ -54,6 +56,9 @@ pub struct HealthConfig {
     pub confirm_after: Duration,
     /// The tools, by name (looked up on `search_path`) or by path.
     pub nvidia_smi: PathBuf,
+    /// The NVML library to try before nvidia-smi (`libnvidia-ml.so.1`); `None` skips NVML.
+    /// By default what `GPUWARDEN_NVML` says (`off`, or a path).
+    pub nvml: Option<OsString>,
     pub amd_smi: PathBuf,
     pub rocm_smi: PathBuf,
     /// The directories to look for tools in; `None` is the process's `PATH`.
@@ -70,6 +75,7 @@ impl Default for HealthConfig {
             tool_timeout: Duration::from_secs(10),
             confirm_after: Duration::from_secs(3),
             nvidia_smi: PathBuf::from("nvidia-smi"),
+            nvml: nvml::library_from_env(),
             amd_smi: PathBuf::from("amd-smi"),
             rocm_smi: PathBuf::from("rocm-smi"),
             search_path: None,
@@ -158,7 +164,10 @@ struct Backend {
 
 enum Reader {
     Sysfs(AmdSysfs),
-    Nvidia(ToolRunner),
+    /// Boxed: NVML's table of library functions is some 12 KiB.
+    Nvml(Box<nvml::NvmlReader>),
+    /// With why NVML is not used instead, when that is worth saying (said once).
+    Nvidia(ToolRunner, Option<String>),
     RocmSmi(ToolRunner),
     /// The inventory from `amd-smi list`, read at the first call.
     AmdSmi(ToolRunner, Option<Vec<Gpu>>),
@@ -168,7 +177,8 @@ impl Reader {
     fn source(&self) -> SourceKind {
         match self {
             Reader::Sysfs(_) => SourceKind::AmdSysfs,
-            Reader::Nvidia(_) => SourceKind::NvidiaSmi,
+            Reader::Nvml(_) => SourceKind::Nvml,
+            Reader::Nvidia(..) => SourceKind::NvidiaSmi,
             Reader::RocmSmi(_) => SourceKind::RocmSmi,
             Reader::AmdSmi(..) => SourceKind::AmdSmi,
         }
@@ -178,13 +188,21 @@ impl Reader {
     fn read(&mut self, stop: &StopFlag) -> Option<(Vec<Gpu>, Reading)> {
         match self {
             Reader::Sysfs(amd) => Some((amd.gpus(), amd.sample())),
-            Reader::Nvidia(runner) => {
+            Reader::Nvml(reader) => {
+                let o = reader.read();
+                Some((o.gpus, o.reading))
+            }
+            Reader::Nvidia(runner, why_not_nvml) => {
                 let args = nvidia::query_args();
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                call(runner, SourceKind::NvidiaSmi, &args, stop, |out, err| {
+                let mut read = call(runner, SourceKind::NvidiaSmi, &args, stop, |out, err| {
                     let o = nvidia::parse_query(out, err);
                     (o.gpus, o.reading)
-                })
+                });
+                if let (Some((_, reading)), Some(why)) = (&mut read, why_not_nvml.take()) {
+                    reading.notes.push(why);
+                }
+                read
             }
             Reader::RocmSmi(runner) => call(
                 runner,
@@ -399,10 +417,18 @@ fn choose(config: &HealthConfig) -> Vec<Backend> {
         .or_else(|| std::env::var_os("PATH"))
         .unwrap_or_default();
     let runner = |p: PathBuf| ToolRunner::new(p, config.tool_timeout);
-    if let Some(p) = find_program(&config.nvidia_smi, &path)
-        && (!amd_found || nvidia_in_sysfs(&config.sysfs_root))
-    {
-        out.push(backend(Reader::Nvidia(runner(p)), config.interval));
+    if !amd_found || nvidia_in_sysfs(&config.sysfs_root) {
+        let (opened, why_not) = match config.nvml.as_deref().map(nvml::open) {
+            Some(Ok(reader)) => (Some(reader), None),
+            // No library: a machine without the NVIDIA driver, nothing to say.
+            None | Some(Err(nvml::OpenError::Missing(..))) => (None, None),
+            Some(Err(e)) => (None, Some(format!("{e}; reading the GPUs with nvidia-smi"))),
+        };
+        if let Some(reader) = opened {
+            out.push(backend(Reader::Nvml(Box::new(reader)), config.interval));
+        } else if let Some(p) = find_program(&config.nvidia_smi, &path) {
+            out.push(backend(Reader::Nvidia(runner(p), why_not), config.interval));
+        }
     }
     // rocm-smi and amd-smi read the same sysfs: worth trying only where the amdgpu driver is
     // loaded but its GPUs could not be read directly (a restricted or unusual /sys). Elsewhere
@@ -448,9 +474,16 @@ fn nvidia_in_sysfs(root: &Path) -> bool {
     })
 }
 
-/// The NVIDIA GPUs nvidia-smi lists, asked once with `timeout` (for `probe` and the start of
-/// `run`). No nvidia-smi on `PATH` is an empty list; a call that fails or hangs says why.
+/// The NVIDIA GPUs NVML lists, else those nvidia-smi lists, asked once with `timeout` (for
+/// `probe` and the start of `run`). No NVML and no nvidia-smi on `PATH` is an empty list; a call
+/// that fails or hangs says why.
 pub fn nvidia_inventory(timeout: Duration) -> Result<Vec<Gpu>, String> {
+    if let Some(Ok(mut reader)) = nvml::library_from_env().as_deref().map(nvml::open) {
+        let read = reader.read();
+        if read.reading.answered {
+            return Ok(read.gpus);
+        }
+    }
     let path = std::env::var_os("PATH").unwrap_or_default();
     let Some(program) = find_program(Path::new("nvidia-smi"), &path) else {
         return Ok(Vec::new());
@@ -492,6 +525,8 @@ mod tests {
             tool_timeout: Duration::from_millis(500),
             confirm_after: Duration::from_millis(100),
             search_path: Some(tools.as_os_str().to_owned()),
+            // NVML is a library, not a tool on the search path: tests that want it ask.
+            nvml: None,
             ..HealthConfig::default()
         }
     }
@@ -634,6 +669,46 @@ mod tests {
         );
     }
 
+    #[test]
+    fn without_the_nvml_library_nvidia_smi_is_read() {
+        let tools = tempfile::tempdir().unwrap();
+        let rows = crate::sources::health::fixture("nvidia-smi-query-gpu-gpuwarden-h200.txt");
+        fake_tool(tools.path(), "nvidia-smi", &format!("printf '%s' '{rows}'"));
+        // The default library name, as on this machine, where the driver is not installed
+        // (skipped where it is: there NVML is read, as `live_nvml` shows); and a path that
+        // cannot exist, anywhere.
+        let default = nvml::library_from_env();
+        let here = default
+            .as_deref()
+            .is_some_and(|lib| nvml::open(lib).is_err());
+        let libraries = [
+            here.then_some(default).flatten(),
+            Some(OsString::from("/nonexistent/libnvidia-ml.so.1")),
+        ];
+        for library in libraries.into_iter().flatten() {
+            let config = HealthConfig {
+                nvml: Some(library.clone()),
+                ..isolated(tools.path().join("sys"), tools.path())
+            };
+            let (source, rx) = collect(config);
+            match rx.recv_timeout(WAIT).unwrap() {
+                HealthEvent::Started { sources, gpus } => {
+                    assert_eq!(sources, [SourceKind::NvidiaSmi], "{library:?}");
+                    assert_eq!(gpus[0].name.as_deref(), Some("NVIDIA H200"));
+                }
+                other => panic!("{other:?}"),
+            }
+            match rx.recv_timeout(WAIT).unwrap() {
+                HealthEvent::Sample { source, gpus, .. } => {
+                    assert_eq!(source, SourceKind::NvidiaSmi);
+                    assert_eq!(gpus[0].processes, None, "nvidia-smi's query lists none");
+                }
+                other => panic!("a missing library is not worth a note: {other:?}"),
+            }
+            source.stop();
+        }
+    }
+
     /// The next fault, skipping samples.
     fn next_fault(rx: &mpsc::Receiver<HealthEvent>) -> crate::sources::health::HealthFault {
         loop {
@@ -745,6 +820,29 @@ mod tests {
         let stop = Instant::now();
         source.stop();
         println!("stopped in {:?}", stop.elapsed());
+    }
+
+    /// NVML through the whole source, on a machine with an NVIDIA GPU and its driver:
+    /// `cargo test live_nvml -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU and libnvidia-ml"]
+    fn live_nvml() {
+        let (source, rx) = collect(HealthConfig::default());
+        match rx.recv_timeout(WAIT).unwrap() {
+            HealthEvent::Started { sources, gpus } => {
+                assert_eq!(sources, [SourceKind::Nvml]);
+                assert!(gpus.iter().all(|g| g.uuid.is_some() && g.pci.is_some()));
+            }
+            other => panic!("{other:?}"),
+        }
+        match rx.recv_timeout(WAIT).unwrap() {
+            HealthEvent::Sample { gpus, .. } => {
+                println!("{}", serde_json::to_string(&gpus).unwrap());
+                assert!(gpus[0].temperature_c.is_known() && gpus[0].processes.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        source.stop();
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl Tracker {
             .find(|d| d.pci.as_deref() == Some(pci));
         Some(known.cloned().unwrap_or(DeviceRef {
             vendor: match reading.source {
-                SourceKind::NvidiaSmi => crate::gpu::Vendor::Nvidia,
+                SourceKind::NvidiaSmi | SourceKind::Nvml => crate::gpu::Vendor::Nvidia,
                 SourceKind::AmdSysfs | SourceKind::RocmSmi | SourceKind::AmdSmi => {
                     crate::gpu::Vendor::Amd
                 }
@@ -268,6 +268,7 @@ fn gone(now: Instant, source: SourceKind, memory: &DeviceMemory) -> HealthFault 
         SourceKind::RocmSmi | SourceKind::AmdSmi | SourceKind::NvidiaSmi => {
             "the tool no longer lists it"
         }
+        SourceKind::Nvml => "NVML no longer counts it",
     };
     HealthFault {
         class: FaultClass::GpuLost,
@@ -348,6 +349,7 @@ mod tests {
             temperature_c: Value::Known(49.0),
             hotspot_c: Value::Known(49.0),
             power_w: Value::Known(19.0),
+            processes: None,
             ecc: vec![EccCount {
                 block: "umc".into(),
                 uncorrectable: Value::Known(0),
