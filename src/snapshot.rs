@@ -56,14 +56,8 @@ pub struct GpuState {
     pub processes: Vec<GpuProcess>,
 }
 
-/// A process holding memory on a GPU.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct GpuProcess {
-    pub pid: u32,
-    /// `/proc/PID/comm`, when readable.
-    pub name: Option<String>,
-    pub vram_bytes: u64,
-}
+/// A process holding memory on a GPU (defined with the health readers that find them).
+pub use crate::sources::health::GpuProcess;
 
 /// Where the job stands.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

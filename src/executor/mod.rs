@@ -20,8 +20,10 @@
 //! `crate::supervisor::outside`). It publishes what views read into a [`Board`].
 
 mod attempt;
+mod error;
 mod outside;
 mod progress;
+mod requests;
 mod start;
 mod upkeep;
 
@@ -48,50 +50,13 @@ use crate::supervisor::outside::Outside;
 use crate::supervisor::{Effect, Event, Outcome, Policy, Supervisor, TierInfo};
 use crate::voice::say;
 
+pub use error::RunError;
 pub use outside::KernelFault;
+pub use requests::{Request, Requests};
 pub use start::Resume;
 
 /// How long the guard gives the job's group between SIGTERM and SIGKILL when gpuwarden died.
 pub const GUARD_GRACE: Duration = Duration::from_secs(1);
-
-/// Errors that end a run before or outside the supervisor's control.
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("cannot create the run directory {path}: {source}; pick another with --run-dir")]
-    RunDir { path: PathBuf, source: io::Error },
-    #[error(
-        "the run directory {0} already holds a journal; give a new --run-dir (or move the old run away)"
-    )]
-    RunDirInUse(PathBuf),
-    #[error(
-        "the run directory {} already holds the job's logs of another run ({}); give a new --run-dir (or move the old files away)",
-        .0.display(), .1
-    )]
-    RunDirHasLogs(PathBuf, String),
-    #[error(
-        "cannot create the job's log {path}: {source}; check the space and permissions of the run directory"
-    )]
-    Log { path: PathBuf, source: io::Error },
-    #[error(
-        "cannot write the journal {path}: {source}; the run was stopped because it could not be recorded"
-    )]
-    Journal { path: PathBuf, source: io::Error },
-    #[error(
-        "cannot set up signal handling or process reaping: {0}; this is a bug or a very unusual system, please report it"
-    )]
-    Signals(io::Error),
-}
-
-impl RunError {
-    /// The documented exit code: a run directory that is already taken is a usage error, the
-    /// rest are failures of gpuwarden itself.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            RunError::RunDirInUse(_) | RunError::RunDirHasLogs(..) => crate::exit::USAGE,
-            _ => crate::exit::INTERNAL,
-        }
-    }
-}
 
 /// What reaches the loop from the threads.
 #[derive(Debug)]
@@ -111,34 +76,6 @@ enum Input {
     /// A file event in the checkpoint location: look for a new checkpoint now (progress.rs).
     CheckpointHint,
     Request(Request),
-}
-
-/// What the user can ask of a run besides what a signal says (keys of `run --ui`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Request {
-    /// Stop the live attempt and go on one tier down the ladder (`f`).
-    ForceFallback,
-}
-
-/// Where [`Request`]s reach a run: cloned into the display before the run starts, connected
-/// by [`run`] to its loop. Before that, and after the run, a request goes nowhere.
-#[derive(Clone, Debug, Default)]
-pub struct Requests(Arc<Mutex<Option<SyncSender<Input>>>>);
-
-impl Requests {
-    /// Hands `request` to the run; false when no run listens.
-    pub fn send(&self, request: Request) -> bool {
-        let tx = self
-            .0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        tx.is_some_and(|tx| tx.send(Input::Request(request)).is_ok())
-    }
-
-    fn connect(&self, tx: SyncSender<Input>) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
-    }
 }
 
 /// What `run` watches besides the job's own output, and where it publishes its state.

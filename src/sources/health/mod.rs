@@ -35,10 +35,18 @@ use serde::{Serialize, Serializer};
 
 use crate::gpu::{Gpu, Vendor};
 use crate::rules::{Action, Fault, FaultClass, Severity, Stream};
-use crate::snapshot::GpuProcess;
 
 pub use sampler::{HealthConfig, HealthSource, channel_sink, nvidia_inventory, spawn};
 pub use tracker::Tracker;
+
+/// A process holding memory on a GPU: from KFD's per-process files on AMD, from NVML on NVIDIA.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    /// `/proc/PID/comm`, when readable.
+    pub name: Option<String>,
+    pub vram_bytes: u64,
+}
 
 /// Which reader produced a reading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -23,10 +23,10 @@ use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSe
 use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::error::NvmlError;
 
+use super::GpuProcess;
 use super::{EccCount, GpuSample, HealthFaultKind, Problem, Reading, SourceKind, Value};
 use crate::gpu::{Gpu, Vendor};
 use crate::rules::FaultClass;
-use crate::snapshot::GpuProcess;
 
 /// The library's name as the driver installs it (the unversioned `.so` is only in -dev
 /// packages).
