@@ -57,7 +57,7 @@ fn main() {
 
     let exe = build_release(&root);
     println!("\n{:<44} {:>9} {:>10}  output", "tool", "seconds", "MB/s");
-    let report = |name: &str, bytes: u64, (secs, out): &(f64, String)| {
+    let report = |name: &str, bytes: u64, (secs, out, _): &(f64, String, u64)| {
         println!(
             "{name:<44} {secs:>9.2} {:>10.0}  {out}",
             bytes as f64 / 1e6 / secs
@@ -67,12 +67,14 @@ fn main() {
     let scan = time(
         "gpuwarden scan --json",
         2,
+        1,
         Command::new(&exe).args(["scan", "--json"]).arg(&log),
     );
     let scan_rate = report("gpuwarden scan --json", bytes, &scan);
     let rg = time(
         "rg -c -f",
         2,
+        0,
         // ASCII classes, as gpuwarden matches (with Unicode classes ripgrep needs more than ten
         // minutes for 100 MB with these patterns); size limits raised for a few hundred rules.
         Command::new("rg")
@@ -102,6 +104,7 @@ fn main() {
     let grep = time(
         "grep -E -c -f",
         1,
+        0,
         Command::new("grep")
             .env("LC_ALL", "C")
             .args(["-E", "-c", "-f"])
@@ -112,6 +115,14 @@ fn main() {
         &format!("LC_ALL=C grep -E -c -f (ERE; first {grep_mb} MB)"),
         slice_bytes,
         &grep,
+    );
+    // The same log, the same regexes: each finding of scan holds at least one line rg matches
+    // (rg counts context lines too), and a log with fault lines in it has findings.
+    assert!(
+        scan.2 > 0 && rg.2 >= scan.2,
+        "scan found {} and rg matched {} lines, for {faults} fault lines written",
+        scan.2,
+        rg.2
     );
     println!(
         "\ngpuwarden scan runs at {:.0}% of ripgrep's throughput",
@@ -144,32 +155,43 @@ fn build_release(root: &Path) -> PathBuf {
     root.join("target/release/gpuwarden")
 }
 
-/// Runs a command `runs` times with its output to a pipe; the fastest wall time and a summary of
-/// what it printed (line count for scan, the sum of the counts for rg/grep).
-fn time(name: &str, runs: usize, command: &mut Command) -> (f64, String) {
+/// Runs a command `runs` times with its output to a pipe; the fastest wall time, a summary of
+/// what it printed (findings for scan, the sum of the counts for rg/grep) and that number. A
+/// run that does not exit with `expect` (scan: 1 = findings; rg and grep: 0 = matches) is a
+/// failed measurement, not a fast one.
+fn time(name: &str, runs: usize, expect: i32, command: &mut Command) -> (f64, String, u64) {
     let mut best = f64::INFINITY;
     let mut summary = String::new();
+    let mut count = 0;
     for _ in 0..runs {
         let started = Instant::now();
         let out = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .output()
             .unwrap_or_else(|e| panic!("{name}: cannot run: {e}"));
         let secs = started.elapsed().as_secs_f64();
+        assert_eq!(
+            out.status.code(),
+            Some(expect),
+            "{name} exited {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
         best = best.min(secs);
         let text = String::from_utf8_lossy(&out.stdout);
-        summary = if name.starts_with("gpuwarden") {
-            format!("{} findings", text.lines().count())
+        (count, summary) = if name.starts_with("gpuwarden") {
+            let n = text.lines().count() as u64;
+            (n, format!("{n} findings"))
         } else {
-            let lines: u64 = text
+            let n: u64 = text
                 .lines()
                 .filter_map(|l| l.rsplit(':').next()?.trim().parse::<u64>().ok())
                 .sum();
-            format!("{lines} matching lines")
+            (n, format!("{n} matching lines"))
         };
     }
-    (best, summary)
+    (best, summary, count)
 }
 
 /// Writes the log unless a file of that size is already there. Returns (lines, fault lines).
