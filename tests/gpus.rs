@@ -15,7 +15,7 @@ mod common;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -68,43 +68,6 @@ impl KernelLog {
             .unwrap()
             .write_all(record.as_bytes())
             .unwrap();
-    }
-}
-
-/// gpuwarden in the background; killed (and with it the job, by its guard) if a test fails.
-struct Running {
-    child: Option<Child>,
-    stderr: PathBuf,
-}
-
-impl Running {
-    fn finish(mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "gpuwarden did not finish within {PATIENCE:?}; stderr:\n{}",
-                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status, std::fs::read_to_string(&self.stderr).unwrap())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -186,16 +149,8 @@ fn start(
     for (name, value) in env {
         cmd.env(name, value);
     }
-    let stderr = scene.path("gpuwarden.stderr");
-    let child = cmd
-        .stdout(File::create(scene.path("gpuwarden.stdout")).unwrap())
-        .stderr(File::create(&stderr).unwrap())
-        .spawn()
-        .unwrap();
-    Running {
-        child: Some(child),
-        stderr,
-    }
+    // GPU variables already removed above, before the test's own were set.
+    Running::start(cmd, scene, &[], PATIENCE)
 }
 
 fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {

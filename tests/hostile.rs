@@ -9,11 +9,11 @@ mod common;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use common::{Scene, skip};
+use common::{Running, Scene, skip};
 use gpuwarden::time::rfc3339;
 use serde_json::Value;
 
@@ -88,59 +88,6 @@ fn flags<'a>(config: &'a str, machine: &'a [String], extra: &[&'a str]) -> Vec<&
     all
 }
 
-/// `gpuwarden run` in the background, its output in files of the scene; killed if dropped.
-struct Running {
-    child: Option<Child>,
-    stderr: std::path::PathBuf,
-}
-
-impl Running {
-    fn start(mut cmd: Command, scene: &Scene) -> Running {
-        let stderr = scene.path("gpuwarden.stderr");
-        for var in GPU_VARS {
-            cmd.env_remove(var);
-        }
-        let child = cmd
-            .stdout(std::fs::File::create(scene.path("gpuwarden.stdout")).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Running {
-            child: Some(child),
-            stderr,
-        }
-    }
-
-    fn finish(mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "gpuwarden did not finish within {PATIENCE:?}; stderr:\n{}",
-                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status, std::fs::read_to_string(&self.stderr).unwrap())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -197,7 +144,7 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
     let scene = Scene::new();
     let config = fast_config(&scene);
     let machine = bare_machine(&scene);
-    let run = Running::start(
+    let run = start(
         scene.command(
             &flags(&config, &machine, &[]),
             &[
@@ -458,7 +405,7 @@ fn a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job() {
         &flags(&config, &machine, &["--no-kernel-log"]),
         &["--device", "{device}", "--sleep", "0.1", "--steps", "30"],
     );
-    let run = Running::start(cmd, &scene);
+    let run = start(cmd, &scene);
     trainer_pid(&scene, 1);
     wait_for("the warning about the journal", || {
         std::fs::read_to_string(scene.path("gpuwarden.stderr"))
@@ -820,7 +767,7 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
     let scene = Scene::new();
     let config = fast_config(&scene);
     let machine = bare_machine(&scene);
-    let mut run = Running::start(
+    let mut run = start(
         scene.command(
             &flags(&config, &machine, &["--no-kernel-log"]),
             &[
@@ -970,4 +917,9 @@ fn a_terminal_stdin_with_sigttin_ignored_is_said_at_the_start() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("SIGTTIN"), "{stderr}");
+}
+
+/// gpuwarden in the background, without this file's GPU variables.
+fn start(cmd: Command, scene: &Scene) -> Running {
+    Running::start(cmd, scene, &GPU_VARS, PATIENCE)
 }

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
@@ -91,62 +91,6 @@ impl KernelLog {
             .unwrap()
             .write_all(record.as_bytes())
             .unwrap();
-    }
-}
-
-/// `gpuwarden run` in the background over the trainer, its stdout and stderr in files of the
-/// scene. Dropped before it ends (a failed assertion), it kills gpuwarden, whose guard then
-/// ends the job.
-struct Running {
-    child: Option<Child>,
-    stderr: PathBuf,
-}
-
-impl Running {
-    fn start(mut cmd: Command, scene: &Scene) -> Running {
-        let stderr = scene.path("gpuwarden.stderr");
-        for var in GPU_VARS {
-            cmd.env_remove(var);
-        }
-        let child = cmd
-            .stdout(File::create(scene.path("gpuwarden.stdout")).unwrap())
-            .stderr(File::create(&stderr).unwrap())
-            .spawn()
-            .unwrap();
-        Running {
-            child: Some(child),
-            stderr,
-        }
-    }
-
-    /// Waits for gpuwarden to end; returns its status and what it wrote on stderr.
-    fn finish(mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "gpuwarden did not finish within {PATIENCE:?}; stderr:\n{}",
-                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        (status, std::fs::read_to_string(&self.stderr).unwrap())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -312,7 +256,7 @@ fn an_xid_naming_the_jobs_pid_stops_it_and_it_resumes_on_the_cpu_from_its_checkp
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
     let steps = 40;
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -379,7 +323,7 @@ fn an_xid_naming_a_worker_of_the_job_stops_the_whole_job() {
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
     let steps = 30;
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -436,7 +380,7 @@ fn xids_naming_other_processes_are_journaled_as_foreign_and_the_job_runs_on() {
     let mut extra = vec!["--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &["--device", "{device}", "--sleep", "0.05", "--steps", "40"],
@@ -507,7 +451,7 @@ fn start_on_the_rx6800(scene: &Scene, kmsg: &KernelLog, extra: &[&str], job: &[&
         root.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    Running::start(scene.command(&args, job), scene)
+    start(scene.command(&args, job), scene)
 }
 
 #[test]
@@ -655,7 +599,7 @@ fn a_fault_seen_on_stderr_and_in_the_kernel_log_is_one_incident() {
     ];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -708,7 +652,7 @@ fn a_late_kernel_line_about_an_ended_attempt_does_not_stop_the_next_one() {
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -761,7 +705,7 @@ fn an_unreadable_kernel_log_is_one_warning_and_the_job_is_still_supervised() {
     ];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -860,7 +804,7 @@ fn without_permission_for_dev_kmsg_the_run_warns_once_and_goes_on() {
         .gid(65534)
         .env("PATH", "/usr/bin:/bin")
         .env("HOME", "/nonexistent");
-    let run = Running::start(cmd, &scene);
+    let run = start(cmd, &scene);
     let (status, stderr) = run.finish();
     assert_supervised_without_the_kernel_log(&scene, status, &stderr, "/dev/kmsg");
     let warning = one(&scene.journal(), "warning");
@@ -922,7 +866,7 @@ fn xid_into_dev_kmsg(scene: &Scene, extra: &[&str], steps: u32) -> (Running, i64
     args.extend_from_slice(extra);
     let machine = bare_machine(scene);
     args.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &args,
             &[
@@ -1088,7 +1032,7 @@ fn run_through_a_flood(
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -1264,7 +1208,7 @@ fn a_device_fault_read_after_the_job_died_still_belongs_to_its_attempt() {
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
     let steps = 8;
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -1352,7 +1296,7 @@ fn an_amdgpu_block_whose_process_comes_a_line_later_is_the_jobs() {
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
-    let run = Running::start(
+    let run = start(
         scene.command(
             &extra,
             &[
@@ -1404,4 +1348,9 @@ fn an_amdgpu_block_whose_process_comes_a_line_later_is_the_jobs() {
     // A hang restarts the job once.
     attempt_record(&journal, "attempt_started", 2);
     assert_eq!(journal.last().unwrap()["outcome"], "succeeded");
+}
+
+/// gpuwarden in the background, without this file's GPU variables.
+fn start(cmd: Command, scene: &Scene) -> Running {
+    Running::start(cmd, scene, &GPU_VARS, PATIENCE)
 }

@@ -171,3 +171,67 @@ pub fn skip(test: &str, why: &str) {
     assert!(!ci, "{test} cannot run under CI: {why}");
     eprintln!("SKIPPED {test}: {why}");
 }
+
+/// A gpuwarden started in the background of a test, its stdout and stderr in the scene's files
+/// (`gpuwarden.stdout`, `gpuwarden.stderr`). Killed if the test ends first.
+pub struct Running {
+    pub child: Option<std::process::Child>,
+    stderr: PathBuf,
+    patience: std::time::Duration,
+}
+
+impl Running {
+    /// Starts `cmd` without the GPU variables `unset` (a test's machine must not leak into it).
+    pub fn start(
+        mut cmd: std::process::Command,
+        scene: &Scene,
+        unset: &[&str],
+        patience: std::time::Duration,
+    ) -> Running {
+        let stderr = scene.path("gpuwarden.stderr");
+        for var in unset {
+            cmd.env_remove(var);
+        }
+        let child = cmd
+            .stdout(std::fs::File::create(scene.path("gpuwarden.stdout")).unwrap())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Running {
+            child: Some(child),
+            stderr,
+            patience,
+        }
+    }
+
+    /// Waits for gpuwarden to end (at most its patience); returns its status and stderr.
+    pub fn finish(mut self) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let deadline = std::time::Instant::now() + self.patience;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "gpuwarden did not finish within {:?}; stderr:\n{}",
+                    self.patience,
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        (status, std::fs::read_to_string(&self.stderr).unwrap())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
