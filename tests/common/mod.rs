@@ -22,6 +22,7 @@ pub struct Scene {
 
 impl Scene {
     pub fn new() -> Scene {
+        children_get_default_signals();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("ckpt")).unwrap();
         Scene { dir }
@@ -234,4 +235,18 @@ impl Drop for Running {
             let _ = child.wait();
         }
     }
+}
+
+/// The suite itself may be started with SIGINT ignored (a script's `cargo test &` leaves it so),
+/// and every gpuwarden it starts would inherit that and rightly warn about it: one `warning` more
+/// in each journal than a test started from a terminal sees. The test process takes the default
+/// disposition back once, so its children start as a terminal's would; the test of the inherited
+/// case ignores the signal itself, in its child only.
+pub fn children_get_default_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        // SAFETY: SIG_DFL installs no handler code; no other thread changes dispositions.
+        unsafe { signal(Signal::SIGINT, SigHandler::SigDfl) }.unwrap();
+    });
 }
