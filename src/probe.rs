@@ -255,12 +255,23 @@ fn read_small(path: &Path) -> Option<String> {
 
 /// The GPUs of `gpus` a job would see under `env`.
 ///
+/// A list is read as CUDA reads it: indexes or `GPU-` UUID prefixes, stopping at the first entry
+/// that names no GPU (`-1` hides them all). A value that cannot be read (MIG names, AMD UUIDs)
+/// hides nothing: a quirk should rather judge a GPU too many.
+pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
+    let (amd, nvidia) = by_runtime(gpus, env);
+    gpus.iter()
+        .filter(|g| amd.iter().chain(&nvidia).any(|v| std::ptr::eq(*v, *g)))
+        .collect()
+}
+
+/// The AMD and the NVIDIA GPUs of `gpus` a job sees under `env`, each in the order its runtime
+/// numbers them (the job's ordinals).
+///
 /// AMD: `ROCR_VISIBLE_DEVICES` selects among all GPUs, then `HIP_VISIBLE_DEVICES` (or, when it
 /// is unset, `CUDA_VISIBLE_DEVICES`, which HIP also honours) among those. NVIDIA:
-/// `CUDA_VISIBLE_DEVICES`. A list is read as CUDA reads it: indexes or `GPU-` UUID prefixes,
-/// stopping at the first entry that names no GPU (`-1` hides them all). A value that cannot be
-/// read (MIG names, AMD UUIDs) hides nothing: a quirk should rather judge a GPU too many.
-pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
+/// `CUDA_VISIBLE_DEVICES`. Each list is applied by [`select`].
+pub(crate) fn by_runtime<'a>(gpus: &'a [Gpu], env: &Env) -> (Vec<&'a Gpu>, Vec<&'a Gpu>) {
     let of = |vendor: Vendor| {
         let mut list: Vec<&Gpu> = gpus.iter().filter(|g| g.vendor == vendor).collect();
         list.sort_by_key(|g| g.index);
@@ -280,9 +291,7 @@ pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
     if let Some(value) = env.get("CUDA_VISIBLE_DEVICES") {
         nvidia = select(nvidia, value);
     }
-    gpus.iter()
-        .filter(|g| amd.iter().chain(&nvidia).any(|v| std::ptr::eq(*v, *g)))
-        .collect()
+    (amd, nvidia)
 }
 
 /// Applies one `*_VISIBLE_DEVICES` list to `list` (positions are indexes into `list`).
