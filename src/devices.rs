@@ -264,7 +264,7 @@ fn digits(text: &str) -> Option<u32> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::rules::{Action, FaultClass, Severity};
+    use crate::rules::FaultClass;
 
     fn amd(index: u32, pci: &str) -> Gpu {
         Gpu {
@@ -311,22 +311,7 @@ mod tests {
     }
 
     fn fault(stream: Stream, line: &str, captures: &[(&str, &str)]) -> Fault {
-        Fault {
-            rule: "r".into(),
-            class: FaultClass::GpuLost,
-            severity: Severity::Critical,
-            action: Action::Fallback,
-            stream,
-            line: line.into(),
-            captures: captures
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            advice: String::new(),
-            facility: None,
-            attribution: None,
-            gpus: Vec::new(),
-        }
+        Fault::for_test("r", FaultClass::GpuLost, stream, line, captures)
     }
 
     fn indexes(s: &Sight) -> Vec<(u32, u32)> {
