@@ -268,35 +268,18 @@ mod tests {
 
     fn amd(index: u32, pci: &str) -> Gpu {
         Gpu {
-            vendor: Vendor::Amd,
-            index,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some(pci.into()),
-            device_id: None,
             kfd_node: Some(index + 1),
             render_minor: Some(128 + index),
             gfx_target: Some("gfx1030".into()),
-            compute_capability: None,
-            uuid: None,
-            vram_total_bytes: None,
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Amd, index, "AMD Radeon RX 6800", pci)
         }
     }
 
     fn nvidia(index: u32, pci: &str, name: &str) -> Gpu {
         Gpu {
-            vendor: Vendor::Nvidia,
-            index,
-            name: Some(name.into()),
-            pci: Some(pci.into()),
-            device_id: None,
-            kfd_node: None,
-            render_minor: None,
-            gfx_target: None,
             compute_capability: Some("9.0".into()),
             uuid: Some(format!("GPU-{index}{index}{index}-uuid")),
-            vram_total_bytes: None,
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Nvidia, index, name, pci)
         }
     }
 

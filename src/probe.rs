@@ -782,18 +782,11 @@ mod tests {
 
     fn rx6800() -> Gpu {
         Gpu {
-            vendor: Vendor::Amd,
-            index: 0,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some("0000:03:00.0".into()),
             device_id: Some(0x73bf),
             kfd_node: Some(1),
-            render_minor: None,
             gfx_target: Some("gfx1030".into()),
-            compute_capability: None,
-            uuid: None,
             vram_total_bytes: Some(16 << 30),
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Amd, 0, "AMD Radeon RX 6800", "0000:03:00.0")
         }
     }
 
