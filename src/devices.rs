@@ -80,65 +80,42 @@ impl Sight {
 
 /// The GPUs of `machine` a job sees under `env`, with the ordinal it knows each by.
 ///
-/// AMD: `ROCR_VISIBLE_DEVICES` selects among all GPUs, then `HIP_VISIBLE_DEVICES` (or, when it
-/// is unset, `CUDA_VISIBLE_DEVICES`) among those. NVIDIA: `CUDA_VISIBLE_DEVICES`. Lists are read
-/// as the runtimes read them (`crate::probe::select`): indexes or UUIDs, in the order given,
-/// stopping at the first entry that names no GPU.
+/// The selection is the one [`crate::probe::visible`] applies (`crate::probe::by_runtime`): AMD
+/// by `ROCR_VISIBLE_DEVICES`, then `HIP_VISIBLE_DEVICES` (or `CUDA_VISIBLE_DEVICES`); NVIDIA by
+/// `CUDA_VISIBLE_DEVICES`. Lists are read as the runtimes read them: indexes or UUIDs, in the
+/// order given, stopping at the first entry that names no GPU.
 pub fn sight(machine: &[Gpu], env: &GpuEnv) -> Sight {
-    let of = |vendor: Vendor| {
-        let mut list: Vec<(usize, &Gpu)> = machine
-            .iter()
-            .enumerate()
-            .filter(|(_, g)| g.vendor == vendor)
-            .collect();
-        list.sort_by_key(|(_, g)| g.index);
-        list
-    };
-    let mut amd = of(Vendor::Amd);
-    if let Some(value) = env.get("ROCR_VISIBLE_DEVICES") {
-        amd = select(amd, value);
-    }
-    if let Some(value) = env
-        .get("HIP_VISIBLE_DEVICES")
-        .or_else(|| env.get("CUDA_VISIBLE_DEVICES"))
-    {
-        amd = select(amd, value);
-    }
-    let mut nvidia = of(Vendor::Nvidia);
+    let (amd, nvidia) = crate::probe::by_runtime(machine, env);
     let pci_order = env
         .get("CUDA_DEVICE_ORDER")
         .is_some_and(|v| v.trim() == "PCI_BUS_ID");
-    let one_model = nvidia
+    let all_nvidia: Vec<&Gpu> = machine
+        .iter()
+        .filter(|g| g.vendor == Vendor::Nvidia)
+        .collect();
+    let one_model = all_nvidia
         .windows(2)
-        .all(|w| w[0].1.name.is_some() && w[0].1.name == w[1].1.name);
+        .all(|w| w[0].name.is_some() && w[0].name == w[1].name);
     let certain = pci_order || one_model;
-    if let Some(value) = env.get("CUDA_VISIBLE_DEVICES") {
-        nvidia = select(nvidia, value);
-    }
-    let job = |list: Vec<(usize, &Gpu)>| {
+    // The inventory key of a GPU the selection kept: its place in `machine`.
+    let key = |g: &Gpu| machine.iter().position(|m| std::ptr::eq(m, g));
+    let job = |list: Vec<&Gpu>| {
         list.into_iter()
             .enumerate()
-            .map(|(ordinal, (key, g))| JobGpu {
-                key,
-                vendor: g.vendor,
-                index: g.index,
-                ordinal: ordinal as u32,
-                pci: g.pci.clone(),
+            .filter_map(|(ordinal, g)| {
+                Some(JobGpu {
+                    key: key(g)?,
+                    vendor: g.vendor,
+                    index: g.index,
+                    ordinal: ordinal as u32,
+                    pci: g.pci.clone(),
+                })
             })
             .collect::<Vec<_>>()
     };
     let mut gpus = job(amd);
     gpus.extend(job(nvidia));
     Sight { gpus, certain }
-}
-
-/// Applies one `*_VISIBLE_DEVICES` list to `list` (inventory key and GPU), keeping the keys.
-fn select<'a>(list: Vec<(usize, &'a Gpu)>, value: &str) -> Vec<(usize, &'a Gpu)> {
-    let gpus: Vec<&Gpu> = list.iter().map(|(_, g)| *g).collect();
-    crate::probe::select(gpus, value)
-        .into_iter()
-        .filter_map(|chosen| list.iter().find(|(_, g)| std::ptr::eq(*g, chosen)).copied())
-        .collect()
 }
 
 /// The variables that make the job see `seen` less the GPUs `exclude` (inventory keys), in the
@@ -287,39 +264,22 @@ fn digits(text: &str) -> Option<u32> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::rules::{Action, FaultClass, Severity};
+    use crate::rules::FaultClass;
 
     fn amd(index: u32, pci: &str) -> Gpu {
         Gpu {
-            vendor: Vendor::Amd,
-            index,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some(pci.into()),
-            device_id: None,
             kfd_node: Some(index + 1),
             render_minor: Some(128 + index),
             gfx_target: Some("gfx1030".into()),
-            compute_capability: None,
-            uuid: None,
-            vram_total_bytes: None,
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Amd, index, "AMD Radeon RX 6800", pci)
         }
     }
 
     fn nvidia(index: u32, pci: &str, name: &str) -> Gpu {
         Gpu {
-            vendor: Vendor::Nvidia,
-            index,
-            name: Some(name.into()),
-            pci: Some(pci.into()),
-            device_id: None,
-            kfd_node: None,
-            render_minor: None,
-            gfx_target: None,
             compute_capability: Some("9.0".into()),
             uuid: Some(format!("GPU-{index}{index}{index}-uuid")),
-            vram_total_bytes: None,
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Nvidia, index, name, pci)
         }
     }
 
@@ -334,22 +294,7 @@ mod tests {
     }
 
     fn fault(stream: Stream, line: &str, captures: &[(&str, &str)]) -> Fault {
-        Fault {
-            rule: "r".into(),
-            class: FaultClass::GpuLost,
-            severity: Severity::Critical,
-            action: Action::Fallback,
-            stream,
-            line: line.into(),
-            captures: captures
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            advice: String::new(),
-            facility: None,
-            attribution: None,
-            gpus: Vec::new(),
-        }
+        Fault::for_test("r", FaultClass::GpuLost, stream, line, captures)
     }
 
     fn indexes(s: &Sight) -> Vec<(u32, u32)> {

@@ -62,6 +62,28 @@ pub struct Gpu {
     pub driver_version: Option<String>,
 }
 
+#[cfg(test)]
+impl Gpu {
+    /// A GPU with a name and a PCI address and nothing else known: what tests start from,
+    /// setting the fields they care about with `..Gpu::for_test(...)`.
+    pub(crate) fn for_test(vendor: Vendor, index: u32, name: &str, pci: &str) -> Gpu {
+        Gpu {
+            vendor,
+            index,
+            name: Some(name.into()),
+            pci: Some(pci.into()),
+            device_id: None,
+            kfd_node: None,
+            render_minor: None,
+            gfx_target: None,
+            compute_capability: None,
+            uuid: None,
+            vram_total_bytes: None,
+            driver_version: None,
+        }
+    }
+}
+
 /// One GPU as one attempt of the job sees it: which GPU of the machine, and the device
 /// ordinal (`cuda:N`, HIP's device N) the job knows it by once `*_VISIBLE_DEVICES` are applied.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]

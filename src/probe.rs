@@ -255,12 +255,23 @@ fn read_small(path: &Path) -> Option<String> {
 
 /// The GPUs of `gpus` a job would see under `env`.
 ///
+/// A list is read as CUDA reads it: indexes or `GPU-` UUID prefixes, stopping at the first entry
+/// that names no GPU (`-1` hides them all). A value that cannot be read (MIG names, AMD UUIDs)
+/// hides nothing: a quirk should rather judge a GPU too many.
+pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
+    let (amd, nvidia) = by_runtime(gpus, env);
+    gpus.iter()
+        .filter(|g| amd.iter().chain(&nvidia).any(|v| std::ptr::eq(*v, *g)))
+        .collect()
+}
+
+/// The AMD and the NVIDIA GPUs of `gpus` a job sees under `env`, each in the order its runtime
+/// numbers them (the job's ordinals).
+///
 /// AMD: `ROCR_VISIBLE_DEVICES` selects among all GPUs, then `HIP_VISIBLE_DEVICES` (or, when it
 /// is unset, `CUDA_VISIBLE_DEVICES`, which HIP also honours) among those. NVIDIA:
-/// `CUDA_VISIBLE_DEVICES`. A list is read as CUDA reads it: indexes or `GPU-` UUID prefixes,
-/// stopping at the first entry that names no GPU (`-1` hides them all). A value that cannot be
-/// read (MIG names, AMD UUIDs) hides nothing: a quirk should rather judge a GPU too many.
-pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
+/// `CUDA_VISIBLE_DEVICES`. Each list is applied by [`select`].
+pub(crate) fn by_runtime<'a>(gpus: &'a [Gpu], env: &Env) -> (Vec<&'a Gpu>, Vec<&'a Gpu>) {
     let of = |vendor: Vendor| {
         let mut list: Vec<&Gpu> = gpus.iter().filter(|g| g.vendor == vendor).collect();
         list.sort_by_key(|g| g.index);
@@ -280,9 +291,7 @@ pub fn visible<'a>(gpus: &'a [Gpu], env: &Env) -> Vec<&'a Gpu> {
     if let Some(value) = env.get("CUDA_VISIBLE_DEVICES") {
         nvidia = select(nvidia, value);
     }
-    gpus.iter()
-        .filter(|g| amd.iter().chain(&nvidia).any(|v| std::ptr::eq(*v, *g)))
-        .collect()
+    (amd, nvidia)
 }
 
 /// Applies one `*_VISIBLE_DEVICES` list to `list` (positions are indexes into `list`).
@@ -773,18 +782,11 @@ mod tests {
 
     fn rx6800() -> Gpu {
         Gpu {
-            vendor: Vendor::Amd,
-            index: 0,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some("0000:03:00.0".into()),
             device_id: Some(0x73bf),
             kfd_node: Some(1),
-            render_minor: None,
             gfx_target: Some("gfx1030".into()),
-            compute_capability: None,
-            uuid: None,
             vram_total_bytes: Some(16 << 30),
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Amd, 0, "AMD Radeon RX 6800", "0000:03:00.0")
         }
     }
 
@@ -868,6 +870,11 @@ mod tests {
         let set = quirks();
         let probe = Probe::new(gpus, vec![], software(rocm), env(e), &set, None);
         start_tier(&plan(&gpu_cpu(), command, false), &probe, &set).unwrap()
+    }
+
+    /// The probe of a machine with `gpus` and ROCm 6.2.4, under `env`.
+    fn on_rocm_6_2_4(gpus: Vec<Gpu>, env: Env, set: &QuirkSet) -> Probe {
+        Probe::new(gpus, vec![], software(Some("6.2.4")), env, set, None)
     }
 
     const EEGNEX: &str = "python train_eegnex.py --device {device}";
@@ -1002,14 +1009,7 @@ mod tests {
     #[test]
     fn force_gpu_unsafe_keeps_the_first_tier_and_says_what_it_overrides() {
         let set = quirks();
-        let probe = Probe::new(
-            vec![rx6800()],
-            vec![],
-            software(Some("6.2.4")),
-            Env::new(),
-            &set,
-            None,
-        );
+        let probe = on_rocm_6_2_4(vec![rx6800()], Env::new(), &set);
         let v = start_tier(&plan(&gpu_cpu(), EEGNEX, true), &probe, &set).unwrap();
         assert_eq!((v.start, v.start_tier.as_str()), (0, "gpu"));
         assert_eq!(v.decision, Decision::Forced);
@@ -1024,14 +1024,7 @@ mod tests {
     #[test]
     fn a_ladder_without_the_named_tier_refuses_to_start() {
         let set = quirks();
-        let probe = Probe::new(
-            vec![rx6800()],
-            vec![],
-            software(Some("6.2.4")),
-            Env::new(),
-            &set,
-            None,
-        );
+        let probe = on_rocm_6_2_4(vec![rx6800()], Env::new(), &set);
         let err = start_tier(
             &plan(&[Tier::builtin("gpu").unwrap()], EEGNEX, false),
             &probe,
@@ -1064,14 +1057,7 @@ mod tests {
         ladder.insert(0, hide);
         let gpus = vec![rx6800(), amd(1, Some("gfx90a"), Some("AMD Instinct MI210"))];
         let set = quirks();
-        let probe = Probe::new(
-            gpus,
-            vec![],
-            software(Some("6.2.4")),
-            Env::new(),
-            &set,
-            None,
-        );
+        let probe = on_rocm_6_2_4(gpus, Env::new(), &set);
         let v = start_tier(&plan(&ladder, EEGNEX, false), &probe, &set).unwrap();
         assert_eq!((v.start, v.decision), (0, Decision::Clear));
 
@@ -1080,19 +1066,12 @@ mod tests {
         unset.unset_env.push("HSA_OVERRIDE_GFX_VERSION".into());
         let gpus = vec![amd(0, Some("gfx1100"), None)];
         let e = env(&[("HSA_OVERRIDE_GFX_VERSION", "10.3.0")]);
-        let probe = Probe::new(
-            gpus.clone(),
-            vec![],
-            software(Some("6.2.4")),
-            e.clone(),
-            &set,
-            None,
-        );
+        let probe = on_rocm_6_2_4(gpus.clone(), e.clone(), &set);
         let ladder = vec![unset, Tier::builtin("cpu").unwrap()];
         let v = start_tier(&plan(&ladder, EEGNEX, false), &probe, &set).unwrap();
         assert_eq!(v.start, 0);
         // Without the unset, the override makes the gfx1100 run as gfx1030.
-        let probe = Probe::new(gpus, vec![], software(Some("6.2.4")), e, &set, None);
+        let probe = on_rocm_6_2_4(gpus, e, &set);
         let v = start_tier(&plan(&gpu_cpu(), EEGNEX, false), &probe, &set).unwrap();
         assert_eq!(v.start, 1);
     }
@@ -1100,14 +1079,7 @@ mod tests {
     #[test]
     fn a_ladder_starting_on_the_cpu_is_never_moved() {
         let set = quirks();
-        let probe = Probe::new(
-            vec![rx6800()],
-            vec![],
-            software(Some("6.2.4")),
-            Env::new(),
-            &set,
-            None,
-        );
+        let probe = on_rocm_6_2_4(vec![rx6800()], Env::new(), &set);
         let ladder = vec![Tier::builtin("cpu").unwrap()];
         let v = start_tier(&plan(&ladder, EEGNEX, false), &probe, &set).unwrap();
         assert_eq!((v.start, v.decision), (0, Decision::Clear));
@@ -1331,13 +1303,10 @@ mod tests {
     #[test]
     fn the_report_shows_the_gpu_and_the_quirk_that_applies() {
         let set = quirks();
-        let probe = Probe::new(
+        let probe = on_rocm_6_2_4(
             vec![rx6800()],
-            vec![],
-            software(Some("6.2.4")),
             env(&[("HSA_OVERRIDE_GFX_VERSION", "10.3.0")]),
             &set,
-            None,
         );
         let text = probe.render();
         assert!(
@@ -1393,14 +1362,7 @@ mod tests {
         let set = quirks();
         let mut p = plan(&gpu_cpu(), EEGNEX, false);
         let v = preflight(&mut p, &set, || {
-            Probe::new(
-                vec![rx6800()],
-                vec![],
-                software(Some("6.2.4")),
-                env(&[]),
-                &set,
-                None,
-            )
+            on_rocm_6_2_4(vec![rx6800()], env(&[]), &set)
         })
         .unwrap()
         .unwrap();
@@ -1439,14 +1401,7 @@ mod tests {
         let gpu_only = vec![Tier::builtin("gpu").unwrap()];
         let mut p = plan(&gpu_only, EEGNEX, false);
         let e = preflight(&mut p, &set, || {
-            Probe::new(
-                vec![rx6800()],
-                vec![],
-                software(Some("6.2.4")),
-                env(&[]),
-                &set,
-                None,
-            )
+            on_rocm_6_2_4(vec![rx6800()], env(&[]), &set)
         })
         .unwrap_err();
         assert_eq!(e.tier, "cpu");

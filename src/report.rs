@@ -216,6 +216,22 @@ const KNOWN: &[&str] = &[
     "run_finished",
 ];
 
+/// One journal line as a record: a JSON object, or why it is not one.
+fn record(line: &str) -> Result<Value, String> {
+    match serde_json::from_str(line) {
+        Ok(v @ Value::Object(_)) => Ok(v),
+        Ok(_) => Err("not a JSON object".into()),
+        Err(e) => Err(format!("not JSON (a torn line?): {e}")),
+    }
+}
+
+/// The journal's records in order, for readers that want them all (`gpuwarden resume`,
+/// `gpuwarden drill`). A line that is not a JSON object (a torn last line) is left out, as
+/// [`build`] skips it.
+pub fn records(journal: &str) -> Vec<Value> {
+    journal.lines().filter_map(|l| record(l).ok()).collect()
+}
+
 /// Builds the report from the journal's text.
 pub fn build(journal: &str) -> Report {
     let mut r = Report::default();
@@ -240,14 +256,10 @@ pub fn build(journal: &str) -> Report {
                 reason,
             })
         };
-        let v: Value = match serde_json::from_str(text) {
-            Ok(v @ Value::Object(_)) => v,
-            Ok(_) => {
-                skip(&mut r, "not a JSON object".into());
-                continue;
-            }
-            Err(e) => {
-                skip(&mut r, format!("not JSON (a torn line?): {e}"));
+        let v = match record(text) {
+            Ok(v) => v,
+            Err(reason) => {
+                skip(&mut r, reason);
                 continue;
             }
         };
@@ -609,7 +621,9 @@ fn str_of(v: &Value, key: &str) -> String {
     }
 }
 
-fn strings_of(v: &Value, key: &str) -> Vec<String> {
+/// The strings of the array `v[key]` (`run_started`'s `command`, `ladder`, `argv`); empty when
+/// there is none.
+pub fn strings_of(v: &Value, key: &str) -> Vec<String> {
     v.get(key)
         .and_then(Value::as_array)
         .map(|a| {

@@ -33,19 +33,25 @@ pub fn verify(file: &Path, json: bool) -> i32 {
 /// Without libtorch, `verify` still checks completeness, the way `run` does before resuming.
 #[cfg(not(feature = "torch"))]
 pub fn verify(file: &Path, json: bool) -> i32 {
-    match gpuwarden::checkpoints::validate(file) {
+    let result = gpuwarden::checkpoints::validate(file);
+    if json {
+        let (key, value) = match &result {
+            Ok(format) => ("format", format.to_string()),
+            Err(e) => ("problem", e.to_string()),
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": file.display().to_string(),
+                "complete": result.is_ok(),
+                key: value,
+                "loaded_with_libtorch": false,
+            })
+        );
+    }
+    match result {
         Ok(format) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(),
-                        "complete": true,
-                        "format": format.to_string(),
-                        "loaded_with_libtorch": false,
-                    })
-                );
-            } else {
+            if !json {
                 println!(
                     "{}: complete ({format}); not loaded: this gpuwarden was built without the \
                      `torch` feature (see docs/torch.md)",
@@ -55,17 +61,6 @@ pub fn verify(file: &Path, json: bool) -> i32 {
             0
         }
         Err(e) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "file": file.display().to_string(),
-                        "complete": false,
-                        "problem": e.to_string(),
-                        "loaded_with_libtorch": false,
-                    })
-                );
-            }
             error(format_args!(
                 "{} is not a complete checkpoint: {e}",
                 file.display()

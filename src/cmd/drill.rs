@@ -21,9 +21,10 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use gpuwarden::exit;
-use serde_json::Value;
+use gpuwarden::report::strings_of;
 
 use super::error;
+use super::journal::{RunJournal, event};
 use crate::cli::{Cli, Command, DrillKind};
 
 pub fn drill(run_dir: &Path, kind: DrillKind) -> i32 {
@@ -50,31 +51,17 @@ struct Live {
 }
 
 fn live_attempt(run_dir: &Path) -> Result<Live, String> {
-    let path = run_dir.join("journal.jsonl");
-    let text = std::fs::read(&path)
-        .map_err(|e| format!("cannot read the journal {}: {e}", path.display()))?;
-    let records: Vec<Value> = String::from_utf8_lossy(&text)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let event = |r: &Value| r["event"].as_str().unwrap_or("").to_string();
-    let started = records
-        .iter()
-        .find(|r| event(r) == "run_started")
-        .ok_or_else(|| format!("{} has no run_started record", path.display()))?;
-    if let Some(done) = records.iter().find(|r| event(r) == "run_finished") {
+    let journal = RunJournal::read(run_dir)?;
+    let records = &journal.records;
+    let started = journal.started()?;
+    if let Some(done) = journal.finished() {
         return Err(format!(
             "the run in {} is over ({}); a drill needs a live run",
             run_dir.display(),
             done["outcome"].as_str().unwrap_or("?")
         ));
     }
-    let gpuwarden = records
-        .iter()
-        .rev()
-        .find(|r| matches!(event(r).as_str(), "run_started" | "run_resumed"))
-        .and_then(|r| r["gpuwarden_pid"].as_i64())
-        .unwrap_or(0) as i32;
+    let gpuwarden = journal.last_gpuwarden_pid().unwrap_or(0) as i32;
     if !alive(gpuwarden) {
         return Err(format!(
             "the gpuwarden of this run (pid {gpuwarden}) is gone: nobody would see the drill; `gpuwarden resume {}` first",
@@ -96,20 +83,11 @@ fn live_attempt(run_dir: &Path) -> Result<Live, String> {
             "attempt {attempt} (pid {pid}) is not running (the run is between attempts); try again in a moment"
         ));
     }
-    let argv = started["argv"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default();
     Ok(Live {
         run_dir: run_dir.to_path_buf(),
         attempt,
         pid,
-        argv,
+        argv: strings_of(started, "argv"),
         cwd: started["cwd"].as_str().map(PathBuf::from),
     })
 }

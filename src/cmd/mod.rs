@@ -7,6 +7,7 @@
 pub mod checkpoint;
 pub mod demo;
 pub mod drill;
+mod journal;
 pub mod learned;
 pub mod probe;
 pub mod report;

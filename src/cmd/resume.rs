@@ -3,15 +3,15 @@
 //! (the last attempt, its tier, the restarts used); the run goes on in the same directory,
 //! appending to the same journal after a `run_resumed` record.
 
-use std::ffi::OsString;
 use std::path::Path;
 
 use clap::Parser;
 use gpuwarden::executor::Resume;
 use gpuwarden::exit;
-use serde_json::Value;
+use gpuwarden::report::strings_of;
 
 use super::error;
+use super::journal::{RunJournal, event};
 use crate::cli::{Cli, Command};
 
 pub fn resume(run_dir: &Path) -> i32 {
@@ -28,26 +28,12 @@ pub fn resume(run_dir: &Path) -> i32 {
 /// where to continue, or why the run cannot be resumed.
 fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> {
     let run_dir = std::path::absolute(run_dir).map_err(|e| e.to_string())?;
-    let path = run_dir.join("journal.jsonl");
-    let text = std::fs::read(&path)
-        .map_err(|e| format!("cannot read the journal {}: {e}", path.display()))?;
-    let text = String::from_utf8_lossy(&text);
-    // Torn lines (the old gpuwarden died mid-write) are skipped, as `report` does.
-    let records: Vec<Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let event = |r: &Value| r["event"].as_str().unwrap_or("").to_string();
-    let started = records
-        .iter()
-        .find(|r| event(r) == "run_started")
-        .ok_or_else(|| {
-            format!(
-                "{} has no run_started record: nothing to resume",
-                path.display()
-            )
-        })?;
-    if let Some(done) = records.iter().find(|r| event(r) == "run_finished") {
+    let journal = RunJournal::read(&run_dir)?;
+    let records = &journal.records;
+    let started = journal
+        .started()
+        .map_err(|e| format!("{e}: nothing to resume"))?;
+    if let Some(done) = journal.finished() {
         return Err(format!(
             "the run in {} is over ({}: {}); start a new one with `gpuwarden run`",
             run_dir.display(),
@@ -56,11 +42,7 @@ fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> 
         ));
     }
     // The gpuwarden that ran it last must be gone, or two would drive one job.
-    let last_pid = records
-        .iter()
-        .rev()
-        .find(|r| matches!(event(r).as_str(), "run_started" | "run_resumed"))
-        .and_then(|r| r["gpuwarden_pid"].as_u64());
+    let last_pid = journal.last_gpuwarden_pid();
     if let Some(pid) = last_pid
         && std::fs::read(format!("/proc/{pid}/cmdline"))
             .is_ok_and(|c| String::from_utf8_lossy(&c).contains("gpuwarden"))
@@ -69,19 +51,11 @@ fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> 
             "gpuwarden (pid {pid}) is still running this run; stop it first, or let it go on"
         ));
     }
-    let argv: Vec<OsString> = started["argv"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(OsString::from)
-                .collect()
-        })
-        .unwrap_or_default();
+    let argv = strings_of(started, "argv");
     if argv.is_empty() {
         return Err(format!(
             "{} was written by a gpuwarden that did not record its command line; it cannot be resumed",
-            path.display()
+            journal.path.display()
         ));
     }
     let cli = Cli::try_parse_from(&argv)
@@ -99,8 +73,8 @@ fn plan_resume(run_dir: &Path) -> Result<(crate::cli::RunArgs, Resume), String> 
     // Where it stopped: a scheduled restart not yet started, or the attempt that was running.
     let mut attempt = 1;
     let mut tier = started["ladder"][0].as_str().unwrap_or("").to_string();
-    for r in &records {
-        match event(r).as_str() {
+    for r in records {
+        match event(r) {
             "attempt_started" => {
                 attempt = r["attempt"].as_u64().unwrap_or(0) as u32 + 1;
                 tier = r["tier"].as_str().unwrap_or("").to_string();

@@ -354,3 +354,33 @@ pub struct Fault {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub gpus: Vec<crate::gpu::JobGpu>,
 }
+
+#[cfg(test)]
+impl Fault {
+    /// A critical fault with the `fallback` action, no advice and nothing attributed yet: what
+    /// the tests of the modules that read faults (`devices`, `supervisor::outside`) start from.
+    pub(crate) fn for_test(
+        rule: &str,
+        class: FaultClass,
+        stream: Stream,
+        line: &str,
+        captures: &[(&str, &str)],
+    ) -> Fault {
+        Fault {
+            rule: rule.to_string(),
+            class,
+            severity: Severity::Critical,
+            action: Action::Fallback,
+            stream,
+            line: line.to_string(),
+            captures: captures
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            advice: String::new(),
+            facility: None,
+            attribution: None,
+            gpus: Vec::new(),
+        }
+    }
+}

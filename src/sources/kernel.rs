@@ -962,9 +962,17 @@ mod tests {
 
     type Ev = KernelEvent<Record>;
 
-    fn file_source(dir: &tempfile::TempDir, from_start: bool) -> (PathBuf, KernelSource) {
+    /// A kernel log file holding `text` in a fresh directory (kept alive by the `TempDir`), and
+    /// the source that follows it.
+    fn kmsg_file(from_start: bool, text: &str) -> (tempfile::TempDir, PathBuf, KernelSource) {
+        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("kmsg.txt");
-        (path.clone(), KernelSource::File { path, from_start })
+        append(&path, text);
+        let source = KernelSource::File {
+            path: path.clone(),
+            from_start,
+        };
+        (dir, path, source)
     }
 
     fn append(path: &Path, text: &str) {
@@ -996,9 +1004,7 @@ mod tests {
 
     #[test]
     fn tails_a_file_from_its_end_with_dictionaries() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, false);
-        append(&path, "6,1,10,-;old boot line\n");
+        let (_dir, path, source) = kmsg_file(false, "6,1,10,-;old boot line\n");
         let (follower, rx) = start(FollowConfig::new(source), 64);
         append(
             &path,
@@ -1020,9 +1026,7 @@ mod tests {
 
     #[test]
     fn a_record_whose_dictionary_comes_later_waits_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(&path, "3,5,20,-;page fault\n");
+        let (_dir, path, source) = kmsg_file(true, "3,5,20,-;page fault\n");
         let (follower, rx) = start(FollowConfig::new(source), 64);
         // Within the quiet interval the record is still open, so a dictionary line written
         // right after still belongs to it.
@@ -1036,10 +1040,8 @@ mod tests {
 
     #[test]
     fn reads_from_the_start_when_asked_and_reports_gaps_and_bad_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(
-            &path,
+        let (_dir, _path, source) = kmsg_file(
+            true,
             " SUBSYSTEM=orphan\n6,1,10,-;one\n6,2,11,-;two\nnot a record\n6,7,12,-;seven\n",
         );
         let (follower, rx) = start(FollowConfig::new(source), 64);
@@ -1078,9 +1080,7 @@ mod tests {
 
     #[test]
     fn a_held_record_goes_out_at_the_next_record_or_at_its_deadline() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(&path, "4,1,1,-;first\n4,2,2,-;second\n");
+        let (_dir, _path, source) = kmsg_file(true, "4,1,1,-;first\n4,2,2,-;second\n");
         let (tx, rx) = sync_channel(8);
         let hold = Duration::from_millis(100);
         let started = Instant::now();
@@ -1110,8 +1110,6 @@ mod tests {
 
     #[test]
     fn the_classifier_decides_what_is_forwarded() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
         let mut text = String::new();
         for i in 1..=1000 {
             let msg = if i % 100 == 0 {
@@ -1121,7 +1119,7 @@ mod tests {
             };
             text.push_str(&format!("4,{i},{i},-;{msg} {i}\n"));
         }
-        append(&path, &text);
+        let (_dir, _path, source) = kmsg_file(true, &text);
         let (tx, rx) = sync_channel(4);
         let follower = follow(
             FollowConfig::new(source),
@@ -1143,13 +1141,11 @@ mod tests {
 
     #[test]
     fn a_slow_consumer_gets_drops_counted_and_the_reader_stays_live() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
         let mut text = String::new();
         for i in 1..=5000 {
             text.push_str(&format!("6,{i},{i},-;line {i}\n"));
         }
-        append(&path, &text);
+        let (_dir, path, source) = kmsg_file(true, &text);
         let mut config = FollowConfig::new(source);
         config.held_records = 100;
         let (follower, rx) = start(config, 10);
@@ -1174,9 +1170,8 @@ mod tests {
 
     #[test]
     fn a_panicking_classifier_is_restarted_and_said_so() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(&path, "6,1,1,-;before\n6,2,2,-;boom\n6,3,3,-;after\n");
+        let (_dir, _path, source) =
+            kmsg_file(true, "6,1,1,-;before\n6,2,2,-;boom\n6,3,3,-;after\n");
         let (tx, rx) = sync_channel(64);
         let follower = follow(
             FollowConfig::new(source),
@@ -1203,9 +1198,7 @@ mod tests {
 
     #[test]
     fn gives_up_after_too_many_restarts_in_the_window() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(&path, "6,1,1,-;boom\n");
+        let (_dir, path, source) = kmsg_file(true, "6,1,1,-;boom\n");
         let mut config = FollowConfig::new(source);
         config.max_restarts = 2;
         let (tx, rx) = sync_channel(64);
@@ -1269,9 +1262,7 @@ mod tests {
 
     #[test]
     fn stop_is_prompt_while_idle() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, false);
-        append(&path, "");
+        let (_dir, _path, source) = kmsg_file(false, "");
         let (follower, _rx) = start(FollowConfig::new(source), 4);
         thread::sleep(Duration::from_millis(100));
         let t0 = Instant::now();
@@ -1285,9 +1276,7 @@ mod tests {
 
     #[test]
     fn a_gone_receiver_ends_the_reader() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, false);
-        append(&path, "");
+        let (_dir, path, source) = kmsg_file(false, "");
         let (follower, rx) = start(FollowConfig::new(source), 4);
         drop(rx);
         append(&path, "6,1,1,-;anyone?\n");
@@ -1364,9 +1353,7 @@ mod tests {
 
     #[test]
     fn a_file_of_garbage_is_bounded_like_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(&path, &"garbage\n".repeat(3000));
+        let (_dir, path, source) = kmsg_file(true, &"garbage\n".repeat(3000));
         let mut config = FollowConfig::new(source);
         config.held_records = 10;
         let (follower, rx) = start(config, 5);
@@ -1389,10 +1376,8 @@ mod tests {
 
     #[test]
     fn read_all_of_a_file_parses_every_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let (path, source) = file_source(&dir, true);
-        append(
-            &path,
+        let (_dir, _path, source) = kmsg_file(
+            true,
             "6,1,1,-;one\n SUBSYSTEM=pci\n6,2,2,-;two\ngarbage\n6,9,3,-;nine",
         );
         let b = read_all(&source).unwrap();

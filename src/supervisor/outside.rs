@@ -349,25 +349,17 @@ impl Outside {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::rules::{Action, Severity, Stream};
+    use crate::rules::Stream;
 
     fn fault(rule: &str, caps: &[(&str, &str)]) -> Fault {
-        Fault {
-            rule: rule.to_string(),
-            class: FaultClass::GpuMemoryFault,
-            severity: Severity::Critical,
-            action: Action::Fallback,
-            stream: Stream::Kernel,
-            line: format!("{rule} line"),
-            captures: caps
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            advice: String::new(),
-            facility: None,
-            attribution: None,
-            gpus: Vec::new(),
-        }
+        let line = format!("{rule} line");
+        Fault::for_test(
+            rule,
+            FaultClass::GpuMemoryFault,
+            Stream::Kernel,
+            &line,
+            caps,
+        )
     }
 
     fn pid(pid: u32, membership: Membership, attempt: Option<u32>) -> Option<PidFacts> {

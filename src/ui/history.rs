@@ -221,18 +221,9 @@ mod tests {
 
     fn sample(util: f64, temp: f64) -> GpuSample {
         let gpu = Gpu {
-            vendor: Vendor::Amd,
-            index: 0,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some("0000:0b:00.0".into()),
-            device_id: None,
-            kfd_node: None,
-            render_minor: None,
             gfx_target: Some("gfx1030".into()),
-            compute_capability: None,
-            uuid: None,
             vram_total_bytes: Some(17_163_091_968),
-            driver_version: None,
+            ..Gpu::for_test(Vendor::Amd, 0, "AMD Radeon RX 6800", "0000:0b:00.0")
         };
         let mut s = GpuSample::blank(&gpu);
         s.utilization_percent = Value::Known(util);

@@ -23,18 +23,10 @@ fn wall() -> SystemTime {
 
 fn rx6800() -> GpuSample {
     let gpu = Gpu {
-        vendor: Vendor::Amd,
-        index: 0,
-        name: Some("AMD Radeon RX 6800".into()),
-        pci: Some("0000:0b:00.0".into()),
-        device_id: None,
         kfd_node: Some(1),
-        render_minor: None,
         gfx_target: Some("gfx1030".into()),
-        compute_capability: None,
-        uuid: None,
         vram_total_bytes: Some(17_163_091_968),
-        driver_version: None,
+        ..Gpu::for_test(Vendor::Amd, 0, "AMD Radeon RX 6800", "0000:0b:00.0")
     };
     let mut s = GpuSample::blank(&gpu);
     s.utilization_percent = Value::Known(37.0);
@@ -47,18 +39,9 @@ fn rx6800() -> GpuSample {
 
 fn a100() -> GpuSample {
     let gpu = Gpu {
-        vendor: Vendor::Nvidia,
-        index: 1,
-        name: Some("NVIDIA A100-SXM4-80GB".into()),
-        pci: Some("0000:41:00.0".into()),
-        device_id: None,
-        kfd_node: None,
-        render_minor: None,
-        gfx_target: None,
         compute_capability: Some("8.0".into()),
-        uuid: None,
         vram_total_bytes: Some(85_899_345_920),
-        driver_version: None,
+        ..Gpu::for_test(Vendor::Nvidia, 1, "NVIDIA A100-SXM4-80GB", "0000:41:00.0")
     };
     let mut s = GpuSample::blank(&gpu);
     s.utilization_percent = Value::Known(98.0);

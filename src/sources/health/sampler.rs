@@ -537,6 +537,25 @@ mod tests {
         (source, rx)
     }
 
+    /// Stops `source`, which must take less than `limit`: the wait between samples, and a tool
+    /// that hangs, are interrupted.
+    fn stop_within(source: HealthSource, limit: Duration) {
+        let start = Instant::now();
+        source.stop();
+        assert!(start.elapsed() < limit, "{:?}", start.elapsed());
+    }
+
+    /// Takes the source's first two events, which must be its start and a first sample.
+    fn started_and_sampled(rx: &mpsc::Receiver<HealthEvent>) {
+        let started = rx.recv_timeout(WAIT).unwrap();
+        assert!(
+            matches!(started, HealthEvent::Started { .. }),
+            "{started:?}"
+        );
+        let sampled = rx.recv_timeout(WAIT).unwrap();
+        assert!(matches!(sampled, HealthEvent::Sample { .. }), "{sampled:?}");
+    }
+
     fn fake_tool(dir: &Path, name: &str, script: &str) {
         let path = dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
@@ -583,13 +602,7 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        let start = Instant::now();
-        source.stop();
-        assert!(
-            start.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            start.elapsed()
-        );
+        stop_within(source, Duration::from_millis(500));
     }
 
     #[test]
@@ -600,21 +613,8 @@ mod tests {
             ..isolated(tree(), empty.path())
         };
         let (source, rx) = collect(config);
-        assert!(matches!(
-            rx.recv_timeout(WAIT).unwrap(),
-            HealthEvent::Started { .. }
-        ));
-        assert!(matches!(
-            rx.recv_timeout(WAIT).unwrap(),
-            HealthEvent::Sample { .. }
-        ));
-        let start = Instant::now();
-        source.stop();
-        assert!(
-            start.elapsed() < Duration::from_secs(1),
-            "{:?}",
-            start.elapsed()
-        );
+        started_and_sampled(&rx);
+        stop_within(source, Duration::from_secs(1));
     }
 
     #[test]
@@ -660,13 +660,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Stopping while the next call hangs is still prompt.
-        let start = Instant::now();
-        source.stop();
-        assert!(
-            start.elapsed() < Duration::from_millis(500),
-            "{:?}",
-            start.elapsed()
-        );
+        stop_within(source, Duration::from_millis(500));
     }
 
     #[test]
@@ -730,14 +724,7 @@ mod tests {
         let umc = device.join("ras/umc_err_count");
         std::fs::write(&umc, "ue: 0\nce: 0\n").unwrap();
         let (source, rx) = collect(isolated(root, tmp.path()));
-        assert!(matches!(
-            rx.recv_timeout(WAIT).unwrap(),
-            HealthEvent::Started { .. }
-        ));
-        assert!(matches!(
-            rx.recv_timeout(WAIT).unwrap(),
-            HealthEvent::Sample { .. }
-        ));
+        started_and_sampled(&rx);
 
         std::fs::write(&umc, "ue: 1\nce: 0\n").unwrap();
         let f = next_fault(&rx);
