@@ -5,15 +5,16 @@
 //! Each scrape takes one copy of the snapshot ([`Board::read`]: the lock is held for the copy
 //! only) and encodes it; nothing is kept between scrapes, so the numbers can never drift from
 //! what the dashboard shows. That is why the metrics are one `prometheus-client`
-//! [`Collector`] over the copy ([`Scrape`]), not the crate's long-lived `Gauge`/`Counter` objects
+//! [`Collector`] over the copy (`Scrape`), not the crate's long-lived `Gauge`/`Counter` objects
 //! updated in place: the executor already keeps the state, in the snapshot. The crate owns the
 //! format (HELP and TYPE lines, label value escaping, `_total` on counters and `_info` on info
 //! families, number spelling); `tests/metrics.rs` checks a live scrape with `promtool check
 //! metrics`.
 //!
 //! The text format 0.0.4, not the crate's default OpenMetrics encoder: it keeps the content type
-//! and output every Prometheus since 2.0 and Debian's `promtool check metrics` read, and the
-//! OpenMetrics extras (`# EOF`, `# UNIT`, created times) add nothing for gauges of a snapshot.
+//! and output every Prometheus since 2.0 reads, `promtool check metrics` (Debian's 2.42) parses
+//! this format only (an OpenMetrics `# EOF` passes there as a comment, so it would check less),
+//! and the OpenMetrics extras (`# EOF`, `# UNIT`, created times) add nothing to a snapshot.
 //!
 //! The HTTP side stays hand-written on `std::net`: neither `prometheus-client` nor `prometheus`
 //! (tikv) serves HTTP, and the servers that would (hyper, axum) bring an async runtime for one
