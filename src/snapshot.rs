@@ -275,29 +275,34 @@ impl Board {
     }
 }
 
+/// The GPU the tests of views put on the board: GPU 0, an RX 6800 at `0000:03:00.0`, with
+/// nothing else known. Shared by this module's tests and `metrics`'.
+#[cfg(test)]
+pub(crate) fn sample_gpu() -> crate::gpu::Gpu {
+    crate::gpu::Gpu {
+        vendor: crate::gpu::Vendor::Amd,
+        index: 0,
+        name: Some("AMD Radeon RX 6800".into()),
+        pci: Some("0000:03:00.0".into()),
+        device_id: None,
+        kfd_node: None,
+        render_minor: None,
+        gfx_target: None,
+        compute_capability: None,
+        uuid: None,
+        vram_total_bytes: None,
+        driver_version: None,
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::gpu::{Gpu, Vendor};
     use crate::sources::health::Value;
 
     fn sample(util: f64) -> GpuSample {
-        let gpu = Gpu {
-            vendor: Vendor::Amd,
-            index: 0,
-            name: Some("AMD Radeon RX 6800".into()),
-            pci: Some("0000:03:00.0".into()),
-            device_id: None,
-            kfd_node: None,
-            render_minor: None,
-            gfx_target: None,
-            compute_capability: None,
-            uuid: None,
-            vram_total_bytes: None,
-            driver_version: None,
-        };
-        let mut s = GpuSample::blank(&gpu);
+        let mut s = GpuSample::blank(&sample_gpu());
         s.utilization_percent = Value::Known(util);
         s
     }
