@@ -231,6 +231,8 @@ pub fn run(
         checkpoints_watched: plan.checkpoints.is_some(),
         class_actions: plan.policy.clone(),
         warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
+        climb_back: plan.climb_back,
+        stall_floor: plan.stall_learn,
         gpu_exclusion: plan.gpu_exclusion,
         min_gpus: plan.min_gpus,
     };

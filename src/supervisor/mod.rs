@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use crate::gpu::JobGpu;
 use crate::job::{JobExit, Sig};
 
+pub mod climb;
 pub mod outside;
+pub mod stall;
 use crate::incident::{Linker, RUN_WINDOW_SECONDS, Role};
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
@@ -64,6 +66,11 @@ pub struct Policy {
     /// With checkpoints watched, an attempt that ran this long and wrote no new checkpoint is
     /// warned about (and louder when the restart after it starts from scratch).
     pub warn_no_checkpoint_after: Option<Duration>,
+    /// At most this many climbs back up the ladder per run (`climb.rs`); 0: never.
+    pub climb_back: u32,
+    /// `Some(floor)`: an attempt's stall timeout is learned from its heartbeats (`stall.rs`),
+    /// with `stall_timeout` as the ceiling; `None`: `stall_timeout` as it is.
+    pub stall_floor: Option<Duration>,
 }
 
 impl Policy {
@@ -134,6 +141,13 @@ pub enum Event {
     /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
     /// streams, or a new complete checkpoint.
     Progress { attempt: u32, at: Instant },
+    /// With `--progress`: `attempt`'s heartbeats came `median` apart, over `heartbeats` of
+    /// them (sent once per attempt).
+    StepInterval {
+        attempt: u32,
+        heartbeats: u64,
+        median: Duration,
+    },
     /// A new complete checkpoint of `attempt`, `path`, was found, written at `at`: progress,
     /// and progress that a restart keeps.
     Checkpoint {
@@ -237,6 +251,11 @@ enum StopCause {
     User(Sig),
     /// The user forced a fallback (`Event::ForceFallback`): the run goes on one tier down.
     Forced,
+    /// A lower tier saved a newer checkpoint after a transient fall: the run goes back up to
+    /// tier `to` (`climb.rs`).
+    Climb {
+        to: usize,
+    },
 }
 
 /// How an attempt ended, for the summary.
@@ -257,6 +276,11 @@ pub enum Ending {
     Forced {
         status: Option<JobExit>,
     },
+    /// Stopped to climb back to the tier `to` after a transient fall.
+    Climbed {
+        to: String,
+        status: Option<JobExit>,
+    },
     SpawnFailed(String),
 }
 
@@ -269,6 +293,7 @@ impl fmt::Display for Ending {
             Ending::Exit(status) => write!(f, "{status}, no known fault"),
             Ending::User { sig, .. } => write!(f, "stopped by {}", sig.name()),
             Ending::Forced { .. } => f.write_str("stopped to fall back (forced by the user)"),
+            Ending::Climbed { to, .. } => write!(f, "stopped to climb back to tier `{to}`"),
             Ending::SpawnFailed(e) => write!(f, "could not start: {e}"),
         }
     }
@@ -316,6 +341,8 @@ struct Live {
     seen: BTreeMap<String, u64>,
     /// The latest evidence of progress (the start counts as progress).
     last_progress: Instant,
+    /// This attempt's stall timeout: the policy's, or one learned from its heartbeats.
+    stall_timeout: Option<Duration>,
     /// When the attempt started: incidents are linked by the time since.
     started: Instant,
     /// The attempt's faults linked into incidents: which is a cause, which follows from one.
@@ -386,12 +413,13 @@ pub struct Supervisor {
     attempts: Vec<AttemptSummary>,
     /// GPUs hidden from every later attempt, as the attempt that excluded them saw them.
     excluded: Vec<JobGpu>,
+    /// The run's falls down the ladder and climbs back up (`climb.rs`).
+    climbs: climb::Climbs,
 }
 
 impl Supervisor {
     pub fn new(policy: Policy, ladder: Vec<TierInfo>) -> Supervisor {
         Supervisor {
-            policy,
             ladder,
             phase: Phase::Idle,
             restarts: 0,
@@ -399,6 +427,8 @@ impl Supervisor {
             start: (1, 0),
             attempts: Vec::new(),
             excluded: Vec::new(),
+            climbs: climb::Climbs::new(policy.climb_back),
+            policy,
         }
     }
 
@@ -476,7 +506,7 @@ impl Supervisor {
     /// When `live` counts as stalled if no progress comes first; `None` when stall detection is
     /// off or the attempt is already ending.
     fn stall_at(&self, live: &Live) -> Option<Instant> {
-        let timeout = self.policy.stall_timeout?;
+        let timeout = live.stall_timeout?;
         let watching = live.stop.is_none()
             && live.term_sent.is_none()
             && live.exit.is_none()
@@ -557,6 +587,11 @@ impl Supervisor {
                     live.last_progress = at;
                 }
             }
+            Event::StepInterval {
+                attempt,
+                heartbeats,
+                median,
+            } => self.on_step_interval(attempt, heartbeats, median, &mut out),
             Event::Checkpoint { attempt, at, path } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
@@ -571,8 +606,9 @@ impl Supervisor {
                         .find(|a| a.attempt == attempt)
                     {
                         a.wrote_checkpoint = true;
-                        a.reached = Some(path);
+                        a.reached = Some(path.clone());
                     }
+                    self.climb_if_due(attempt, path, now, &mut out);
                 }
             }
             Event::Tick => {
@@ -605,6 +641,7 @@ impl Supervisor {
             drained: Vec::new(),
             seen: BTreeMap::new(),
             last_progress: now,
+            stall_timeout: self.policy.stall_timeout,
             started: now,
             incidents: Linker::new(RUN_WINDOW_SECONDS),
             gpus: Vec::new(),
@@ -890,7 +927,7 @@ impl Supervisor {
         let Phase::Live(live) = &self.phase else {
             return;
         };
-        let (Some(due), Some(timeout)) = (self.stall_at(live), self.policy.stall_timeout) else {
+        let (Some(due), Some(timeout)) = (self.stall_at(live), live.stall_timeout) else {
             return;
         };
         if now < due {
@@ -1050,6 +1087,10 @@ impl Supervisor {
             },
             Some(StopCause::User(sig)) => Ending::User { sig: *sig, status },
             Some(StopCause::Forced) => Ending::Forced { status },
+            Some(StopCause::Climb { to }) => Ending::Climbed {
+                to: self.tier_name(*to),
+                status,
+            },
             None => Ending::Exit(status.unwrap_or(JobExit::Code(-1))),
         };
         let duration = self
@@ -1075,9 +1116,15 @@ impl Supervisor {
         }
 
         let mut excluding = String::new();
+        // The fault class of a fall, and why it may never be climbed back (`climb.rs`).
+        let mut fell_for: Option<(FaultClass, Option<climb::Why>)> = None;
         let (next_tier, reason) = match live.stop.take() {
             Some(StopCause::User(sig)) => {
                 self.finish(Outcome::Interrupted(sig), out);
+                return;
+            }
+            Some(StopCause::Climb { to }) => {
+                self.restart_to_climb(&live, to, now, out);
                 return;
             }
             None if status.is_some_and(JobExit::success) => {
@@ -1101,6 +1148,16 @@ impl Supervisor {
             }
             Some(StopCause::Fault(fault)) => {
                 let (action, note) = self.action_after(&fault, live.tier, live.attempt);
+                let why = if note.is_some() {
+                    // Judged deterministic here: never climbed back to, whatever happens next.
+                    self.climbs.close(live.tier);
+                    Some(climb::Why::Deterministic)
+                } else if fault.class.skips_gpu_tiers() {
+                    Some(climb::Why::RulesOutGpus)
+                } else {
+                    None
+                };
+                fell_for = Some((fault.class, why));
                 if let Some(note) = note {
                     out.push(Effect::Say(note));
                 }
@@ -1130,9 +1187,11 @@ impl Supervisor {
             false => Ok(next_tier),
             true => self.after_no_progress(next_tier, live.tier),
         };
+        let mut no_progress = false;
         let next_tier = match checked {
             Ok(tier) => {
                 if tier != next_tier {
+                    no_progress = true;
                     out.push(Effect::Say(format!(
                         "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint: giving up on the tier",
                         self.tier_name(live.tier)
@@ -1146,6 +1205,16 @@ impl Supervisor {
                 return;
             }
         };
+        if next_tier > live.tier {
+            let reached = self.attempts.last().and_then(|a| a.reached.clone());
+            match fell_for {
+                // Left after attempts that wrote nothing: not a fluke of one fault.
+                _ if no_progress => self.climbs.close(live.tier),
+                Some((class, why)) => self.climbs.fell(live.tier, next_tier, reached, class, why),
+                // Forced by the user: neither climbed back nor closed.
+                None => {}
+            }
+        }
 
         let used = self.restarts_in_window(now);
         if used >= self.policy.max_restarts {
@@ -1613,7 +1682,7 @@ mod tests {
     use super::*;
     use crate::rules::Severity;
 
-    fn policy() -> Policy {
+    pub(super) fn policy() -> Policy {
         Policy {
             max_restarts: 5,
             grace: Duration::from_secs(10),
@@ -1627,6 +1696,8 @@ mod tests {
             warn_no_checkpoint_after: None,
             gpu_exclusion: true,
             min_gpus: 1,
+            climb_back: climb::DEFAULT_CLIMBS,
+            stall_floor: None,
         }
     }
 
@@ -1640,7 +1711,7 @@ mod tests {
             .collect()
     }
 
-    fn fault(class: FaultClass, action: Action) -> Fault {
+    pub(super) fn fault(class: FaultClass, action: Action) -> Fault {
         Fault {
             rule: format!("test-{}", class.as_str()),
             class,
@@ -1668,11 +1739,11 @@ mod tests {
     }
 
     /// A harness that runs the machine the way the executor does: Spawn is answered at once.
-    struct Run {
-        sup: Supervisor,
+    pub(super) struct Run {
+        pub(super) sup: Supervisor,
         t0: Instant,
-        now: Instant,
-        log: Vec<Effect>,
+        pub(super) now: Instant,
+        pub(super) log: Vec<Effect>,
         /// The machine's GPUs (vendor index = key); each attempt on a GPU tier sees those not
         /// excluded, numbered from 0, as the executor would report them.
         machine: u32,
@@ -1680,7 +1751,7 @@ mod tests {
     }
 
     impl Run {
-        fn new(policy: Policy, tiers: &[(&str, bool)]) -> Run {
+        pub(super) fn new(policy: Policy, tiers: &[(&str, bool)]) -> Run {
             let t0 = Instant::now();
             Run {
                 sup: Supervisor::new(policy, ladder(tiers)),
@@ -1710,7 +1781,7 @@ mod tests {
                 .collect()
         }
 
-        fn feed(&mut self, ev: Event) -> Vec<Effect> {
+        pub(super) fn feed(&mut self, ev: Event) -> Vec<Effect> {
             let mut queue = vec![ev];
             let mut all = Vec::new();
             while let Some(ev) = queue.pop() {
@@ -1735,12 +1806,12 @@ mod tests {
             all
         }
 
-        fn advance(&mut self, d: Duration) -> Vec<Effect> {
+        pub(super) fn advance(&mut self, d: Duration) -> Vec<Effect> {
             self.now += d;
             self.feed(Event::Tick)
         }
 
-        fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
+        pub(super) fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
             let mut out = self.feed(Event::Exited {
                 attempt,
                 status,
@@ -1757,7 +1828,7 @@ mod tests {
             out
         }
 
-        fn spawns(&self) -> Vec<(u32, usize)> {
+        pub(super) fn spawns(&self) -> Vec<(u32, usize)> {
             self.log
                 .iter()
                 .filter_map(|e| match e {
@@ -1767,7 +1838,7 @@ mod tests {
                 .collect()
         }
 
-        fn outcome(&self) -> Option<Outcome> {
+        pub(super) fn outcome(&self) -> Option<Outcome> {
             self.log.iter().find_map(|e| match e {
                 Effect::Finish(o) => Some(o.clone()),
                 _ => None,
@@ -1775,7 +1846,7 @@ mod tests {
         }
     }
 
-    fn signals(effects: &[Effect]) -> Vec<Sig> {
+    pub(super) fn signals(effects: &[Effect]) -> Vec<Sig> {
         effects
             .iter()
             .filter_map(|e| match e {
@@ -1880,7 +1951,7 @@ mod tests {
         assert_eq!(a[1].ending, Ending::Exit(JobExit::Code(0)));
     }
 
-    fn kernel_fault_of(class: FaultClass, action: Action) -> Fault {
+    pub(super) fn kernel_fault_of(class: FaultClass, action: Action) -> Fault {
         Fault {
             stream: Stream::Kernel,
             ..fault(class, action)
@@ -2744,7 +2815,7 @@ mod tests {
 
     /// Runs attempt `attempt` from `checkpoint`: spawned, optionally writes a checkpoint, then
     /// ends with a fault of `class` (its default action) and the backoff is waited out.
-    fn attempt_with(
+    pub(super) fn attempt_with(
         r: &mut Run,
         attempt: u32,
         checkpoint: Option<&str>,
@@ -2925,7 +2996,7 @@ mod tests {
             .collect()
     }
 
-    fn says(effects: &[Effect]) -> String {
+    pub(super) fn says(effects: &[Effect]) -> String {
         effects
             .iter()
             .filter_map(|e| match e {
