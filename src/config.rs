@@ -625,10 +625,7 @@ pub fn plan(
         (None, None) => None,
     };
     let mut warnings = Vec::new();
-    if let Some((spec, at)) = &checkpoints {
-        check_checkpoints(spec, at, cwd, &run_dir)?;
-        warnings.extend(missing_checkpoint_location(spec, at, cwd));
-    } else if command
+    let resumes = command
         .iter()
         .map(|a| a.to_string_lossy())
         .chain(
@@ -636,8 +633,11 @@ pub fn plan(
                 .iter()
                 .flat_map(|(d, _)| d.tier.args.iter().map(|a| a.as_str().into())),
         )
-        .any(|a| a.contains("{checkpoint}"))
-    {
+        .any(|a| a.contains("{checkpoint}"));
+    if let Some((spec, at)) = &checkpoints {
+        check_checkpoints(spec, at, cwd, &run_dir)?;
+        warnings.extend(missing_checkpoint_location(spec, at, cwd));
+    } else if resumes {
         return Err(ConfigError::CheckpointPlaceholderWithoutCheckpoints);
     }
     let (stall_timeout, learn) = match (overrides.stall_timeout, raw.stall_timeout) {
@@ -671,7 +671,14 @@ pub fn plan(
             };
             climbs(&text, at)?
         }
-        (None, None) => crate::supervisor::climb::DEFAULT_CLIMBS,
+        // A climb restarts the job from its newest checkpoint: only a command that is given
+        // `{checkpoint}` surely resumes from it. Another (one that reads GPUWARDEN_CHECKPOINT,
+        // or none) climbs when climb_back is set; by default it would start over on the higher
+        // tier and lose what the lower one did.
+        (None, None) if resumes && checkpoints.is_some() => {
+            crate::supervisor::climb::DEFAULT_CLIMBS
+        }
+        (None, None) => 0,
     };
     let gpu_memory_wait = match (overrides.gpu_memory_wait, raw.gpu_memory_wait) {
         (Some(text), _) => duration("gpu_memory_wait", &text, Origin::Flag("--gpu-memory-wait"))?,

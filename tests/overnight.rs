@@ -548,11 +548,7 @@ fn learned_tiers_start_the_next_run_past_a_tier_that_faulted_until_forgotten() {
     }
     let (sys, root) = (scene.path("sys"), scene.path("root"));
     let run = |extra: &[&str], name: &str| {
-        // This job starts over at every attempt (no --resume): a climb back to the GPU would
-        // fault again at step 2, which is not what this test is about.
         let mut flags = vec![
-            "--climb-back",
-            "off",
             "--config",
             &config,
             "--sysfs-root",

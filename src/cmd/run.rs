@@ -90,6 +90,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         gpus,
         health,
         resume,
+        sysfs_root: Some(machine.sysfs_root.clone()),
         ..Watch::default()
     };
     let metrics = match &args.metrics_addr {

@@ -19,6 +19,7 @@ use crate::gpu::JobGpu;
 use crate::job::{JobExit, Sig};
 
 pub mod climb;
+pub mod memory;
 pub mod outside;
 pub mod stall;
 use crate::incident::{Linker, RUN_WINDOW_SECONDS, Role};
@@ -68,6 +69,9 @@ pub struct Policy {
     pub warn_no_checkpoint_after: Option<Duration>,
     /// At most this many climbs back up the ladder per run (`climb.rs`); 0: never.
     pub climb_back: u32,
+    /// The longest wait, before an attempt on a GPU tier after a faulted GPU attempt, for the
+    /// GPUs to show that attempt's memory released (`memory.rs`); `None`: no wait.
+    pub gpu_memory_wait: Option<Duration>,
     /// `Some(floor)`: an attempt's stall timeout is learned from its heartbeats (`stall.rs`),
     /// with `stall_timeout` as the ceiling; `None`: `stall_timeout` as it is.
     pub stall_floor: Option<Duration>,
@@ -158,6 +162,13 @@ pub enum Event {
     /// The user asked, from the live display (`f`), to stop the live attempt and go on one
     /// tier down the ladder, as a `fallback` fault would.
     ForceFallback,
+    /// While the run waits for GPU memory (`Supervisor::memory_wait`): what the GPUs show of
+    /// the memory of attempt `ended`, whose processes were `pids`.
+    GpuMemory {
+        ended: u32,
+        pids: Vec<u32>,
+        gpus: Vec<memory::GpuMemory>,
+    },
     /// Time passed.
     Tick,
 }
@@ -395,6 +406,8 @@ enum Phase {
         until: Instant,
     },
     Live(Box<Live>),
+    /// Waiting for the GPUs to release a faulted attempt's memory before the next attempt.
+    MemoryWait(Box<memory::Wait>),
     Done,
 }
 
@@ -481,6 +494,7 @@ impl Supervisor {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Backoff { until, .. } => Some(*until),
+            Phase::MemoryWait(w) => Some(w.until),
             Phase::Live(live) => {
                 let kill_at = match (live.term_sent, live.killed_at, live.group_empty) {
                     (Some(sent), None, false) => Some(sent + self.policy.grace),
@@ -610,6 +624,9 @@ impl Supervisor {
                     }
                     self.climb_if_due(attempt, path, now, &mut out);
                 }
+            }
+            Event::GpuMemory { ended, pids, gpus } => {
+                self.on_gpu_memory(ended, &pids, &gpus, now, &mut out)
             }
             Event::Tick => {
                 self.check_stall(now, &mut out);
@@ -806,7 +823,7 @@ impl Supervisor {
         }
         let grace = self.policy.grace;
         match &mut self.phase {
-            Phase::Idle | Phase::Backoff { .. } => {
+            Phase::Idle | Phase::Backoff { .. } | Phase::MemoryWait(_) => {
                 out.push(Effect::Say(format!(
                     "{} received while no job is running: ending the run",
                     sig.name()
@@ -857,6 +874,13 @@ impl Supervisor {
         };
         match &mut self.phase {
             Phase::Idle | Phase::Done => refuse(out, "no job is running".into()),
+            Phase::MemoryWait(w) => {
+                let why = format!(
+                    "attempt {} waits for the GPUs to release memory (at most until it starts)",
+                    w.attempt
+                );
+                refuse(out, why);
+            }
             Phase::Backoff { attempt, tier, .. } => {
                 if *tier >= last {
                     let why = format!("attempt {attempt} is due on the last tier already");
@@ -995,8 +1019,9 @@ impl Supervisor {
                 until,
             } if now >= *until => {
                 let (attempt, tier) = (*attempt, *tier);
-                self.spawn(attempt, tier, now, out);
+                self.start_attempt(attempt, tier, now, out);
             }
+            Phase::MemoryWait(_) => self.memory_wait_over(now, out),
             Phase::Live(live) => {
                 let attempt = live.attempt;
                 if let (Some(due), None) = (live.term_due, live.term_sent)
@@ -1258,7 +1283,7 @@ impl Supervisor {
             "{reason}: restarting as attempt {attempt} on tier `{tier_name}` in {delay:.1?}"
         )));
         if delay.is_zero() {
-            self.spawn(attempt, next_tier, now, out);
+            self.start_attempt(attempt, next_tier, now, out);
         } else {
             self.phase = Phase::Backoff {
                 attempt,
@@ -1698,6 +1723,7 @@ mod tests {
             min_gpus: 1,
             climb_back: climb::DEFAULT_CLIMBS,
             stall_floor: None,
+            gpu_memory_wait: None,
         }
     }
 
@@ -1764,7 +1790,7 @@ mod tests {
         }
 
         /// The same on a machine with `n` GPUs.
-        fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
+        pub(super) fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
             let mut r = Run::new(policy, tiers);
             r.machine = n;
             r
