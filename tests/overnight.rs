@@ -134,7 +134,12 @@ fn report_json_agrees_with_the_journal() {
         .collect();
     let attempts = report["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), started.len());
-    assert_eq!(attempts.len(), 2);
+    // The GPU faults at step 5, the CPU resumes from step 4, and at its first new checkpoint
+    // the run climbs back to the GPU, past the fault's step (issue 11's climb back).
+    assert_eq!(attempts.len(), 3);
+    let climb = journal.iter().find(|r| r["event"] == "climb_back").unwrap();
+    assert_eq!(attempts[1]["climbed_to"], climb["to"]);
+    assert_eq!(climb["attempt"], attempts[1]["attempt"]);
     for ((a, s), e) in attempts.iter().zip(&started).zip(&ended) {
         assert_eq!(a["attempt"], s["attempt"]);
         assert_eq!(a["tier"], s["tier"]);

@@ -227,12 +227,12 @@ pub fn parse_compute_apps(text: &str) -> Option<Vec<(u32, u64, String)>> {
         if line.starts_with("No running") {
             continue;
         }
-        let mut fields = line.split(',').map(str::trim);
-        let (Some(pid), Some(mib), Some(bus)) = (fields.next(), fields.next(), fields.next())
-        else {
+        let fields: Vec<&str> = line.split(',').map(str::trim).collect();
+        let [pid, mib, bus] = fields[..] else {
             return None;
         };
         let pid: u32 = pid.parse().ok()?;
+        crate::attribution::pci_slot(bus)?;
         let bytes = match mib.parse::<u64>() {
             Ok(mib) => mib << 20,
             Err(_) => 1,
@@ -269,5 +269,8 @@ mod tests {
             []
         );
         assert_eq!(parse_compute_apps("NVIDIA-SMI has failed\n"), None);
+        // Another query's answer (an nvidia-smi that ignores the query) is not this CSV.
+        let gpu_query = "0, GPU-7f3c1e52-0000-4e1b-9d2a-000000000000, NVIDIA H100 80GB HBM3, 00000000:3B:00.0, 9.0";
+        assert_eq!(parse_compute_apps(gpu_query), None);
     }
 }
