@@ -132,7 +132,8 @@ pub struct RunArgs {
     pub stall_timeout_floor: Option<String>,
     /// After a fall down the ladder for a fault that was not deterministic, go back up to the
     /// tier that faulted once the lower tier has saved a newer checkpoint, at most this many
-    /// times per run: a number, or `off` [default: 3].
+    /// times per run: a number, or `off` [default: 3 when the command is given {checkpoint},
+    /// else off].
     #[arg(long, value_name = "N|off")]
     pub climb_back: Option<String>,
     /// Before a GPU attempt that follows a faulted GPU attempt, wait at most this long for the

@@ -2050,6 +2050,71 @@ args = ["--amp", "off"]
     }
 
     #[test]
+    fn the_stall_timeout_is_learned_unless_a_number_is_given() {
+        let empty = tempfile::tempdir().unwrap();
+        let plan = plan_in(empty.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_learn, Some(DEFAULT_STALL_TIMEOUT_FLOOR));
+        let flags = |stall: &str, floor: Option<&str>| Overrides {
+            stall_timeout: Some(stall.into()),
+            stall_timeout_floor: floor.map(Into::into),
+            ..Overrides::default()
+        };
+        let plan = plan_in(empty.path(), flags("auto:2h", Some("30s"))).unwrap();
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(plan.stall_learn, Some(Duration::from_secs(30)));
+        let plan = plan_in(empty.path(), flags("45m", Some("30s"))).unwrap();
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(2700)));
+        assert_eq!(plan.stall_learn, None, "a number wins");
+        assert_eq!(
+            plan_in(empty.path(), flags("off", None))
+                .unwrap()
+                .stall_learn,
+            None
+        );
+        for bad in ["auto:", "auto:off", "autox"] {
+            let err = plan_in(empty.path(), flags(bad, None)).unwrap_err();
+            assert!(err.to_string().contains("--stall-timeout"), "{bad}: {err}");
+        }
+        let dir = dir_with_config("stall_timeout = \"auto\"\nstall_timeout_floor = \"5m\"\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_learn, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn climbing_back_is_on_by_default_only_for_a_command_given_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |command: &[&str], o: Overrides| {
+            let command = command.iter().map(OsString::from).collect();
+            plan(command, o, dir.path(), STAMP).unwrap().climb_back
+        };
+        let ckpt = || Overrides {
+            checkpoints: Some("ckpt/".into()),
+            ..Overrides::default()
+        };
+        let resumes = ["python", "train.py", "--resume", "{checkpoint}"];
+        assert_eq!(
+            with(&resumes, ckpt()),
+            crate::supervisor::climb::DEFAULT_CLIMBS
+        );
+        assert_eq!(with(&["python", "train.py"], ckpt()), 0);
+        let given = |n: &str| Overrides {
+            climb_back: Some(n.into()),
+            ..ckpt()
+        };
+        assert_eq!(with(&["python", "train.py"], given("2")), 2);
+        assert_eq!(with(&resumes, given("off")), 0);
+        let dir2 = dir_with_config("climb_back = 5\n");
+        let plan = plan_in(dir2.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.climb_back, 5);
+        let err = err_in("climb_back = \"often\"\n");
+        assert!(
+            err.contains(":1:14: climb_back = `often`") && err.contains("`off`"),
+            "{err}"
+        );
+        assert!(err_in("climb_back = 101\n").contains("at most 100"));
+    }
+
+    #[test]
     fn checkpoint_placeholder_without_checkpoints_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let command: Vec<OsString> = ["python", "train.py", "--resume={checkpoint}"]
