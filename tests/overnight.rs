@@ -680,6 +680,10 @@ fn after_a_transient_gpu_fault_the_run_climbs_back_from_the_cpu_at_its_first_new
         stderr.contains("climbing back: attempt 2 on tier `cpu`"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains("after 3 attempts (1 restart, 1 climb back)"),
+        "{stderr}"
+    );
 
     // From the CPU's new checkpoint journaled to the GPU attempt started, on the journal's clock.
     let at = |r: &serde_json::Value| epoch_seconds(r["at"].as_str().unwrap());

@@ -479,6 +479,11 @@ impl Supervisor {
         self.restarts
     }
 
+    /// Climbs back up the ladder made so far (`climb.rs`).
+    pub fn climbs(&self) -> u32 {
+        self.climbs.done()
+    }
+
     /// Whether the live attempt is being stopped (a fault or a signal).
     pub fn stopping(&self) -> bool {
         matches!(&self.phase, Phase::Live(live) if live.stop.is_some())
