@@ -874,17 +874,15 @@ fn stall(
     let t = text.trim();
     match t.strip_prefix("auto") {
         Some("") => Ok((Some(DEFAULT_STALL_TIMEOUT), true)),
-        Some(rest) if rest.starts_with(':') => {
-            let ceiling = duration(what, &rest[1..], at.clone())?;
-            match ceiling {
-                Some(c) => Ok((Some(c), true)),
-                None => Err(ConfigError::BadDuration {
-                    what,
-                    value: text.to_owned(),
-                    at,
-                }),
-            }
-        }
+        Some(rest) if rest.starts_with(':') => match parse_duration(&rest[1..]) {
+            Ok(Some(ceiling)) => Ok((Some(ceiling), true)),
+            // The whole text in the error: `auto:soon`, not `soon`.
+            _ => Err(ConfigError::BadDuration {
+                what,
+                value: text.to_owned(),
+                at,
+            }),
+        },
         _ => Ok((duration(what, text, at)?, false)),
     }
 }

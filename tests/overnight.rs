@@ -766,7 +766,11 @@ fn bad_climb_back_stall_and_memory_wait_values_are_usage_errors() {
     for (flag, value, says) in [
         ("--climb-back", "banana", "`3`"),
         ("--climb-back", "1.5", "or `off`"),
-        ("--stall-timeout", "auto:soon", "not a duration"),
+        (
+            "--stall-timeout",
+            "auto:soon",
+            "`auto:soon` is not a duration",
+        ),
         ("--stall-timeout-floor", "x", "not a duration"),
         ("--gpu-memory-wait", "forever", "not a duration"),
     ] {

@@ -881,7 +881,7 @@ impl Supervisor {
             Phase::Idle | Phase::Done => refuse(out, "no job is running".into()),
             Phase::MemoryWait(w) => {
                 let why = format!(
-                    "attempt {} waits for the GPUs to release memory (at most until it starts)",
+                    "attempt {} is about to start, once the GPUs release the last attempt's memory; ask again when it runs",
                     w.attempt
                 );
                 refuse(out, why);
