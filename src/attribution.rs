@@ -151,6 +151,18 @@ impl JobTree {
         );
     }
 
+    /// The members seen in job group `group` (alive or not since).
+    pub fn members_of(&self, group: u32) -> Vec<u32> {
+        let mut pids: Vec<u32> = self
+            .seen
+            .iter()
+            .filter(|(_, s)| s.group == group)
+            .map(|(&pid, _)| pid)
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+
     /// The job group (an attempt's process group id) a member was seen in, even after the group
     /// ended: a kernel line about a process of an earlier attempt is not about the running one.
     pub fn group_of(&self, pid: u32) -> Option<u32> {
@@ -284,6 +296,11 @@ impl JobView {
     }
 
     /// The process group of an attempt is empty: its number may be reused by someone else.
+    /// The processes seen in the attempt group `pgid` (`JobTree::members_of`).
+    pub fn members_of(&self, pgid: u32) -> Vec<u32> {
+        self.tree.members_of(pgid)
+    }
+
     pub fn group_ended(&mut self, pgid: u32) {
         self.tree.remove_group(pgid);
     }

@@ -121,9 +121,25 @@ pub struct RunArgs {
     pub health_interval: f64,
     // -- overnight: stall and restart window (issue 11) --
     /// No progress (no output, no new checkpoint) for this long is a fault (`gpu_hang` on a GPU
-    /// tier, `job_stalled` otherwise): `90s`, `20m`, `2h`, or `off` [default: 20m].
+    /// tier, `job_stalled` otherwise): `90s`, `20m`, `2h`, `off`, or `auto` / `auto:2h`: with
+    /// --progress, 5x the median step interval once 10 heartbeats came, at least
+    /// --stall-timeout-floor, at most 20m (or the given ceiling). A number is used as given
+    /// [default: auto].
     #[arg(long, value_name = "DURATION")]
     pub stall_timeout: Option<String>,
+    /// A stall timeout learned from the heartbeats is never shorter than this [default: 2m].
+    #[arg(long, value_name = "DURATION")]
+    pub stall_timeout_floor: Option<String>,
+    /// After a fall down the ladder for a fault that was not deterministic, go back up to the
+    /// tier that faulted once the lower tier has saved a newer checkpoint, at most this many
+    /// times per run: a number, or `off` [default: 3 when the command is given {checkpoint},
+    /// else off].
+    #[arg(long, value_name = "N|off")]
+    pub climb_back: Option<String>,
+    /// Before a GPU attempt that follows a faulted GPU attempt, wait at most this long for the
+    /// GPUs to show the faulted attempt's memory released (`30s`, `off`) [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub gpu_memory_wait: Option<String>,
     /// Count --max-restarts within this sliding window instead of over the whole run
     /// (`1h`, `off`) [default: off].
     #[arg(long, value_name = "DURATION")]

@@ -25,7 +25,11 @@
 //! force_gpu_unsafe = false
 //! gpu_exclusion = true            # a fault on some of the GPUs hides them, keeps the others
 //! min_gpus = 1                    # an exclusion never leaves fewer GPUs than this
-//! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off"
+//! stall_timeout = "20m"           # no output and no new checkpoint this long is a fault; "off";
+//!                                 # "auto" (the default): with `progress`, learned from the steps
+//! stall_timeout_floor = "2m"      # a learned stall timeout is never shorter than this
+//! climb_back = 3                  # climbs back up the ladder per run after a transient fall; "off"
+//! gpu_memory_wait = "30s"         # wait this long at most for a faulted attempt's GPU memory; "off"
 //! restart_window = "1h"           # max_restarts counts restarts in this window; "off": whole run
 //! progress = '^step \d+'         # only output lines matching this count as progress
 //!
@@ -83,6 +87,18 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(20 * 60);
 /// checkpoint (with `checkpoints` watched) is warned about. Ten minutes: jobs that checkpoint at
 /// all usually do so every few minutes, and an hour lost to a wrong path is worth a loud line.
 pub const DEFAULT_WARN_NO_CHECKPOINT_AFTER: Duration = Duration::from_secs(10 * 60);
+/// The default `stall_timeout_floor`: a stall timeout learned from the job's heartbeats is never
+/// shorter than two minutes. Heartbeats stop while a job saves a checkpoint or runs an evaluation
+/// pass, and only a complete checkpoint counts as progress: two minutes covers the save of a
+/// model of a few GB and the evaluation of a small one. A job with longer quiet phases sets it.
+pub const DEFAULT_STALL_TIMEOUT_FLOOR: Duration = Duration::from_secs(120);
+/// The default `gpu_memory_wait`: how long the next GPU attempt after a faulted one waits at most
+/// for the GPUs to show the faulted attempt's memory released. The driver frees a killed
+/// process's memory in well under a second normally and in seconds after a fault; 30 s is long
+/// beside that and short beside a night.
+pub const DEFAULT_GPU_MEMORY_WAIT: Duration = Duration::from_secs(30);
+/// The most climbs a run may be allowed (`climb_back`).
+pub const MAX_CLIMBS: u32 = 100;
 /// The longest `stall_timeout` or `restart_window`: one week.
 pub const MAX_WINDOW_SECONDS: u64 = 7 * 86_400;
 /// The checkpoints of `gpuwarden demo`: inside its run directory.
@@ -101,8 +117,14 @@ pub struct Overrides {
     pub force_gpu_unsafe: bool,
     pub config: Option<PathBuf>,
     // -- overnight (issue 11) --
-    /// `--stall-timeout` as typed (`20m`, `90s`, `off`).
+    /// `--stall-timeout` as typed (`20m`, `90s`, `off`, `auto`, `auto:2h`).
     pub stall_timeout: Option<String>,
+    /// `--stall-timeout-floor` as typed (`2m`).
+    pub stall_timeout_floor: Option<String>,
+    /// `--climb-back` as typed (`3`, `off`).
+    pub climb_back: Option<String>,
+    /// `--gpu-memory-wait` as typed (`30s`, `off`).
+    pub gpu_memory_wait: Option<String>,
     /// `--restart-window` as typed (`1h`, `off`).
     pub restart_window: Option<String>,
     /// `--progress` as typed: a regex for the output lines that count as progress.
@@ -141,8 +163,17 @@ pub struct Plan {
     pub force_gpu_unsafe: bool,
     /// The config file that was read, if any.
     pub config_file: Option<PathBuf>,
-    /// No progress for this long is a fault; `None`: stall detection is off.
+    /// No progress for this long is a fault; `None`: stall detection is off. With
+    /// `stall_learn`, the ceiling of the learned timeout.
     pub stall_timeout: Option<Duration>,
+    /// Whether the stall timeout is learned from the heartbeats (`--progress`), and its floor:
+    /// `Some(floor)` unless a number was given for the stall timeout (or it is `off`).
+    pub stall_learn: Option<Duration>,
+    /// Climbs back up the ladder allowed per run after transient falls; 0: never.
+    pub climb_back: u32,
+    /// The longest wait, before a GPU attempt after a faulted GPU attempt, for the GPUs to show
+    /// that attempt's memory released; `None`: no wait.
+    pub gpu_memory_wait: Option<Duration>,
     /// `max_restarts` counts the restarts of this window (like systemd's
     /// `StartLimitIntervalSec`); `None`: of the whole run.
     pub restart_window: Option<Duration>,
@@ -294,6 +325,11 @@ pub enum ConfigError {
     },
 
     #[error(
+        "{at}: climb_back = `{value}` is not a number of climbs; write how many times a run may climb back up the ladder after a transient fall, e.g. `3` (at most {MAX_CLIMBS}), or `off`"
+    )]
+    BadClimbBack { value: String, at: Origin },
+
+    #[error(
         "the command uses {{checkpoint}} but no checkpoint location is given, so it would always be dropped and every restart would start from scratch; add --checkpoints DIR (or checkpoints = \"...\" in {CONFIG_FILE_NAME}) where the job writes its checkpoints"
     )]
     CheckpointPlaceholderWithoutCheckpoints,
@@ -360,6 +396,9 @@ struct RawConfig {
     gpu_exclusion: Option<bool>,
     min_gpus: Option<Spanned<u32>>,
     stall_timeout: Option<Spanned<String>>,
+    stall_timeout_floor: Option<Spanned<String>>,
+    climb_back: Option<Spanned<toml::Value>>,
+    gpu_memory_wait: Option<Spanned<String>>,
     restart_window: Option<Spanned<String>>,
     progress: Option<Spanned<String>>,
     policy: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
@@ -586,10 +625,7 @@ pub fn plan(
         (None, None) => None,
     };
     let mut warnings = Vec::new();
-    if let Some((spec, at)) = &checkpoints {
-        check_checkpoints(spec, at, cwd, &run_dir)?;
-        warnings.extend(missing_checkpoint_location(spec, at, cwd));
-    } else if command
+    let resumes = command
         .iter()
         .map(|a| a.to_string_lossy())
         .chain(
@@ -597,17 +633,60 @@ pub fn plan(
                 .iter()
                 .flat_map(|(d, _)| d.tier.args.iter().map(|a| a.as_str().into())),
         )
-        .any(|a| a.contains("{checkpoint}"))
-    {
+        .any(|a| a.contains("{checkpoint}"));
+    if let Some((spec, at)) = &checkpoints {
+        check_checkpoints(spec, at, cwd, &run_dir)?;
+        warnings.extend(missing_checkpoint_location(spec, at, cwd));
+    } else if resumes {
         return Err(ConfigError::CheckpointPlaceholderWithoutCheckpoints);
     }
-    let stall_timeout = match (overrides.stall_timeout, raw.stall_timeout) {
-        (Some(text), _) => duration("stall_timeout", &text, Origin::Flag("--stall-timeout"))?,
+    let (stall_timeout, learn) = match (overrides.stall_timeout, raw.stall_timeout) {
+        (Some(text), _) => stall("stall_timeout", &text, Origin::Flag("--stall-timeout"))?,
         (None, Some(text)) => {
             let at = origin(source.as_ref(), text.span());
-            duration("stall_timeout", text.get_ref(), at)?
+            stall("stall_timeout", text.get_ref(), at)?
         }
-        (None, None) => Some(DEFAULT_STALL_TIMEOUT),
+        (None, None) => (Some(DEFAULT_STALL_TIMEOUT), true),
+    };
+    let floor = match (overrides.stall_timeout_floor, raw.stall_timeout_floor) {
+        (Some(text), _) => duration(
+            "stall_timeout_floor",
+            &text,
+            Origin::Flag("--stall-timeout-floor"),
+        )?,
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("stall_timeout_floor", text.get_ref(), at)?
+        }
+        (None, None) => Some(DEFAULT_STALL_TIMEOUT_FLOOR),
+    };
+    let stall_learn = (learn && stall_timeout.is_some()).then(|| floor.unwrap_or_default());
+    let climb_back = match (overrides.climb_back, raw.climb_back) {
+        (Some(text), _) => climbs(&text, Origin::Flag("--climb-back"))?,
+        (None, Some(value)) => {
+            let at = origin(source.as_ref(), value.span());
+            let text = match value.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            climbs(&text, at)?
+        }
+        // A climb restarts the job from its newest checkpoint: only a command that is given
+        // `{checkpoint}` surely resumes from it. Another (one that reads GPUWARDEN_CHECKPOINT,
+        // or none) climbs when climb_back is set; by default it would start over on the higher
+        // tier and lose what the lower one did.
+        (None, None) if resumes && checkpoints.is_some() => {
+            crate::supervisor::climb::DEFAULT_CLIMBS
+        }
+        (None, None) => 0,
+    };
+    let gpu_memory_wait = match (overrides.gpu_memory_wait, raw.gpu_memory_wait) {
+        (Some(text), _) => duration("gpu_memory_wait", &text, Origin::Flag("--gpu-memory-wait"))?,
+        (None, Some(text)) => {
+            let at = origin(source.as_ref(), text.span());
+            duration("gpu_memory_wait", text.get_ref(), at)?
+        }
+        (None, None) => Some(DEFAULT_GPU_MEMORY_WAIT),
     };
     let restart_window = match (overrides.restart_window, raw.restart_window) {
         (Some(text), _) => duration("restart_window", &text, Origin::Flag("--restart-window"))?,
@@ -671,6 +750,9 @@ pub fn plan(
         force_gpu_unsafe: overrides.force_gpu_unsafe || raw.force_gpu_unsafe.unwrap_or(false),
         config_file: source.map(|s| s.path),
         stall_timeout,
+        stall_learn,
+        climb_back,
+        gpu_memory_wait,
         restart_window,
         progress,
         policy,
@@ -781,6 +863,45 @@ pub fn parse_duration(text: &str) -> Result<Option<Duration>, NotADuration> {
     Ok((!d.is_zero()).then_some(d))
 }
 
+/// The stall timeout: a duration (fixed), `off`, or `auto` / `auto:CEILING` (learned from the
+/// heartbeats, at most the ceiling, [`DEFAULT_STALL_TIMEOUT`] unless given). Returns the timeout
+/// (the ceiling when learned) and whether it is learned.
+fn stall(
+    what: &'static str,
+    text: &str,
+    at: Origin,
+) -> Result<(Option<Duration>, bool), ConfigError> {
+    let t = text.trim();
+    match t.strip_prefix("auto") {
+        Some("") => Ok((Some(DEFAULT_STALL_TIMEOUT), true)),
+        Some(rest) if rest.starts_with(':') => match parse_duration(&rest[1..]) {
+            Ok(Some(ceiling)) => Ok((Some(ceiling), true)),
+            // The whole text in the error: `auto:soon`, not `soon`.
+            _ => Err(ConfigError::BadDuration {
+                what,
+                value: text.to_owned(),
+                at,
+            }),
+        },
+        _ => Ok((duration(what, text, at)?, false)),
+    }
+}
+
+/// `climb_back`: a number of climbs (at most [`MAX_CLIMBS`]) or `off` (0).
+fn climbs(text: &str, at: Origin) -> Result<u32, ConfigError> {
+    let t = text.trim();
+    if matches!(t, "off" | "none" | "never") {
+        return Ok(0);
+    }
+    match t.parse::<u32>() {
+        Ok(n) if n <= MAX_CLIMBS => Ok(n),
+        _ => Err(ConfigError::BadClimbBack {
+            value: text.to_owned(),
+            at,
+        }),
+    }
+}
+
 fn duration(what: &'static str, text: &str, at: Origin) -> Result<Option<Duration>, ConfigError> {
     parse_duration(text).map_err(|NotADuration| ConfigError::BadDuration {
         what,
@@ -847,6 +968,10 @@ pub fn demo_plan(
         min_gpus: 1,
         config_file: None,
         stall_timeout: Some(DEFAULT_STALL_TIMEOUT),
+        stall_learn: None,
+        // The demo shows one rescue; a climb back to the GPU it faulted on would hide it.
+        climb_back: 0,
+        gpu_memory_wait: None,
         restart_window: None,
         progress: None,
         policy: BTreeMap::new(),
@@ -1920,6 +2045,71 @@ args = ["--amp", "off"]
             err.to_string().contains(":1:17: stall_timeout = `soon`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_stall_timeout_is_learned_unless_a_number_is_given() {
+        let empty = tempfile::tempdir().unwrap();
+        let plan = plan_in(empty.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_learn, Some(DEFAULT_STALL_TIMEOUT_FLOOR));
+        let flags = |stall: &str, floor: Option<&str>| Overrides {
+            stall_timeout: Some(stall.into()),
+            stall_timeout_floor: floor.map(Into::into),
+            ..Overrides::default()
+        };
+        let plan = plan_in(empty.path(), flags("auto:2h", Some("30s"))).unwrap();
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(7200)));
+        assert_eq!(plan.stall_learn, Some(Duration::from_secs(30)));
+        let plan = plan_in(empty.path(), flags("45m", Some("30s"))).unwrap();
+        assert_eq!(plan.stall_timeout, Some(Duration::from_secs(2700)));
+        assert_eq!(plan.stall_learn, None, "a number wins");
+        assert_eq!(
+            plan_in(empty.path(), flags("off", None))
+                .unwrap()
+                .stall_learn,
+            None
+        );
+        for bad in ["auto:", "auto:off", "autox"] {
+            let err = plan_in(empty.path(), flags(bad, None)).unwrap_err();
+            assert!(err.to_string().contains("--stall-timeout"), "{bad}: {err}");
+        }
+        let dir = dir_with_config("stall_timeout = \"auto\"\nstall_timeout_floor = \"5m\"\n");
+        let plan = plan_in(dir.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.stall_learn, Some(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn climbing_back_is_on_by_default_only_for_a_command_given_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let with = |command: &[&str], o: Overrides| {
+            let command = command.iter().map(OsString::from).collect();
+            plan(command, o, dir.path(), STAMP).unwrap().climb_back
+        };
+        let ckpt = || Overrides {
+            checkpoints: Some("ckpt/".into()),
+            ..Overrides::default()
+        };
+        let resumes = ["python", "train.py", "--resume", "{checkpoint}"];
+        assert_eq!(
+            with(&resumes, ckpt()),
+            crate::supervisor::climb::DEFAULT_CLIMBS
+        );
+        assert_eq!(with(&["python", "train.py"], ckpt()), 0);
+        let given = |n: &str| Overrides {
+            climb_back: Some(n.into()),
+            ..ckpt()
+        };
+        assert_eq!(with(&["python", "train.py"], given("2")), 2);
+        assert_eq!(with(&resumes, given("off")), 0);
+        let dir2 = dir_with_config("climb_back = 5\n");
+        let plan = plan_in(dir2.path(), Overrides::default()).unwrap();
+        assert_eq!(plan.climb_back, 5);
+        let err = err_in("climb_back = \"often\"\n");
+        assert!(
+            err.contains(":1:14: climb_back = `often`") && err.contains("`off`"),
+            "{err}"
+        );
+        assert!(err_in("climb_back = 101\n").contains("at most 100"));
     }
 
     #[test]

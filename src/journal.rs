@@ -271,6 +271,42 @@ pub enum Record {
         from: String,
         to: String,
     },
+    /// After a transient fall, the lower tier's `attempt` saved `checkpoint`, newer than the
+    /// one the fall left at (`fell_at`): it is stopped and the run climbs back from tier `from`
+    /// to tier `to`, the tier that faulted with `class`.
+    ClimbBack {
+        attempt: u32,
+        from: String,
+        to: String,
+        #[serde(serialize_with = "lossless_path")]
+        checkpoint: PathBuf,
+        #[serde(serialize_with = "lossless_opt_path")]
+        fell_at: Option<PathBuf>,
+        class: crate::rules::FaultClass,
+        reason: String,
+        climbs_left: u32,
+    },
+    /// Before `attempt` on a GPU tier after a faulted GPU attempt: how long gpuwarden waited
+    /// for the GPUs (vendor indexes) to show the ended attempt's memory released, and how it
+    /// ended (`released`, `timed_out`, `unknown` where nothing could be read).
+    GpuMemoryWait {
+        attempt: u32,
+        gpus: Vec<u32>,
+        waited_ms: u64,
+        outcome: String,
+        detail: String,
+    },
+    /// With `--progress` and no explicit numeric `--stall-timeout`: the stall timeout of
+    /// `attempt` learned from its heartbeats (5x the median interval, within the floor and the
+    /// ceiling).
+    StallTimeoutLearned {
+        attempt: u32,
+        heartbeats: u64,
+        median_seconds: f64,
+        timeout_seconds: f64,
+        floor_seconds: f64,
+        ceiling_seconds: f64,
+    },
     /// Something gpuwarden could not do but worked around (a source that is unavailable...).
     Warning { message: String },
     RunFinished {

@@ -98,6 +98,13 @@ pub struct AttemptReport {
     /// The GPUs excluded after its fault (`gpus_excluded`): `GPU 1 (0000:0c:00.0)`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub excluded: Vec<String>,
+    /// The tier the run climbed back to by stopping it (`climb_back`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub climbed_to: Option<String>,
+    /// The wait before it for the GPUs to free the faulted attempt's memory
+    /// (`gpu_memory_wait`): `0.4 s for GPU(s) 0: released`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_wait: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -213,6 +220,9 @@ const KNOWN: &[&str] = &[
     "warning",
     "stacks_captured",
     "step_interval",
+    "climb_back",
+    "gpu_memory_wait",
+    "stall_timeout_learned",
     "run_finished",
 ];
 
@@ -243,6 +253,8 @@ pub fn build(journal: &str) -> Report {
     let mut last_at: Option<(f64, String)> = None;
     let mut finished_at: Option<(f64, String)> = None;
     let mut foreign: BTreeMap<String, ForeignSummary> = BTreeMap::new();
+    // `gpu_memory_wait` comes before the `attempt_started` of the attempt it is for.
+    let mut memory_waits: BTreeMap<u32, String> = BTreeMap::new();
 
     for (i, text) in journal.lines().enumerate() {
         r.lines += 1;
@@ -307,8 +319,36 @@ pub fn build(journal: &str) -> Report {
                         .and_then(Value::as_array)
                         .map(|gpus| gpus.iter().filter_map(|g| g["index"].as_u64()).collect())
                         .unwrap_or_default(),
+                    memory_wait: memory_waits.remove(&n),
                     ..AttemptReport::default()
                 });
+            }
+            "climb_back" => {
+                if let Some(a) = attempt.and_then(|n| find(&mut r.attempts, n)) {
+                    a.climbed_to = Some(str_of(&v, "to"));
+                }
+            }
+            "gpu_memory_wait" => {
+                if let Some(n) = attempt {
+                    let gpus: Vec<String> = v
+                        .get("gpus")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_u64)
+                        .map(|g| g.to_string())
+                        .collect();
+                    let waited = v.get("waited_ms").and_then(Value::as_f64).unwrap_or(0.0);
+                    memory_waits.insert(
+                        n,
+                        format!(
+                            "{} for GPU(s) {}: {}",
+                            duration_text(waited / 1000.0),
+                            gpus.join(","),
+                            str_of(&v, "outcome")
+                        ),
+                    );
+                }
             }
             "fault" => {
                 let Some(a) = attempt.and_then(|n| find(&mut r.attempts, n)) else {
@@ -753,6 +793,18 @@ impl fmt::Display for Report {
                     f,
                     "      excluded for the rest of the run: {}",
                     a.excluded.join(", ")
+                )?;
+            }
+            if let Some(wait) = &a.memory_wait {
+                writeln!(
+                    f,
+                    "      before it, waited {wait} (the faulted attempt's GPU memory)"
+                )?;
+            }
+            if let Some(to) = &a.climbed_to {
+                writeln!(
+                    f,
+                    "      climbed back to tier `{to}` from its newest checkpoint"
                 )?;
             }
         }

@@ -20,13 +20,20 @@ pub fn print(sup: &Supervisor, plan: &Plan, outcome: &Outcome, journal: &Path) {
             .saturating_duration_since(first.started),
         _ => Duration::ZERO,
     };
-    let restarts = attempts.len().saturating_sub(1);
+    // A climb back up the ladder starts an attempt too, but it is not a restart after a fault.
+    let climbs = sup.climbs() as usize;
+    let restarts = attempts.len().saturating_sub(1).saturating_sub(climbs);
     say(&format!(
-        "{outcome} after {} attempt{} ({} restart{}) in {:.1} s; journal: {}",
+        "{outcome} after {} attempt{} ({} restart{}{}) in {:.1} s; journal: {}",
         attempts.len(),
         if attempts.len() == 1 { "" } else { "s" },
         restarts,
         if restarts == 1 { "" } else { "s" },
+        match climbs {
+            0 => String::new(),
+            1 => ", 1 climb back".to_string(),
+            n => format!(", {n} climbs back"),
+        },
         total.as_secs_f64(),
         crate::voice::shown_path(journal)
     ));

@@ -27,7 +27,12 @@ fn start(scene: &Scene) -> Running {
         std::fs::create_dir_all(scene.path(dir)).unwrap();
     }
     let config = scene.path("fast.toml");
-    std::fs::write(&config, "backoff = { initial = 0.05, max = 0.2 }\n").unwrap();
+    // One fall and its rescue; climbing back up after it is tests/overnight.rs's.
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
+    )
+    .unwrap();
     let (kmsg, sys, root) = (scene.path("kmsg"), scene.path("sys"), scene.path("root"));
     let mut cmd = scene.command(
         &[

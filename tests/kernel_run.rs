@@ -97,7 +97,13 @@ impl KernelLog {
 /// A config that keeps backoff short, so restarts take milliseconds.
 fn fast_config(scene: &Scene) -> String {
     let path = scene.path("fast.toml");
-    std::fs::write(&path, "backoff = { initial = 0.05, max = 0.2 }\n").unwrap();
+    // Each run here is about one fall and its rescue; climbing back up after it is
+    // tests/overnight.rs's (and would add an attempt to these).
+    std::fs::write(
+        &path,
+        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
+    )
+    .unwrap();
     path.to_string_lossy().into_owned()
 }
 

@@ -72,7 +72,8 @@ fn fast_config(scene: &Scene, extra: &str) -> String {
     let path = scene.path("fast.toml");
     std::fs::write(
         &path,
-        format!("backoff = {{ initial = 0.05, max = 0.2 }}\n{extra}"),
+        // One fall and its rescue; climbing back after it is tests/overnight.rs's.
+        format!("backoff = {{ initial = 0.05, max = 0.2 }}\nclimb_back = \"off\"\n{extra}"),
     )
     .unwrap();
     path.to_string_lossy().into_owned()

@@ -134,7 +134,12 @@ fn report_json_agrees_with_the_journal() {
         .collect();
     let attempts = report["attempts"].as_array().unwrap();
     assert_eq!(attempts.len(), started.len());
-    assert_eq!(attempts.len(), 2);
+    // The GPU faults at step 5, the CPU resumes from step 4, and at its first new checkpoint
+    // the run climbs back to the GPU, past the fault's step (issue 11's climb back).
+    assert_eq!(attempts.len(), 3);
+    let climb = journal.iter().find(|r| r["event"] == "climb_back").unwrap();
+    assert_eq!(attempts[1]["climbed_to"], climb["to"]);
+    assert_eq!(climb["attempt"], attempts[1]["attempt"]);
     for ((a, s), e) in attempts.iter().zip(&started).zip(&ended) {
         assert_eq!(a["attempt"], s["attempt"]);
         assert_eq!(a["tier"], s["tier"]);
@@ -603,4 +608,255 @@ fn learned_tiers_start_the_next_run_past_a_tier_that_faulted_until_forgotten() {
     let (stderr, third) = run(&["--forget"], "run-3");
     assert!(stderr.contains("--forget"), "{stderr}");
     assert_eq!(devices(&third), ["gpu", "cpu"]);
+}
+
+#[test]
+fn after_a_transient_gpu_fault_the_run_climbs_back_from_the_cpu_at_its_first_new_checkpoint() {
+    // Attempt 1 (gpu) dies of a memory fault at step 5, after saving step 4; attempt 2 (cpu)
+    // resumes from step 4 and saves step 6 (or 8, when file events right after the fall's own
+    // checkpoint wait out their 0.5 s gap); that is the climb: attempt 2 is stopped and
+    // attempt 3 goes back to the GPU from there (the fault was a one-off: --fault-once).
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &["--config", &config, "--no-kernel-log", "--no-health"],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "12",
+            "--every",
+            "2",
+            "--sleep",
+            "0.2",
+            "--fault-at",
+            "5",
+            "--fault-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let starts = scene.starts();
+    let devices: Vec<_> = starts.iter().map(|s| arg_after(s, "--device")).collect();
+    assert_eq!(
+        devices,
+        [Some("cuda"), Some("cpu"), Some("cuda")],
+        "{stderr}"
+    );
+    let journal = scene.full_journal();
+    let climb = journal
+        .iter()
+        .find(|r| r["event"] == "climb_back")
+        .unwrap_or_else(|| panic!("no climb_back in {journal:?}"));
+    assert_eq!(climb["attempt"], 2);
+    assert_eq!(
+        (&climb["from"], &climb["to"]),
+        (&"cpu".into(), &"gpu".into())
+    );
+    assert_eq!(climb["class"], "gpu_memory_fault");
+    let climbed_from = climb["checkpoint"].as_str().unwrap();
+    assert_eq!(arg_after(&starts[2], "--resume"), Some(climbed_from));
+    let step6 = scene.ckpt().join("ckpt-step00006.safetensors");
+    assert!(climbed_from >= step6.to_str().unwrap(), "{climbed_from}");
+    assert_eq!(
+        climb["fell_at"],
+        scene
+            .ckpt()
+            .join("ckpt-step00004.safetensors")
+            .to_str()
+            .unwrap()
+    );
+    let ended: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "attempt_ended")
+        .collect();
+    assert_eq!(ended[1]["ended_by"], "stopped to climb back to tier `gpu`");
+    let finished = journal.last().unwrap();
+    assert_eq!(finished["outcome"], "succeeded");
+    assert_eq!(finished["restarts"], 1, "a climb is not a restart");
+    assert!(
+        stderr.contains("climbing back: attempt 2 on tier `cpu`"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("after 3 attempts (1 restart, 1 climb back)"),
+        "{stderr}"
+    );
+
+    // From the CPU's new checkpoint journaled to the GPU attempt started, on the journal's clock.
+    let at = |r: &serde_json::Value| epoch_seconds(r["at"].as_str().unwrap());
+    let saved = journal
+        .iter()
+        .find(|r| r["event"] == "checkpoint_saved" && r["path"] == climbed_from)
+        .unwrap();
+    let third = journal
+        .iter()
+        .find(|r| r["event"] == "attempt_started" && r["attempt"] == 3)
+        .unwrap();
+    let gap = at(third) - at(saved);
+    eprintln!("climb: checkpoint_saved on the cpu -> attempt 3 started on the gpu {gap:.3} s");
+    assert!(gap < 5.0, "{gap}");
+
+    // The report tells the climb, and its goodput keeps the CPU's work up to step 6.
+    let report = report_json(&scene);
+    let attempts = report["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 3);
+    assert_eq!(attempts[1]["climbed_to"], "gpu");
+    let kept = attempts[1]["kept_seconds"].as_f64().unwrap();
+    assert!(kept > 0.0, "{:?}", attempts[1]);
+    let out = Command::new(BIN)
+        .arg("report")
+        .arg(scene.run_dir())
+        .output()
+        .unwrap();
+    let shown = text(&out.stdout);
+    assert!(shown.contains("climbed back to tier `gpu`"), "{shown}");
+    assert!(report["skipped"].as_array().unwrap().is_empty(), "{report}");
+}
+
+#[test]
+fn with_climb_back_off_the_run_stays_on_the_cpu() {
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--no-kernel-log",
+            "--no-health",
+            "--climb-back",
+            "off",
+        ],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "8",
+            "--every",
+            "2",
+            "--sleep",
+            "0.05",
+            "--fault-at",
+            "5",
+            "--fault-once",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let devices: Vec<_> = scene
+        .starts()
+        .iter()
+        .map(|s| arg_after(s, "--device").map(str::to_string))
+        .collect();
+    assert_eq!(devices, [Some("cuda".into()), Some("cpu".into())]);
+    assert!(
+        !scene
+            .full_journal()
+            .iter()
+            .any(|r| r["event"] == "climb_back")
+    );
+}
+
+#[test]
+fn bad_climb_back_stall_and_memory_wait_values_are_usage_errors() {
+    let scene = Scene::new();
+    for (flag, value, says) in [
+        ("--climb-back", "banana", "`3`"),
+        ("--climb-back", "1.5", "or `off`"),
+        (
+            "--stall-timeout",
+            "auto:soon",
+            "`auto:soon` is not a duration",
+        ),
+        ("--stall-timeout-floor", "x", "not a duration"),
+        ("--gpu-memory-wait", "forever", "not a duration"),
+    ] {
+        let out = scene.run(&[flag, value], &["--steps", "1"]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag}: {stderr}"
+        );
+    }
+    assert!(!scene.path("record.jsonl").exists(), "the job was started");
+    let config = scene.path("bad.toml");
+    std::fs::write(&config, "max_restarts = 1\nclimb_back = \"often\"\n").unwrap();
+    let out = scene.run(&["--config", config.to_str().unwrap()], &["--steps", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("bad.toml:2:14"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn with_progress_the_stall_timeout_is_learned_and_catches_a_hang_in_seconds() {
+    // Heartbeats every 0.1 s: after ten, the stall timeout is 5 x 0.1 s, held up by the 1 s
+    // floor given here, instead of the 20 minutes it starts with. The hang at step 15 is then
+    // stopped about a second after the last heartbeat.
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--no-kernel-log",
+            "--no-health",
+            "--grace",
+            "2",
+            "--progress",
+            r"^step \d+/",
+            "--stall-timeout-floor",
+            "1s",
+        ],
+        &[
+            "--device",
+            "{device}",
+            "--resume",
+            "{checkpoint}",
+            "--steps",
+            "20",
+            "--every",
+            "2",
+            "--sleep",
+            "0.1",
+            "--hang-at",
+            "15",
+            "--hang-once",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    let journal = scene.full_journal();
+    let learned: Vec<&serde_json::Value> = journal
+        .iter()
+        .filter(|r| r["event"] == "stall_timeout_learned")
+        .collect();
+    assert!(!learned.is_empty(), "{journal:?}");
+    assert_eq!(learned[0]["attempt"], 1);
+    assert_eq!(learned[0]["timeout_seconds"], 1.0, "{}", learned[0]);
+    assert_eq!(learned[0]["ceiling_seconds"], 1200.0);
+    assert!(stderr.contains("stall timeout learned: 1.0s"), "{stderr}");
+    let fault = journal.iter().find(|r| r["event"] == "fault").unwrap();
+    assert_eq!(fault["rule"], "stall-timeout");
+    let records = scene.records();
+    let last = records
+        .iter()
+        .find_map(|r| r["last_output"].as_f64())
+        .unwrap();
+    let term = records
+        .iter()
+        .find(|r| r["hang_signal"] == 15)
+        .and_then(|r| r["at"].as_f64())
+        .unwrap();
+    let gap = term - last;
+    eprintln!(
+        "learned stall timeout: last heartbeat -> SIGTERM {gap:.3} s (learned 1 s, default 20 min)"
+    );
+    assert!((1.0..5.0).contains(&gap), "{gap}");
 }

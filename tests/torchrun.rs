@@ -39,7 +39,12 @@ fn rank_fault_restarts_every_rank_from_the_checkpoint(launcher: &[&str], own_ses
     let scene = Scene::new();
     let record = scene.path("ranks.jsonl");
     let config = scene.path("fast.toml");
-    std::fs::write(&config, "backoff = { initial = 0.05, max = 0.2 }\n").unwrap();
+    // One fall and its rescue; climbing back up after it is tests/overnight.rs's.
+    std::fs::write(
+        &config,
+        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
+    )
+    .unwrap();
     let rank = fixture("rank.py");
     let out = Command::new(BIN)
         .current_dir(scene.dir.path())

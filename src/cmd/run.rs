@@ -33,6 +33,9 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         force_gpu_unsafe: args.force_gpu_unsafe,
         config: args.config,
         stall_timeout: args.stall_timeout,
+        stall_timeout_floor: args.stall_timeout_floor,
+        climb_back: args.climb_back,
+        gpu_memory_wait: args.gpu_memory_wait,
         restart_window: args.restart_window,
         progress: args.progress,
         notify_command: args.notify.notify_cmd.map(|program| {
@@ -87,6 +90,7 @@ pub fn run_with(args: RunArgs, resume: Option<gpuwarden::executor::Resume>) -> i
         gpus,
         health,
         resume,
+        sysfs_root: Some(machine.sysfs_root.clone()),
         ..Watch::default()
     };
     let metrics = match &args.metrics_addr {

@@ -137,6 +137,9 @@ impl Executor<'_> {
             unset_env: &launch.unset_env,
             cgroup: joining.as_ref(),
         };
+        // What the GPUs hold before the attempt: after a fault of it, its memory is released
+        // when they are back to this (where per-process data is missing).
+        self.memory_before(attempt, &sight.gpus);
         let mut child = match process::spawn_job(&spec) {
             Ok(child) => child,
             Err(e) => {
@@ -150,6 +153,7 @@ impl Executor<'_> {
         let pid = child.id();
         // The job leads its own group, so the group id is its pid.
         self.groups.insert(attempt, pid);
+        self.memory_leader(attempt, pid);
         let usable = sight
             .gpus
             .iter()

@@ -21,6 +21,7 @@
 
 mod attempt;
 mod error;
+mod memory;
 mod outside;
 mod progress;
 mod requests;
@@ -94,6 +95,9 @@ pub struct Watch {
     pub resume: Option<Resume>,
     /// Where the live display's requests (a forced fallback) come in.
     pub requests: Requests,
+    /// The sysfs root GPU memory is read under before a GPU attempt after a faulted one
+    /// (`--sysfs-root`); `None`: `/sys`.
+    pub sysfs_root: Option<PathBuf>,
 }
 
 /// How long the end of a run waits for its last notifications (the run's end among them).
@@ -199,6 +203,12 @@ pub fn run(
         pumps: HashMap::new(),
         board: watch.board,
         checkpoints_seen: progress::Seen::default(),
+        memory: memory::MemoryWatch::new(
+            watch
+                .sysfs_root
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("/sys")),
+        ),
         notifier,
     };
     exec.board.update(|s| {
@@ -231,6 +241,9 @@ pub fn run(
         checkpoints_watched: plan.checkpoints.is_some(),
         class_actions: plan.policy.clone(),
         warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
+        climb_back: plan.climb_back,
+        gpu_memory_wait: plan.gpu_memory_wait,
+        stall_floor: plan.stall_learn,
         gpu_exclusion: plan.gpu_exclusion,
         min_gpus: plan.min_gpus,
     };
@@ -344,6 +357,8 @@ struct Executor<'a> {
     board: Board,
     /// The newest checkpoint seen by the rescan (issue 11: checkpoints are progress).
     checkpoints_seen: progress::Seen,
+    /// GPU memory before each attempt and its processes, for the wait after a fault.
+    memory: memory::MemoryWatch,
     /// Gets a copy of the journal records someone asked to be told about (`--notify-cmd`,
     /// `--webhook`); never blocks.
     notifier: Option<crate::notify::Notifier>,
@@ -377,7 +392,10 @@ impl Executor<'_> {
             let mut timeout = sup.next_deadline().map_or(Duration::from_secs(3600), |d| {
                 d.saturating_duration_since(now)
             });
-            if self.kernel.is_some() && !self.groups.is_empty() {
+            // The tree also tells which processes were an attempt's, for the wait for its GPU
+            // memory after a fault.
+            let tree_wanted = self.kernel.is_some() || self.plan.gpu_memory_wait.is_some();
+            if tree_wanted && !self.groups.is_empty() {
                 // Keep the process tree fresh: a process that faults and dies between two
                 // reads is attributed from memory only if a read saw it.
                 if now.saturating_duration_since(self.refreshed) >= TREE_REFRESH {
@@ -399,6 +417,18 @@ impl Executor<'_> {
             {
                 self.rescan_checkpoints(attempt, now, false, &mut pending)?;
                 timeout = timeout.min(self.next_checkpoint_look(now));
+            }
+            if let Some((ended, gpus)) = sup.memory_wait() {
+                let gpus = gpus.to_vec();
+                let before = pending.len();
+                let next = self.read_gpu_memory(ended, &gpus, now, &mut pending);
+                // A reading waits for no input: the supervisor hears it at once.
+                timeout = match pending.len() > before {
+                    true => Duration::ZERO,
+                    false => timeout.min(next),
+                };
+            } else {
+                self.memory.read_at = None;
             }
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
@@ -477,6 +507,7 @@ impl Executor<'_> {
             }),
             GroupEvent::Empty => {
                 if let Some(pgid) = self.groups.remove(&attempt) {
+                    self.memory_members(attempt, pgid);
                     // The id may now be reused by an unrelated process.
                     lock(&self.view).group_ended(pgid);
                     if let Some(guard) = &mut self.guard {

@@ -187,8 +187,8 @@ impl Executor<'_> {
     }
 
     /// With `--progress`: journals (and says) how often the job's heartbeats come, once per
-    /// attempt, next to the stall timeout it is measured against. Never an event: it decides
-    /// nothing.
+    /// attempt, next to the stall timeout it is measured against; the supervisor may learn the
+    /// attempt's stall timeout from it (`supervisor::stall`).
     pub(super) fn step_interval(
         &mut self,
         attempt: u32,
@@ -207,7 +207,11 @@ impl Executor<'_> {
             heartbeats,
             median_seconds: median.as_secs_f64(),
         })?;
-        Ok(None)
+        Ok(Some(Event::StepInterval {
+            attempt,
+            heartbeats,
+            median,
+        }))
     }
 
     /// `py-spy dump --pid PID` of the attempt's leader into `attempt-N.stacks.txt`, when py-spy
@@ -247,7 +251,7 @@ impl Executor<'_> {
     }
 }
 
-fn on_path(program: &str) -> Option<PathBuf> {
+pub(super) fn on_path(program: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?)
         .map(|d| d.join(program))
         .find(|p| p.is_file())

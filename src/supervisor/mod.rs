@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use crate::gpu::JobGpu;
 use crate::job::{JobExit, Sig};
 
+pub mod climb;
+pub mod memory;
 pub mod outside;
+pub mod stall;
 use crate::incident::{Linker, RUN_WINDOW_SECONDS, Role};
 use crate::journal::{ExitRecord, Record};
 use crate::rules::{Action, Fault, FaultClass, Stream};
@@ -64,6 +67,14 @@ pub struct Policy {
     /// With checkpoints watched, an attempt that ran this long and wrote no new checkpoint is
     /// warned about (and louder when the restart after it starts from scratch).
     pub warn_no_checkpoint_after: Option<Duration>,
+    /// At most this many climbs back up the ladder per run (`climb.rs`); 0: never.
+    pub climb_back: u32,
+    /// The longest wait, before an attempt on a GPU tier after a faulted GPU attempt, for the
+    /// GPUs to show that attempt's memory released (`memory.rs`); `None`: no wait.
+    pub gpu_memory_wait: Option<Duration>,
+    /// `Some(floor)`: an attempt's stall timeout is learned from its heartbeats (`stall.rs`),
+    /// with `stall_timeout` as the ceiling; `None`: `stall_timeout` as it is.
+    pub stall_floor: Option<Duration>,
 }
 
 impl Policy {
@@ -134,6 +145,13 @@ pub enum Event {
     /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
     /// streams, or a new complete checkpoint.
     Progress { attempt: u32, at: Instant },
+    /// With `--progress`: `attempt`'s heartbeats came `median` apart, over `heartbeats` of
+    /// them (sent once per attempt).
+    StepInterval {
+        attempt: u32,
+        heartbeats: u64,
+        median: Duration,
+    },
     /// A new complete checkpoint of `attempt`, `path`, was found, written at `at`: progress,
     /// and progress that a restart keeps.
     Checkpoint {
@@ -144,6 +162,13 @@ pub enum Event {
     /// The user asked, from the live display (`f`), to stop the live attempt and go on one
     /// tier down the ladder, as a `fallback` fault would.
     ForceFallback,
+    /// While the run waits for GPU memory (`Supervisor::memory_wait`): what the GPUs show of
+    /// the memory of attempt `ended`, whose processes were `pids`.
+    GpuMemory {
+        ended: u32,
+        pids: Vec<u32>,
+        gpus: Vec<memory::GpuMemory>,
+    },
     /// Time passed.
     Tick,
 }
@@ -237,6 +262,11 @@ enum StopCause {
     User(Sig),
     /// The user forced a fallback (`Event::ForceFallback`): the run goes on one tier down.
     Forced,
+    /// A lower tier saved a newer checkpoint after a transient fall: the run goes back up to
+    /// tier `to` (`climb.rs`).
+    Climb {
+        to: usize,
+    },
 }
 
 /// How an attempt ended, for the summary.
@@ -257,6 +287,11 @@ pub enum Ending {
     Forced {
         status: Option<JobExit>,
     },
+    /// Stopped to climb back to the tier `to` after a transient fall.
+    Climbed {
+        to: String,
+        status: Option<JobExit>,
+    },
     SpawnFailed(String),
 }
 
@@ -269,6 +304,7 @@ impl fmt::Display for Ending {
             Ending::Exit(status) => write!(f, "{status}, no known fault"),
             Ending::User { sig, .. } => write!(f, "stopped by {}", sig.name()),
             Ending::Forced { .. } => f.write_str("stopped to fall back (forced by the user)"),
+            Ending::Climbed { to, .. } => write!(f, "stopped to climb back to tier `{to}`"),
             Ending::SpawnFailed(e) => write!(f, "could not start: {e}"),
         }
     }
@@ -316,6 +352,8 @@ struct Live {
     seen: BTreeMap<String, u64>,
     /// The latest evidence of progress (the start counts as progress).
     last_progress: Instant,
+    /// This attempt's stall timeout: the policy's, or one learned from its heartbeats.
+    stall_timeout: Option<Duration>,
     /// When the attempt started: incidents are linked by the time since.
     started: Instant,
     /// The attempt's faults linked into incidents: which is a cause, which follows from one.
@@ -368,6 +406,8 @@ enum Phase {
         until: Instant,
     },
     Live(Box<Live>),
+    /// Waiting for the GPUs to release a faulted attempt's memory before the next attempt.
+    MemoryWait(Box<memory::Wait>),
     Done,
 }
 
@@ -386,12 +426,13 @@ pub struct Supervisor {
     attempts: Vec<AttemptSummary>,
     /// GPUs hidden from every later attempt, as the attempt that excluded them saw them.
     excluded: Vec<JobGpu>,
+    /// The run's falls down the ladder and climbs back up (`climb.rs`).
+    climbs: climb::Climbs,
 }
 
 impl Supervisor {
     pub fn new(policy: Policy, ladder: Vec<TierInfo>) -> Supervisor {
         Supervisor {
-            policy,
             ladder,
             phase: Phase::Idle,
             restarts: 0,
@@ -399,6 +440,8 @@ impl Supervisor {
             start: (1, 0),
             attempts: Vec::new(),
             excluded: Vec::new(),
+            climbs: climb::Climbs::new(policy.climb_back),
+            policy,
         }
     }
 
@@ -436,6 +479,11 @@ impl Supervisor {
         self.restarts
     }
 
+    /// Climbs back up the ladder made so far (`climb.rs`).
+    pub fn climbs(&self) -> u32 {
+        self.climbs.done()
+    }
+
     /// Whether the live attempt is being stopped (a fault or a signal).
     pub fn stopping(&self) -> bool {
         matches!(&self.phase, Phase::Live(live) if live.stop.is_some())
@@ -451,6 +499,7 @@ impl Supervisor {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Backoff { until, .. } => Some(*until),
+            Phase::MemoryWait(w) => Some(w.until),
             Phase::Live(live) => {
                 let kill_at = match (live.term_sent, live.killed_at, live.group_empty) {
                     (Some(sent), None, false) => Some(sent + self.policy.grace),
@@ -476,7 +525,7 @@ impl Supervisor {
     /// When `live` counts as stalled if no progress comes first; `None` when stall detection is
     /// off or the attempt is already ending.
     fn stall_at(&self, live: &Live) -> Option<Instant> {
-        let timeout = self.policy.stall_timeout?;
+        let timeout = live.stall_timeout?;
         let watching = live.stop.is_none()
             && live.term_sent.is_none()
             && live.exit.is_none()
@@ -557,6 +606,11 @@ impl Supervisor {
                     live.last_progress = at;
                 }
             }
+            Event::StepInterval {
+                attempt,
+                heartbeats,
+                median,
+            } => self.on_step_interval(attempt, heartbeats, median, &mut out),
             Event::Checkpoint { attempt, at, path } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
@@ -571,9 +625,13 @@ impl Supervisor {
                         .find(|a| a.attempt == attempt)
                     {
                         a.wrote_checkpoint = true;
-                        a.reached = Some(path);
+                        a.reached = Some(path.clone());
                     }
+                    self.climb_if_due(attempt, path, now, &mut out);
                 }
+            }
+            Event::GpuMemory { ended, pids, gpus } => {
+                self.on_gpu_memory(ended, &pids, &gpus, now, &mut out)
             }
             Event::Tick => {
                 self.check_stall(now, &mut out);
@@ -605,6 +663,7 @@ impl Supervisor {
             drained: Vec::new(),
             seen: BTreeMap::new(),
             last_progress: now,
+            stall_timeout: self.policy.stall_timeout,
             started: now,
             incidents: Linker::new(RUN_WINDOW_SECONDS),
             gpus: Vec::new(),
@@ -769,7 +828,7 @@ impl Supervisor {
         }
         let grace = self.policy.grace;
         match &mut self.phase {
-            Phase::Idle | Phase::Backoff { .. } => {
+            Phase::Idle | Phase::Backoff { .. } | Phase::MemoryWait(_) => {
                 out.push(Effect::Say(format!(
                     "{} received while no job is running: ending the run",
                     sig.name()
@@ -820,6 +879,13 @@ impl Supervisor {
         };
         match &mut self.phase {
             Phase::Idle | Phase::Done => refuse(out, "no job is running".into()),
+            Phase::MemoryWait(w) => {
+                let why = format!(
+                    "attempt {} is about to start, once the GPUs release the last attempt's memory; ask again when it runs",
+                    w.attempt
+                );
+                refuse(out, why);
+            }
             Phase::Backoff { attempt, tier, .. } => {
                 if *tier >= last {
                     let why = format!("attempt {attempt} is due on the last tier already");
@@ -890,7 +956,7 @@ impl Supervisor {
         let Phase::Live(live) = &self.phase else {
             return;
         };
-        let (Some(due), Some(timeout)) = (self.stall_at(live), self.policy.stall_timeout) else {
+        let (Some(due), Some(timeout)) = (self.stall_at(live), live.stall_timeout) else {
             return;
         };
         if now < due {
@@ -958,8 +1024,9 @@ impl Supervisor {
                 until,
             } if now >= *until => {
                 let (attempt, tier) = (*attempt, *tier);
-                self.spawn(attempt, tier, now, out);
+                self.start_attempt(attempt, tier, now, out);
             }
+            Phase::MemoryWait(_) => self.memory_wait_over(now, out),
             Phase::Live(live) => {
                 let attempt = live.attempt;
                 if let (Some(due), None) = (live.term_due, live.term_sent)
@@ -1050,6 +1117,10 @@ impl Supervisor {
             },
             Some(StopCause::User(sig)) => Ending::User { sig: *sig, status },
             Some(StopCause::Forced) => Ending::Forced { status },
+            Some(StopCause::Climb { to }) => Ending::Climbed {
+                to: self.tier_name(*to),
+                status,
+            },
             None => Ending::Exit(status.unwrap_or(JobExit::Code(-1))),
         };
         let duration = self
@@ -1075,9 +1146,15 @@ impl Supervisor {
         }
 
         let mut excluding = String::new();
+        // The fault class of a fall, and why it may never be climbed back (`climb.rs`).
+        let mut fell_for: Option<(FaultClass, Option<climb::Why>)> = None;
         let (next_tier, reason) = match live.stop.take() {
             Some(StopCause::User(sig)) => {
                 self.finish(Outcome::Interrupted(sig), out);
+                return;
+            }
+            Some(StopCause::Climb { to }) => {
+                self.restart_to_climb(&live, to, now, out);
                 return;
             }
             None if status.is_some_and(JobExit::success) => {
@@ -1101,6 +1178,16 @@ impl Supervisor {
             }
             Some(StopCause::Fault(fault)) => {
                 let (action, note) = self.action_after(&fault, live.tier, live.attempt);
+                let why = if note.is_some() {
+                    // Judged deterministic here: never climbed back to, whatever happens next.
+                    self.climbs.close(live.tier);
+                    Some(climb::Why::Deterministic)
+                } else if fault.class.skips_gpu_tiers() {
+                    Some(climb::Why::RulesOutGpus)
+                } else {
+                    None
+                };
+                fell_for = Some((fault.class, why));
                 if let Some(note) = note {
                     out.push(Effect::Say(note));
                 }
@@ -1130,9 +1217,11 @@ impl Supervisor {
             false => Ok(next_tier),
             true => self.after_no_progress(next_tier, live.tier),
         };
+        let mut no_progress = false;
         let next_tier = match checked {
             Ok(tier) => {
                 if tier != next_tier {
+                    no_progress = true;
                     out.push(Effect::Say(format!(
                         "{NO_PROGRESS_LIMIT} attempts in a row on tier `{}` wrote no new checkpoint: giving up on the tier",
                         self.tier_name(live.tier)
@@ -1146,6 +1235,16 @@ impl Supervisor {
                 return;
             }
         };
+        if next_tier > live.tier {
+            let reached = self.attempts.last().and_then(|a| a.reached.clone());
+            match fell_for {
+                // Left after attempts that wrote nothing: not a fluke of one fault.
+                _ if no_progress => self.climbs.close(live.tier),
+                Some((class, why)) => self.climbs.fell(live.tier, next_tier, reached, class, why),
+                // Forced by the user: neither climbed back nor closed.
+                None => {}
+            }
+        }
 
         let used = self.restarts_in_window(now);
         if used >= self.policy.max_restarts {
@@ -1189,7 +1288,7 @@ impl Supervisor {
             "{reason}: restarting as attempt {attempt} on tier `{tier_name}` in {delay:.1?}"
         )));
         if delay.is_zero() {
-            self.spawn(attempt, next_tier, now, out);
+            self.start_attempt(attempt, next_tier, now, out);
         } else {
             self.phase = Phase::Backoff {
                 attempt,
@@ -1613,7 +1712,7 @@ mod tests {
     use super::*;
     use crate::rules::Severity;
 
-    fn policy() -> Policy {
+    pub(super) fn policy() -> Policy {
         Policy {
             max_restarts: 5,
             grace: Duration::from_secs(10),
@@ -1627,6 +1726,9 @@ mod tests {
             warn_no_checkpoint_after: None,
             gpu_exclusion: true,
             min_gpus: 1,
+            climb_back: climb::DEFAULT_CLIMBS,
+            stall_floor: None,
+            gpu_memory_wait: None,
         }
     }
 
@@ -1640,7 +1742,7 @@ mod tests {
             .collect()
     }
 
-    fn fault(class: FaultClass, action: Action) -> Fault {
+    pub(super) fn fault(class: FaultClass, action: Action) -> Fault {
         Fault {
             rule: format!("test-{}", class.as_str()),
             class,
@@ -1668,11 +1770,11 @@ mod tests {
     }
 
     /// A harness that runs the machine the way the executor does: Spawn is answered at once.
-    struct Run {
-        sup: Supervisor,
+    pub(super) struct Run {
+        pub(super) sup: Supervisor,
         t0: Instant,
-        now: Instant,
-        log: Vec<Effect>,
+        pub(super) now: Instant,
+        pub(super) log: Vec<Effect>,
         /// The machine's GPUs (vendor index = key); each attempt on a GPU tier sees those not
         /// excluded, numbered from 0, as the executor would report them.
         machine: u32,
@@ -1680,7 +1782,7 @@ mod tests {
     }
 
     impl Run {
-        fn new(policy: Policy, tiers: &[(&str, bool)]) -> Run {
+        pub(super) fn new(policy: Policy, tiers: &[(&str, bool)]) -> Run {
             let t0 = Instant::now();
             Run {
                 sup: Supervisor::new(policy, ladder(tiers)),
@@ -1693,7 +1795,7 @@ mod tests {
         }
 
         /// The same on a machine with `n` GPUs.
-        fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
+        pub(super) fn with_gpus(policy: Policy, tiers: &[(&str, bool)], n: u32) -> Run {
             let mut r = Run::new(policy, tiers);
             r.machine = n;
             r
@@ -1710,7 +1812,7 @@ mod tests {
                 .collect()
         }
 
-        fn feed(&mut self, ev: Event) -> Vec<Effect> {
+        pub(super) fn feed(&mut self, ev: Event) -> Vec<Effect> {
             let mut queue = vec![ev];
             let mut all = Vec::new();
             while let Some(ev) = queue.pop() {
@@ -1735,12 +1837,12 @@ mod tests {
             all
         }
 
-        fn advance(&mut self, d: Duration) -> Vec<Effect> {
+        pub(super) fn advance(&mut self, d: Duration) -> Vec<Effect> {
             self.now += d;
             self.feed(Event::Tick)
         }
 
-        fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
+        pub(super) fn exit(&mut self, attempt: u32, status: JobExit) -> Vec<Effect> {
             let mut out = self.feed(Event::Exited {
                 attempt,
                 status,
@@ -1757,7 +1859,7 @@ mod tests {
             out
         }
 
-        fn spawns(&self) -> Vec<(u32, usize)> {
+        pub(super) fn spawns(&self) -> Vec<(u32, usize)> {
             self.log
                 .iter()
                 .filter_map(|e| match e {
@@ -1767,7 +1869,7 @@ mod tests {
                 .collect()
         }
 
-        fn outcome(&self) -> Option<Outcome> {
+        pub(super) fn outcome(&self) -> Option<Outcome> {
             self.log.iter().find_map(|e| match e {
                 Effect::Finish(o) => Some(o.clone()),
                 _ => None,
@@ -1775,7 +1877,7 @@ mod tests {
         }
     }
 
-    fn signals(effects: &[Effect]) -> Vec<Sig> {
+    pub(super) fn signals(effects: &[Effect]) -> Vec<Sig> {
         effects
             .iter()
             .filter_map(|e| match e {
@@ -1880,7 +1982,7 @@ mod tests {
         assert_eq!(a[1].ending, Ending::Exit(JobExit::Code(0)));
     }
 
-    fn kernel_fault_of(class: FaultClass, action: Action) -> Fault {
+    pub(super) fn kernel_fault_of(class: FaultClass, action: Action) -> Fault {
         Fault {
             stream: Stream::Kernel,
             ..fault(class, action)
@@ -2744,7 +2846,7 @@ mod tests {
 
     /// Runs attempt `attempt` from `checkpoint`: spawned, optionally writes a checkpoint, then
     /// ends with a fault of `class` (its default action) and the backoff is waited out.
-    fn attempt_with(
+    pub(super) fn attempt_with(
         r: &mut Run,
         attempt: u32,
         checkpoint: Option<&str>,
@@ -2925,7 +3027,7 @@ mod tests {
             .collect()
     }
 
-    fn says(effects: &[Effect]) -> String {
+    pub(super) fn says(effects: &[Effect]) -> String {
         effects
             .iter()
             .filter_map(|e| match e {

@@ -250,3 +250,23 @@ pub fn children_get_default_signals() {
         unsafe { signal(Signal::SIGINT, SigHandler::SigDfl) }.unwrap();
     });
 }
+
+/// Polls `ready` every 20 ms until it gives a value; fails the test after `patience`, saying
+/// what did not happen.
+pub fn wait_for<T>(
+    what: &str,
+    patience: std::time::Duration,
+    mut ready: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        if let Some(value) = ready() {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} did not happen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
