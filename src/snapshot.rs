@@ -279,20 +279,12 @@ impl Board {
 /// nothing else known. Shared by this module's tests and `metrics`'.
 #[cfg(test)]
 pub(crate) fn sample_gpu() -> crate::gpu::Gpu {
-    crate::gpu::Gpu {
-        vendor: crate::gpu::Vendor::Amd,
-        index: 0,
-        name: Some("AMD Radeon RX 6800".into()),
-        pci: Some("0000:03:00.0".into()),
-        device_id: None,
-        kfd_node: None,
-        render_minor: None,
-        gfx_target: None,
-        compute_capability: None,
-        uuid: None,
-        vram_total_bytes: None,
-        driver_version: None,
-    }
+    crate::gpu::Gpu::for_test(
+        crate::gpu::Vendor::Amd,
+        0,
+        "AMD Radeon RX 6800",
+        "0000:03:00.0",
+    )
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::gpu::{Gpu, JobGpu, Vendor};
 use crate::process::{self, Ended, Keep};
 use crate::sources::health::DeviceRef;
 use crate::sources::health::amd_sysfs::AmdSysfs;
+use crate::supervisor::Supervisor;
 use crate::supervisor::memory::GpuMemory;
 
 /// How often the GPUs are read while the run waits.
@@ -45,9 +46,10 @@ pub(super) struct MemoryWatch {
 }
 
 impl MemoryWatch {
-    pub(super) fn new(root: PathBuf) -> MemoryWatch {
+    /// Reads under `root` (`--sysfs-root`), `/sys` where none is given.
+    pub(super) fn new(root: Option<PathBuf>) -> MemoryWatch {
         MemoryWatch {
-            root,
+            root: root.unwrap_or_else(|| PathBuf::from("/sys")),
             ..MemoryWatch::default()
         }
     }
@@ -104,9 +106,32 @@ impl Executor<'_> {
         }
     }
 
+    /// One turn of the event loop for the wait: reads the GPUs while the supervisor waits for
+    /// their memory; returns `timeout` shortened to the next reading, or zero when a reading
+    /// went to `pending` (it waits for no input: the supervisor hears it at once).
+    pub(super) fn memory_step(
+        &mut self,
+        sup: &Supervisor,
+        now: Instant,
+        pending: &mut Vec<Event>,
+        timeout: Duration,
+    ) -> Duration {
+        let Some((ended, gpus)) = sup.memory_wait() else {
+            self.memory.read_at = None;
+            return timeout;
+        };
+        let gpus = gpus.to_vec();
+        let before = pending.len();
+        let next = self.read_gpu_memory(ended, &gpus, now, pending);
+        match pending.len() > before {
+            true => Duration::ZERO,
+            false => timeout.min(next),
+        }
+    }
+
     /// While the supervisor waits for GPU memory: reads the GPUs every [`MEMORY_POLL`] and
     /// answers with the reading; returns how long the loop may sleep before the next.
-    pub(super) fn read_gpu_memory(
+    fn read_gpu_memory(
         &mut self,
         ended: u32,
         gpus: &[JobGpu],
@@ -182,7 +207,7 @@ fn kfd_holders(root: &Path, machine: &[Gpu], keys: &[usize]) -> HashMap<usize, V
             continue;
         };
         let ids = [(DeviceRef::of(gpu), id.trim().to_string())];
-        let held = crate::ui::collect::kfd_processes(&procs, &ids)
+        let held = crate::sources::health::amd_sysfs::kfd_processes(&procs, &ids)
             .into_iter()
             .map(|(_, p)| (p.pid, p.vram_bytes))
             .collect();

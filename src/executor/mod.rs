@@ -48,7 +48,7 @@ use crate::sources::health::{HealthConfig, HealthEvent, HealthSource};
 use crate::sources::kernel::{Follower, KernelEvent, KernelSource};
 use crate::sources::output::OutputEvent;
 use crate::supervisor::outside::Outside;
-use crate::supervisor::{Effect, Event, Outcome, Policy, Supervisor, TierInfo};
+use crate::supervisor::{Effect, Event, Outcome, Supervisor, TierInfo};
 use crate::voice::say;
 
 pub use error::RunError;
@@ -203,12 +203,7 @@ pub fn run(
         pumps: HashMap::new(),
         board: watch.board,
         checkpoints_seen: progress::Seen::default(),
-        memory: memory::MemoryWatch::new(
-            watch
-                .sysfs_root
-                .clone()
-                .unwrap_or_else(|| PathBuf::from("/sys")),
-        ),
+        memory: memory::MemoryWatch::new(watch.sysfs_root.clone()),
         notifier,
     };
     exec.board.update(|s| {
@@ -230,23 +225,7 @@ pub fn run(
         crate::voice::shown_path(&run_dir)
     ));
 
-    let policy = Policy {
-        max_restarts: plan.max_restarts,
-        grace: plan.grace,
-        settle: crate::supervisor::SETTLE,
-        backoff_initial: plan.backoff_initial,
-        backoff_max: plan.backoff_max,
-        stall_timeout: plan.stall_timeout,
-        restart_window: plan.restart_window,
-        checkpoints_watched: plan.checkpoints.is_some(),
-        class_actions: plan.policy.clone(),
-        warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
-        climb_back: plan.climb_back,
-        gpu_memory_wait: plan.gpu_memory_wait,
-        stall_floor: plan.stall_learn,
-        gpu_exclusion: plan.gpu_exclusion,
-        min_gpus: plan.min_gpus,
-    };
+    let policy = start::policy(plan);
     let tiers = plan
         .ladder
         .iter()
@@ -418,18 +397,7 @@ impl Executor<'_> {
                 self.rescan_checkpoints(attempt, now, false, &mut pending)?;
                 timeout = timeout.min(self.next_checkpoint_look(now));
             }
-            if let Some((ended, gpus)) = sup.memory_wait() {
-                let gpus = gpus.to_vec();
-                let before = pending.len();
-                let next = self.read_gpu_memory(ended, &gpus, now, &mut pending);
-                // A reading waits for no input: the supervisor hears it at once.
-                timeout = match pending.len() > before {
-                    true => Duration::ZERO,
-                    false => timeout.min(next),
-                };
-            } else {
-                self.memory.read_at = None;
-            }
+            timeout = self.memory_step(sup, now, &mut pending, timeout);
             if timeout.is_zero() {
                 // A deadline is due. Inputs keep coming in a flood (a neighbour's GPU spamming
                 // the kernel log), and a Tick only on an empty channel would never come: the

@@ -2,12 +2,14 @@
 //! needs to start it again), or `run_resumed` when `gpuwarden resume` continues one.
 
 use super::{Executor, Input, RunError};
+use crate::config::Plan;
 use crate::journal::Record;
 use crate::probe::Verdict;
 use crate::process::{self, Guard};
 use crate::rules::Stream;
 use crate::sources::health::{self, HealthConfig};
 use crate::sources::kernel::KernelSource;
+use crate::supervisor::Policy;
 use crate::voice::say;
 
 /// Where a resumed run continues, read from its journal by `gpuwarden resume`.
@@ -24,6 +26,27 @@ pub struct Resume {
     /// The GPUs the run excluded after faults, still excluded: their PCI address, and the
     /// ordinal the attempt that excluded them knew them by.
     pub excluded_pci: Vec<(String, u32)>,
+}
+
+/// The supervisor's policy: the plan's settings it decides by.
+pub(super) fn policy(plan: &Plan) -> Policy {
+    Policy {
+        max_restarts: plan.max_restarts,
+        grace: plan.grace,
+        settle: crate::supervisor::SETTLE,
+        backoff_initial: plan.backoff_initial,
+        backoff_max: plan.backoff_max,
+        stall_timeout: plan.stall_timeout,
+        restart_window: plan.restart_window,
+        checkpoints_watched: plan.checkpoints.is_some(),
+        class_actions: plan.policy.clone(),
+        warn_no_checkpoint_after: plan.warn_no_checkpoint_after,
+        climb_back: plan.climb_back,
+        gpu_memory_wait: plan.gpu_memory_wait,
+        stall_floor: plan.stall_learn,
+        gpu_exclusion: plan.gpu_exclusion,
+        min_gpus: plan.min_gpus,
+    }
 }
 
 impl Executor<'_> {

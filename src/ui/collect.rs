@@ -13,7 +13,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::rules::{Fault, RuleSet, Stream};
-use crate::snapshot::{Board, FaultNote, GpuProcess, GpuState, KernelState, Snapshot};
+use crate::snapshot::{Board, FaultNote, GpuState, KernelState, Snapshot};
 use crate::sources::health::{
     self, DeviceRef, GpuSample, HealthConfig, HealthEvent, HealthSource, SourceKind,
 };
@@ -295,7 +295,7 @@ impl ProcessPoller {
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 while !*stopped {
-                    let found = kfd_processes(&procs, &ids);
+                    let found = health::amd_sysfs::kfd_processes(&procs, &ids);
                     board.update(|s| {
                         // NVIDIA's come with their samples (NVML).
                         let amd = s
@@ -334,47 +334,4 @@ impl Drop for ProcessPoller {
             let _ = t.join();
         }
     }
-}
-
-/// One pass over KFD's process directory: every process with VRAM on a known GPU, biggest
-/// first.
-pub fn kfd_processes(procs: &Path, ids: &[(DeviceRef, String)]) -> Vec<(DeviceRef, GpuProcess)> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(procs) else {
-        return found;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-            .ok()
-            .map(|n| n.trim().to_string());
-        for (device, id) in ids {
-            let Ok(text) = std::fs::read_to_string(entry.path().join(format!("vram_{id}"))) else {
-                continue;
-            };
-            let Ok(vram_bytes) = text.trim().parse::<u64>() else {
-                continue;
-            };
-            found.push((
-                device.clone(),
-                GpuProcess {
-                    pid,
-                    name: name.clone(),
-                    vram_bytes,
-                },
-            ));
-        }
-    }
-    found.sort_by(|a, b| {
-        b.1.vram_bytes
-            .cmp(&a.1.vram_bytes)
-            .then(a.1.pid.cmp(&b.1.pid))
-    });
-    found
 }

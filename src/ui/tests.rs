@@ -292,7 +292,8 @@ fn kfd_processes_are_read_per_gpu_biggest_first() {
         std::fs::write(procs.join(pid).join(file), bytes).unwrap();
     }
     let gpu = rx6800().device;
-    let found = collect::kfd_processes(&procs, &[(gpu.clone(), "38442".into())]);
+    let found =
+        crate::sources::health::amd_sysfs::kfd_processes(&procs, &[(gpu.clone(), "38442".into())]);
     let seen: Vec<(u32, u64)> = found.iter().map(|(_, p)| (p.pid, p.vram_bytes)).collect();
     assert_eq!(seen, vec![(200, 4_194_304), (100, 1_048_576)]);
     assert!(found.iter().all(|(d, _)| *d == gpu));

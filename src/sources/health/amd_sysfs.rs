@@ -21,7 +21,10 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use super::{EccCount, GpuSample, Reading, SourceKind, Value, normalize_pci, parse_pci};
+use super::{
+    DeviceRef, EccCount, GpuProcess, GpuSample, Reading, SourceKind, Value, normalize_pci,
+    parse_pci,
+};
 use crate::gpu::{Gpu, Vendor};
 
 /// Where libdrm keeps the table of AMD marketing names (`73BF, C3, AMD Radeon RX 6800`), in the
@@ -529,6 +532,49 @@ fn read_trimmed(path: &Path) -> Option<String> {
 fn read_hex(path: &Path) -> Option<u64> {
     let text = read_trimmed(path)?;
     u64::from_str_radix(text.trim_start_matches("0x"), 16).ok()
+}
+
+/// One pass over KFD's process directory: every process with VRAM on a known GPU, biggest
+/// first.
+pub fn kfd_processes(procs: &Path, ids: &[(DeviceRef, String)]) -> Vec<(DeviceRef, GpuProcess)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir(procs) else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()
+            .map(|n| n.trim().to_string());
+        for (device, id) in ids {
+            let Ok(text) = std::fs::read_to_string(entry.path().join(format!("vram_{id}"))) else {
+                continue;
+            };
+            let Ok(vram_bytes) = text.trim().parse::<u64>() else {
+                continue;
+            };
+            found.push((
+                device.clone(),
+                GpuProcess {
+                    pid,
+                    name: name.clone(),
+                    vram_bytes,
+                },
+            ));
+        }
+    }
+    found.sort_by(|a, b| {
+        b.1.vram_bytes
+            .cmp(&a.1.vram_bytes)
+            .then(a.1.pid.cmp(&b.1.pid))
+    });
+    found
 }
 
 #[cfg(test)]
