@@ -2,6 +2,8 @@
 //! (not its comments, not its test module) names a path into it with `crate::` or `super::`.
 //! A cycle is reported with the files on it, so whoever adds one sees where.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
