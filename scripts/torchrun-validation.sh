@@ -44,3 +44,6 @@ tail -n 40 $OUT/b/console.stderr; tail -n 12 $OUT/b/console.stdout
 echo "left behind:"; ps -eo pid,pgid,sid,args | grep -E 'train_ddp|rank.py' | grep -v grep
 dmesg 2>/dev/null | tail -n 12 > $OUT/dmesg-tail.txt; tail -n 4 $OUT/dmesg-tail.txt
 $B report $OUT/b/run > $OUT/b/report.txt 2>&1; cat $OUT/b/report.txt
+# The device tool brings back a limited number of files: the results travel packed, checkpoints
+# left out.
+cd $OUT && rm -rf a/ckpt b/ckpt && tar czf torchrun-results.tgz a b && rm -rf a b
