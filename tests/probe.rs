@@ -3,6 +3,9 @@
 //! problems of rules/quirks.toml say, or where `--force-gpu-unsafe` insists.
 #![allow(clippy::unwrap_used)]
 
+// For its SIGINT reset only: the journals here are compared record by record.
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

@@ -22,7 +22,6 @@ pub struct Scene {
 
 impl Scene {
     pub fn new() -> Scene {
-        children_get_default_signals();
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("ckpt")).unwrap();
         Scene { dir }
@@ -239,17 +238,19 @@ impl Drop for Running {
 
 /// The suite itself may be started with SIGINT ignored (a script's `cargo test &` leaves it so),
 /// and every gpuwarden it starts would inherit that and rightly warn about it: one `warning` more
-/// in each journal than a test started from a terminal sees. The test process takes the default
-/// disposition back once, so its children start as a terminal's would; the test of the inherited
+/// in each journal than a test started from a terminal sees. Each test binary that includes this
+/// module takes the default disposition back before `main` (an `.init_array` entry: the test
+/// harness owns `main`), so its children start as a terminal's would; the test of the inherited
 /// case ignores the signal itself, in its child only.
-pub fn children_get_default_signals() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        use nix::sys::signal::{SigHandler, Signal, signal};
-        // SAFETY: SIG_DFL installs no handler code; no other thread changes dispositions.
-        unsafe { signal(Signal::SIGINT, SigHandler::SigDfl) }.unwrap();
-    });
-}
+#[used]
+#[unsafe(link_section = ".init_array")]
+static CHILDREN_GET_DEFAULT_SIGINT: extern "C" fn() = {
+    extern "C" fn reset() {
+        // SAFETY: SIG_DFL installs no handler code, and no other thread exists yet.
+        unsafe { nix::libc::signal(nix::libc::SIGINT, nix::libc::SIG_DFL) };
+    }
+    reset
+};
 
 /// Polls `ready` every 20 ms until it gives a value; fails the test after `patience`, saying
 /// what did not happen.
