@@ -1072,6 +1072,21 @@ mod tests {
         found.skipped.iter().map(|s| name_of(&s.path)).collect()
     }
 
+    /// Discovers `root` and checks, by file name, the checkpoint it chose and the newer ones it
+    /// reported skipping: the two answers every discovery test is about.
+    #[track_caller]
+    fn assert_found(root: &Path, newest: &str, skipped: &[&str]) {
+        let found = discover_path(root);
+        assert_eq!(newest_name(&found), newest);
+        assert_eq!(skipped_names(&found), skipped);
+    }
+
+    /// The name and step number of the checkpoint that discovery chooses in `root`.
+    fn newest_step(root: &Path) -> (String, Option<u64>) {
+        let newest = discover_path(root).newest.expect("a complete checkpoint");
+        (name_of(&newest.path), newest.step)
+    }
+
     fn reason(path: &Path) -> String {
         validate(path).expect_err("incomplete").reason
     }
@@ -1274,17 +1289,13 @@ mod tests {
 
         // Older than the complete file, it would have lost anyway: not reported.
         set_mtime(&torn, 5);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "model.safetensors");
-        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        assert_found(root, "model.safetensors", &[]);
 
         // Just as new (a git checkout, or two saves in one second on a coarse filesystem): the
         // complete file is used, and the torn one reported since it may be the later save.
         set_mtime(&torn, 10);
         set_mtime(&model, 10);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "model.safetensors");
-        assert_eq!(skipped_names(&found), ["torn.safetensors"]);
+        assert_found(root, "model.safetensors", &["torn.safetensors"]);
     }
 
     #[test]
@@ -1327,9 +1338,7 @@ mod tests {
         let torn = root.join("epoch=0-step=8-v1.ckpt");
         copy("torch_save/torn-step00017.pt", &torn);
         set_mtime(&torn, 10);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "epoch=0-step=8.ckpt");
-        assert_eq!(skipped_names(&found), ["epoch=0-step=8-v1.ckpt"]);
+        assert_found(root, "epoch=0-step=8.ckpt", &["epoch=0-step=8-v1.ckpt"]);
         // A second later it is simply the newer save of step 8, torn.
         set_mtime(&torn, 11);
         assert_eq!(
@@ -1426,10 +1435,8 @@ mod tests {
             copy("lightning/epoch=0-step=8.ckpt", &root.join(name));
             set_mtime(&root.join(name), at);
         }
-        let found = discover_path(root);
-        let newest = found.newest.as_ref().unwrap();
         assert_eq!(
-            (name_of(&newest.path), newest.step),
+            newest_step(root),
             ("epoch=4-val_loss=0.45.ckpt".into(), Some(4))
         );
         // Copied back from a backup, epoch 4 is older on disk; its name still says it is newest.
@@ -1446,12 +1453,7 @@ mod tests {
             copy("lightning/epoch=0-step=8.ckpt", &root.join(name));
             set_mtime(&root.join(name), at);
         }
-        let found = discover_path(root);
-        let newest = found.newest.as_ref().unwrap();
-        assert_eq!(
-            (name_of(&newest.path), newest.step),
-            ("val_loss=0.50.ckpt".into(), None)
-        );
+        assert_eq!(newest_step(root), ("val_loss=0.50.ckpt".into(), None));
     }
 
     #[test]
@@ -1482,27 +1484,19 @@ mod tests {
         copy("torch_save/torn-step00017.pt", &torn);
         set_mtime(&torn, 25);
         set_mtime(&last, 30);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "last.ckpt");
-        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        assert_found(root, "last.ckpt", &[]);
         // As new as last.ckpt, it would have won the tie: reported.
         set_mtime(&torn, 30);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "last.ckpt");
-        assert_eq!(skipped_names(&found), ["epoch=1-step=12.ckpt"]);
+        assert_found(root, "last.ckpt", &["epoch=1-step=12.ckpt"]);
 
         // A torn last.ckpt newer than step 8 is skipped for step 8.
         fs::remove_file(&torn).unwrap();
         copy("torch_save/torn-tail-step00018.pt", &last);
         set_mtime(&last, 30);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "epoch=0-step=8.ckpt");
-        assert_eq!(skipped_names(&found), ["last.ckpt"]);
+        assert_found(root, "epoch=0-step=8.ckpt", &["last.ckpt"]);
         // Older than step 8, it would have lost anyway: not reported.
         set_mtime(&last, 15);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "epoch=0-step=8.ckpt");
-        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        assert_found(root, "epoch=0-step=8.ckpt", &[]);
     }
 
     #[test]
@@ -1521,9 +1515,7 @@ mod tests {
 
         copy("torch_save/torn-step00017.pt", &root.join("d.pt"));
         set_mtime(&root.join("d.pt"), 40);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "b.pth");
-        assert_eq!(skipped_names(&found), ["d.pt"]);
+        assert_found(root, "b.pth", &["d.pt"]);
     }
 
     #[test]
@@ -1548,9 +1540,7 @@ mod tests {
         // A dangling last.ckpt (just created, so newest) is reported, and step 8 is used.
         fs::remove_file(root.join("torn.ckpt")).unwrap();
         set_mtime(&root.join("epoch=0-step=8.ckpt"), 10);
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "epoch=0-step=8.ckpt");
-        assert_eq!(skipped_names(&found), ["last.ckpt"]);
+        assert_found(root, "epoch=0-step=8.ckpt", &["last.ckpt"]);
     }
 
     /// DeepSpeed's layout: `latest` names the tag directory of the last finished save.
@@ -1644,9 +1634,7 @@ mod tests {
         fs::write(root.join("config-step00093.json"), "{}").unwrap();
         fs::write(root.join("notes-step00092"), "not a checkpoint\n").unwrap();
         fs::create_dir(root.join("logs-step00091")).unwrap();
-        let found = discover_path(root);
-        assert_eq!(newest_name(&found), "ckpt-step00015.pt");
-        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        assert_found(root, "ckpt-step00015.pt", &[]);
 
         // An extensionless file that starts like a torch.save archive does count.
         copy(

@@ -414,33 +414,16 @@ pub fn build(journal: &str) -> Report {
                 });
             }
             "foreign_fault" => {
-                let rule = str_of(&v, "rule");
-                let f = foreign
-                    .entry(rule.clone())
-                    .or_insert_with(|| ForeignSummary {
-                        rule,
-                        class: str_of(&v, "class"),
-                        count: 0,
-                        example: str_of(&v, "line"),
-                    });
-                f.count += 1;
+                foreign_of(&mut foreign, &v, str_of(&v, "line")).count += 1;
                 if str_of(&v, "facility") == "health" {
                     r.health.foreign_faults += 1;
                     *r.health.by_class.entry(str_of(&v, "class")).or_default() += 1;
                 }
             }
             "foreign_repeats" => {
-                let rule = str_of(&v, "rule");
                 let count = v.get("count").and_then(Value::as_u64).unwrap_or(0);
-                let f = foreign
-                    .entry(rule.clone())
-                    .or_insert_with(|| ForeignSummary {
-                        rule,
-                        class: str_of(&v, "class"),
-                        count: 0,
-                        example: String::new(),
-                    });
-                f.count += count;
+                // A repeat count carries no line of its own; the example comes from the fault.
+                foreign_of(&mut foreign, &v, String::new()).count += count;
             }
             "warning" => r.warnings.push(str_of(&v, "message")),
             "gpus_excluded" => {
@@ -649,6 +632,24 @@ fn link_incident(a: &mut AttemptReport, v: &Value) {
     });
 }
 
+/// The summary of the foreign rule that `v` names, made on its first record with `example`
+/// (and its class) from that record; a later record only adds to the count.
+fn foreign_of<'a>(
+    foreign: &'a mut BTreeMap<String, ForeignSummary>,
+    v: &Value,
+    example: String,
+) -> &'a mut ForeignSummary {
+    let rule = str_of(v, "rule");
+    foreign
+        .entry(rule.clone())
+        .or_insert_with(|| ForeignSummary {
+            rule,
+            class: str_of(v, "class"),
+            count: 0,
+            example,
+        })
+}
+
 fn find(attempts: &mut [AttemptReport], n: u32) -> Option<&mut AttemptReport> {
     attempts.iter_mut().rev().find(|a| a.attempt == n)
 }
@@ -700,6 +701,75 @@ fn duration_text(secs: f64) -> String {
     }
 }
 
+/// One attempt's lines in the report: what it ran on and for how long, how it ended, and what
+/// happened around it (faults, exclusions, memory waits, a climb back).
+fn write_attempt(f: &mut fmt::Formatter<'_>, a: &AttemptReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  #{} {} ({}) {} from {}",
+        a.attempt,
+        a.tier,
+        a.device,
+        a.seconds.map_or("still running".into(), duration_text),
+        a.checkpoint.as_deref().unwrap_or("scratch"),
+    )?;
+    let mut end = a
+        .ended_by
+        .clone()
+        .unwrap_or_else(|| "no end recorded".into());
+    if let Some(s) = &a.status {
+        let _ = write!(end, " [{s}]");
+    }
+    writeln!(
+        f,
+        "      ended: {end}; {} checkpoint(s) written, {} kept",
+        a.checkpoints_written,
+        duration_text(a.kept_seconds)
+    )?;
+    if !a.gpus.is_empty() {
+        let gpus: Vec<String> = a.gpus.iter().map(u64::to_string).collect();
+        writeln!(f, "      GPUs: {}", gpus.join(","))?;
+    }
+    if let Some(fault) = &a.fault {
+        writeln!(
+            f,
+            "      fault: {} ({}) on {}",
+            fault.class, fault.rule, fault.stream
+        )?;
+        writeln!(f, "      line:  {}", fault.line)?;
+    }
+    // One cause per incident; the faults that only followed from it are counted.
+    if a.incidents.len() > 1 || a.incidents.iter().any(|i| i.followed > 0) {
+        for i in &a.incidents {
+            writeln!(
+                f,
+                "      incident: {} ({}); {} later fault(s) followed from it",
+                i.cause.class, i.cause.rule, i.followed
+            )?;
+        }
+    }
+    if !a.excluded.is_empty() {
+        writeln!(
+            f,
+            "      excluded for the rest of the run: {}",
+            a.excluded.join(", ")
+        )?;
+    }
+    if let Some(wait) = &a.memory_wait {
+        writeln!(
+            f,
+            "      before it, waited {wait} (the faulted attempt's GPU memory)"
+        )?;
+    }
+    if let Some(to) = &a.climbed_to {
+        writeln!(
+            f,
+            "      climbed back to tier `{to}` from its newest checkpoint"
+        )?;
+    }
+    Ok(())
+}
+
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "command:  {}", self.command.join(" "))?;
@@ -744,69 +814,7 @@ impl fmt::Display for Report {
         writeln!(f)?;
         writeln!(f, "attempts:")?;
         for a in &self.attempts {
-            writeln!(
-                f,
-                "  #{} {} ({}) {} from {}",
-                a.attempt,
-                a.tier,
-                a.device,
-                a.seconds.map_or("still running".into(), duration_text),
-                a.checkpoint.as_deref().unwrap_or("scratch"),
-            )?;
-            let mut end = a
-                .ended_by
-                .clone()
-                .unwrap_or_else(|| "no end recorded".into());
-            if let Some(s) = &a.status {
-                let _ = write!(end, " [{s}]");
-            }
-            writeln!(
-                f,
-                "      ended: {end}; {} checkpoint(s) written, {} kept",
-                a.checkpoints_written,
-                duration_text(a.kept_seconds)
-            )?;
-            if !a.gpus.is_empty() {
-                let gpus: Vec<String> = a.gpus.iter().map(u64::to_string).collect();
-                writeln!(f, "      GPUs: {}", gpus.join(","))?;
-            }
-            if let Some(fault) = &a.fault {
-                writeln!(
-                    f,
-                    "      fault: {} ({}) on {}",
-                    fault.class, fault.rule, fault.stream
-                )?;
-                writeln!(f, "      line:  {}", fault.line)?;
-            }
-            // One cause per incident; the faults that only followed from it are counted.
-            if a.incidents.len() > 1 || a.incidents.iter().any(|i| i.followed > 0) {
-                for i in &a.incidents {
-                    writeln!(
-                        f,
-                        "      incident: {} ({}); {} later fault(s) followed from it",
-                        i.cause.class, i.cause.rule, i.followed
-                    )?;
-                }
-            }
-            if !a.excluded.is_empty() {
-                writeln!(
-                    f,
-                    "      excluded for the rest of the run: {}",
-                    a.excluded.join(", ")
-                )?;
-            }
-            if let Some(wait) = &a.memory_wait {
-                writeln!(
-                    f,
-                    "      before it, waited {wait} (the faulted attempt's GPU memory)"
-                )?;
-            }
-            if let Some(to) = &a.climbed_to {
-                writeln!(
-                    f,
-                    "      climbed back to tier `{to}` from its newest checkpoint"
-                )?;
-            }
+            write_attempt(f, a)?;
         }
         writeln!(f)?;
         writeln!(f, "time per tier:")?;

@@ -250,7 +250,7 @@ impl Executor<'_> {
             Arc::clone(&self.outside),
             BLOCK_HOLD,
         );
-        match kernel::follow_held(
+        match kernel::follow(
             FollowConfig::new(source),
             classify,
             self.tx.clone(),

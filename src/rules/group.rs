@@ -257,58 +257,10 @@ mod tests {
     use super::*;
 
     fn rules() -> RuleSet {
-        let text = r#"
-[[rule]]
-id = "page-fault"
-class = "gpu_memory_fault"
-streams = ["kernel"]
-regex = '''amdgpu(?: (?P<pci>[0-9a-f:.]+))?: .*\[(?:gfx|mm)hub\d*\] page fault'''
-severity = "critical"
-advice = "a GPU page fault"
-examples = ["amdgpu 0000:c4:00.0: amdgpu: [gfxhub] page fault (src_id:0 ring:153 vmid:8 pasid:32786)"]
-
-[[rule]]
-id = "fallen-off"
-class = "gpu_lost"
-streams = ["kernel"]
-regex = '''fallen off the bus'''
-severity = "critical"
-advice = "gone"
-examples = ["NVRM: fallen off the bus and is not responding to commands."]
-
-[[rule]]
-id = "cuda-illegal"
-class = "gpu_memory_fault"
-streams = ["stderr"]
-regex = '''CUDA error: an illegal memory access'''
-severity = "critical"
-advice = "illegal address"
-examples = ["RuntimeError: CUDA error: an illegal memory access was encountered"]
-
-[[context]]
-id = "page-fault-detail"
-streams = ["kernel"]
-regex = '''amdgpu: +(?:in page starting at address|VM_L2_PROTECTION_FAULT_STATUS|Process \S+ pid (?P<pid>\d+))'''
-joins = "after"
-classes = ["gpu_memory_fault"]
-examples = ["amdgpu 0000:c4:00.0: amdgpu:   in page starting at address 0x00007fa4808cb000 from client 10"]
-
-[[context]]
-id = "cuda-hint"
-streams = ["stderr"]
-regex = '''CUDA kernel errors might be asynchronously reported'''
-joins = "after"
-examples = ["CUDA kernel errors might be asynchronously reported at some other API call"]
-
-[[context]]
-id = "nvidia-gpu-named"
-streams = ["kernel"]
-regex = '''NVRM: The NVIDIA GPU (?P<pci>[0-9a-fA-F:.]+)'''
-joins = "before"
-classes = ["gpu_lost"]
-examples = ["NVRM: The NVIDIA GPU 0000:3b:00.0 (PCI ID: 10de:1eb8)"]
-"#;
-        RuleSet::build(super::super::file::parse("test.toml", text).unwrap()).unwrap()
+        // A fixture file like the other rule sets the tests load; its faults and contexts are
+        // the shapes of block that grouping must handle.
+        let text = include_str!("../../tests/rules/grouping/rules.toml");
+        RuleSet::build(super::super::file::parse("grouping/rules.toml", text).unwrap()).unwrap()
     }
 
     fn group(lines: &[&str]) -> Vec<Finding> {

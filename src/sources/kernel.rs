@@ -194,33 +194,6 @@ fn is_unavailable(e: &io::Error) -> bool {
 /// classifier call.
 pub type Follower = Handle;
 
-/// Starts following the kernel log.
-///
-/// `classify` runs on the reader thread for every record and returns what to forward (or
-/// `None` to let the record go); `wrap` turns a [`KernelEvent`] into the channel's type. The
-/// device is opened and seeked to its end before this returns; an open that fails for lack of
-/// permission or of the device becomes one [`KernelEvent::Unavailable`] event, not an error.
-/// The error is for what prevents starting at all (no pipe, no thread).
-pub fn follow<T, E, C, W>(
-    config: FollowConfig,
-    mut classify: C,
-    tx: SyncSender<E>,
-    wrap: W,
-) -> io::Result<Follower>
-where
-    T: 'static,
-    E: Send + 'static,
-    C: FnMut(Record) -> Option<T> + Send + 'static,
-    W: Fn(KernelEvent<T>) -> E + Send + 'static,
-{
-    follow_kept(
-        config,
-        move |record| classify(record).map(Kept::May),
-        tx,
-        wrap,
-    )
-}
-
 /// What a classifier keeps of a record, and whether it may be dropped when the consumer falls
 /// behind.
 #[derive(Debug)]
@@ -250,15 +223,15 @@ pub trait Classify<T>: Send + 'static {
     fn due(&mut self, now: Instant, out: &mut Vec<Kept<T>>);
 }
 
-/// A classifier that decides each record on its own and holds nothing.
-struct Alone<C>(C);
-
-impl<T, C> Classify<T> for Alone<C>
+/// A plain function of one record is a classifier that decides each record on its own and
+/// holds nothing; what it keeps may be dropped when the consumer falls behind. Most followers
+/// (the `ui`, the tests) need no more than this, so they pass a closure straight to [`follow`].
+impl<T, F> Classify<T> for F
 where
-    C: FnMut(Record) -> Option<Kept<T>> + Send + 'static,
+    F: FnMut(Record) -> Option<T> + Send + 'static,
 {
     fn record(&mut self, record: Record, _now: Instant, out: &mut Vec<Kept<T>>) {
-        out.extend((self.0)(record));
+        out.extend(self(record).map(Kept::May));
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -268,24 +241,15 @@ where
     fn due(&mut self, _now: Instant, _out: &mut Vec<Kept<T>>) {}
 }
 
-/// Like [`follow`], with a classifier that says which records must not be dropped.
-pub fn follow_kept<T, E, C, W>(
-    config: FollowConfig,
-    classify: C,
-    tx: SyncSender<E>,
-    wrap: W,
-) -> io::Result<Follower>
-where
-    T: 'static,
-    E: Send + 'static,
-    C: FnMut(Record) -> Option<Kept<T>> + Send + 'static,
-    W: Fn(KernelEvent<T>) -> E + Send + 'static,
-{
-    follow_held(config, Alone(classify), tx, wrap)
-}
-
-/// Like [`follow_kept`], with a classifier that may hold records back ([`Classify`]).
-pub fn follow_held<T, E, C, W>(
+/// Starts following the kernel log.
+///
+/// `classify` runs on the reader thread for every record and says what to forward: a closure
+/// returning `None` to let the record go, or a [`Classify`] that may hold records back and say
+/// which must not be dropped. `wrap` turns a [`KernelEvent`] into the channel's type. The
+/// device is opened and seeked to its end before this returns; an open that fails for lack of
+/// permission or of the device becomes one [`KernelEvent::Unavailable`] event, not an error.
+/// The error is for what prevents starting at all (no pipe, no thread).
+pub fn follow<T, E, C, W>(
     config: FollowConfig,
     classify: C,
     tx: SyncSender<E>,
@@ -1084,7 +1048,7 @@ mod tests {
         let (tx, rx) = sync_channel(8);
         let hold = Duration::from_millis(100);
         let started = Instant::now();
-        let follower = follow_held(
+        let follower = follow(
             FollowConfig::new(source),
             HoldOne { held: None, hold },
             tx,

@@ -1837,6 +1837,17 @@ mod tests {
             all
         }
 
+        /// Feeds the start event, as every run begins; for tests that do not look at its effects.
+        pub(super) fn start(mut self) -> Run {
+            self.feed(Event::Start);
+            self
+        }
+
+        /// Feeds a fault read in `attempt`'s output (or the kernel log).
+        pub(super) fn fault(&mut self, attempt: u32, fault: Fault) -> Vec<Effect> {
+            self.feed(Event::Fault { attempt, fault })
+        }
+
         pub(super) fn advance(&mut self, d: Duration) -> Vec<Effect> {
             self.now += d;
             self.feed(Event::Tick)
@@ -1896,14 +1907,10 @@ mod tests {
             ..kernel_fault_of(FaultClass::ProcessCrash, Action::Restart)
         };
         let ladder_of = |kernel_first: bool| {
-            let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-            r.feed(Event::Start);
+            let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
             for attempt in 1..=2 {
                 if kernel_first {
-                    r.feed(Event::Fault {
-                        attempt,
-                        fault: segfault(),
-                    });
+                    r.fault(attempt, segfault());
                 }
                 r.exit(attempt, JobExit::Signal(11));
                 r.advance(Duration::from_secs(60));
@@ -1945,8 +1952,7 @@ mod tests {
 
     #[test]
     fn clean_exit_finishes_without_restart() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         r.exit(1, JobExit::Code(0));
         assert_eq!(r.spawns(), vec![(1, 0)]);
         assert_eq!(r.outcome(), Some(Outcome::Succeeded));
@@ -1955,12 +1961,8 @@ mod tests {
 
     #[test]
     fn memory_fault_stops_then_falls_back_to_cpu_after_backoff() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        let out = r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         assert_eq!(signals(&out), vec![Sig::Terminate]);
         r.exit(1, JobExit::Signal(15));
         // Not yet: backoff of 1 s.
@@ -2001,20 +2003,10 @@ mod tests {
     /// collective's fallout, are journaled as following from the kernel's fault.
     #[test]
     fn faults_that_follow_from_the_first_are_journaled_as_its_cascade() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        let mut all = r.feed(Event::Fault {
-            attempt: 1,
-            fault: kernel_fault(),
-        });
-        all.extend(r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        }));
-        all.extend(r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::CollectiveFailure, Action::Restart),
-        }));
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        let mut all = r.fault(1, kernel_fault());
+        all.extend(r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback)));
+        all.extend(r.fault(1, fault(FaultClass::CollectiveFailure, Action::Restart)));
         let incidents: Vec<Role> = all
             .iter()
             .filter_map(|e| match e {
@@ -2036,12 +2028,8 @@ mod tests {
 
     #[test]
     fn a_kernel_fault_waits_for_the_jobs_own_report_then_sigterm() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: kernel_fault(),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        let out = r.fault(1, kernel_fault());
         assert!(signals(&out).is_empty(), "no signal before the settle time");
         assert!(
             out.iter()
@@ -2065,17 +2053,10 @@ mod tests {
 
     #[test]
     fn the_jobs_own_fault_line_ends_the_wait_and_both_are_journaled() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: kernel_fault(),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, kernel_fault());
         r.advance(Duration::from_millis(100));
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let out = r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         assert_eq!(signals(&out), vec![Sig::Terminate]);
         let journaled = r
             .log
@@ -2089,12 +2070,8 @@ mod tests {
 
     #[test]
     fn a_job_that_dies_of_the_fault_during_the_wait_falls_back_unsignalled() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: kernel_fault(),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, kernel_fault());
         let out = r.exit(1, JobExit::Code(1));
         assert!(signals(&out).is_empty());
         assert!(signals(&r.advance(SETTLE)).is_empty());
@@ -2104,12 +2081,8 @@ mod tests {
 
     #[test]
     fn job_that_ignores_sigterm_gets_sigkill_after_grace() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         assert!(signals(&r.advance(Duration::from_secs(9))).is_empty());
         assert_eq!(r.sup.next_deadline(), Some(r.t0 + Duration::from_secs(10)));
         assert_eq!(signals(&r.advance(Duration::from_secs(1))), vec![Sig::Kill]);
@@ -2122,12 +2095,9 @@ mod tests {
         let mut r = Run::new(
             policy(),
             &[("gpu", true), ("gpu-sdk", true), ("cpu", false)],
-        );
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuUnsupportedKernel, Action::Fallback),
-        });
+        )
+        .start();
+        r.fault(1, fault(FaultClass::GpuUnsupportedKernel, Action::Fallback));
         r.exit(1, JobExit::Code(1));
         r.advance(Duration::from_secs(1));
         assert_eq!(r.spawns(), vec![(1, 0), (2, 2)]);
@@ -2135,13 +2105,9 @@ mod tests {
 
     #[test]
     fn fallback_on_last_tier_exhausts_the_ladder() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         for attempt in 1..=2 {
-            r.feed(Event::Fault {
-                attempt,
-                fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-            });
+            r.fault(attempt, fault(FaultClass::GpuMemoryFault, Action::Fallback));
             r.exit(attempt, JobExit::Code(1));
             r.advance(Duration::from_secs(1));
         }
@@ -2153,8 +2119,7 @@ mod tests {
     fn crash_loop_stops_at_the_budget_with_growing_backoff() {
         let mut p = policy();
         p.max_restarts = 3;
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
         let mut delays = Vec::new();
         for attempt in 1..=4 {
             r.exit(attempt, JobExit::Code(1));
@@ -2185,8 +2150,7 @@ mod tests {
         let mut p = policy();
         p.max_restarts = 10;
         p.backoff_max = Duration::from_secs(3);
-        let mut r = Run::new(p, &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true)]).start();
         for attempt in 1..=5 {
             r.exit(attempt, JobExit::Code(1));
             let deadline = r.sup.next_deadline().unwrap();
@@ -2198,8 +2162,7 @@ mod tests {
 
     #[test]
     fn user_signal_is_forwarded_and_never_restarts() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         let out = r.feed(Event::Signal(Sig::Terminate));
         assert_eq!(signals(&out), vec![Sig::Terminate]);
         r.exit(1, JobExit::Signal(15));
@@ -2210,8 +2173,7 @@ mod tests {
 
     #[test]
     fn forward_only_signals_reach_the_job_and_never_stop_it() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         for sig in [Sig::User1, Sig::User2, Sig::Continue, Sig::WindowChange] {
             let out = r.feed(Event::Signal(sig));
             assert_eq!(signals(&out), vec![sig]);
@@ -2225,8 +2187,7 @@ mod tests {
 
     #[test]
     fn forward_only_signal_in_backoff_is_dropped() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
         r.exit(1, JobExit::Code(1));
         assert!(signals(&r.feed(Event::Signal(Sig::User1))).is_empty());
         assert_eq!(r.outcome(), None);
@@ -2234,8 +2195,7 @@ mod tests {
 
     #[test]
     fn second_ctrl_c_kills_at_once() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
         assert_eq!(
             signals(&r.feed(Event::Signal(Sig::Interrupt))),
             vec![Sig::Interrupt]
@@ -2250,12 +2210,8 @@ mod tests {
 
     #[test]
     fn user_signal_during_fault_stop_wins_over_restart() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         r.feed(Event::Signal(Sig::Interrupt));
         r.exit(1, JobExit::Signal(15));
         assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Interrupt)));
@@ -2264,8 +2220,7 @@ mod tests {
 
     #[test]
     fn signal_during_backoff_ends_the_run() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
         r.exit(1, JobExit::Code(1));
         r.feed(Event::Signal(Sig::Interrupt));
         assert_eq!(r.outcome(), Some(Outcome::Interrupted(Sig::Interrupt)));
@@ -2275,12 +2230,8 @@ mod tests {
 
     #[test]
     fn stop_action_gives_up() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::DeviceAssert, Action::Stop),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::DeviceAssert, Action::Stop));
         r.exit(1, JobExit::Code(1));
         assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
     }
@@ -2290,12 +2241,8 @@ mod tests {
         let mut p = policy();
         p.class_actions.insert(FaultClass::GpuOom, Action::Restart);
         p.class_actions.insert(FaultClass::GpuHang, Action::Note);
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuOom, Action::Fallback),
-        });
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
+        let out = r.fault(1, fault(FaultClass::GpuOom, Action::Fallback));
         assert!(out.iter().any(
             |e| matches!(e, Effect::Say(m) if m.contains("[policy] makes gpu_oom `restart`"))
         ));
@@ -2303,10 +2250,7 @@ mod tests {
         r.advance(Duration::from_secs(2));
         // Restarted on the same tier; a hang made `note` by the policy stops nothing.
         assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
-        let out = r.feed(Event::Fault {
-            attempt: 2,
-            fault: fault(FaultClass::GpuHang, Action::Restart),
-        });
+        let out = r.fault(2, fault(FaultClass::GpuHang, Action::Restart));
         assert!(signals(&out).is_empty());
     }
 
@@ -2315,8 +2259,7 @@ mod tests {
         let mut p = policy();
         p.checkpoints_watched = true;
         p.warn_no_checkpoint_after = Some(Duration::from_secs(600));
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
         r.advance(Duration::from_secs(700));
         let out = r.exit(1, JobExit::Code(1));
         let warnings: Vec<&String> = out
@@ -2346,16 +2289,9 @@ mod tests {
 
     #[test]
     fn stronger_later_fault_decides() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::DeviceAssert, Action::Stop),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
+        let out = r.fault(1, fault(FaultClass::DeviceAssert, Action::Stop));
         assert!(signals(&out).is_empty(), "one SIGTERM per attempt");
         r.exit(1, JobExit::Code(1));
         assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
@@ -2363,13 +2299,9 @@ mod tests {
 
     #[test]
     fn hang_restarts_once_then_falls_back() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         for attempt in 1..=2 {
-            r.feed(Event::Fault {
-                attempt,
-                fault: fault(FaultClass::GpuHang, Action::Restart),
-            });
+            r.fault(attempt, fault(FaultClass::GpuHang, Action::Restart));
             r.exit(attempt, JobExit::Code(1));
             r.advance(Duration::from_secs(2));
         }
@@ -2378,14 +2310,10 @@ mod tests {
 
     #[test]
     fn fault_storm_is_journaled_once_with_a_count() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         let mut journaled = 0;
         for _ in 0..1000 {
-            let out = r.feed(Event::Fault {
-                attempt: 1,
-                fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-            });
+            let out = r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
             journaled += out
                 .iter()
                 .filter(|e| matches!(e, Effect::Journal(Record::Fault { .. })))
@@ -2402,12 +2330,8 @@ mod tests {
 
     #[test]
     fn note_faults_do_not_stop_the_job() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuReset, Action::Note),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
+        let out = r.fault(1, fault(FaultClass::GpuReset, Action::Note));
         assert!(signals(&out).is_empty());
         assert!(
             out.iter()
@@ -2417,21 +2341,16 @@ mod tests {
 
     #[test]
     fn faults_of_an_old_attempt_are_ignored() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         r.exit(1, JobExit::Code(1));
         r.advance(Duration::from_secs(1));
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let out = r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         assert!(out.is_empty());
     }
 
     #[test]
     fn workers_left_after_the_leader_exits_are_stopped_before_the_attempt_ends() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         let out = r.feed(Event::Exited {
             attempt: 1,
             status: JobExit::Code(0),
@@ -2456,12 +2375,8 @@ mod tests {
 
     #[test]
     fn after_a_fault_workers_that_ignore_sigterm_get_sigkill_even_when_the_leader_exited() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         r.feed(Event::Exited {
             attempt: 1,
             status: JobExit::Signal(15),
@@ -2492,12 +2407,8 @@ mod tests {
 
     #[test]
     fn processes_that_survive_sigkill_are_given_up_on() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuHang, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuHang, Action::Fallback));
         r.advance(Duration::from_secs(10));
         // The leader is stuck in the driver: no exit, no empty group, the pipes stay open.
         let out = r.advance(KILL_WAIT);
@@ -2513,8 +2424,7 @@ mod tests {
 
     #[test]
     fn output_held_open_outside_the_group_ends_once_seen_empty_after_the_group_died() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
         let before = r.now;
         r.now += Duration::from_millis(10);
         r.feed(Event::Exited {
@@ -2535,12 +2445,8 @@ mod tests {
 
     #[test]
     fn the_fault_signal_is_sent_before_the_journal_write() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        let out = r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        let out = r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         assert!(
             matches!(
                 out[0],
@@ -2556,12 +2462,8 @@ mod tests {
     #[test]
     fn job_exiting_zero_after_a_fault_stop_is_not_success() {
         // Lightning saves and exits 0 on SIGTERM: that is still an attempt ended by a fault.
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         r.exit(1, JobExit::Code(0));
         assert!(r.outcome().is_none());
         r.advance(Duration::from_secs(1));
@@ -2591,36 +2493,21 @@ mod tests {
     fn zero_budget_means_no_restart() {
         let mut p = policy();
         p.max_restarts = 0;
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::GpuMemoryFault, Action::Fallback),
-        });
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::GpuMemoryFault, Action::Fallback));
         r.exit(1, JobExit::Signal(15));
         assert_eq!(r.outcome(), Some(Outcome::BudgetSpent));
     }
 
     // ---- forced fallback (issue 10: `f` in `run --ui`) ----
 
-    fn said(effects: &[Effect]) -> String {
-        effects
-            .iter()
-            .filter_map(|e| match e {
-                Effect::Say(s) => Some(s.as_str()),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     #[test]
     fn a_forced_fallback_stops_the_attempt_and_restarts_it_one_tier_down() {
         let mut r = Run::new(
             policy(),
             &[("gpu-fast", true), ("gpu-safe", true), ("cpu", false)],
-        );
-        r.feed(Event::Start);
+        )
+        .start();
         let out = r.feed(Event::ForceFallback);
         assert_eq!(signals(&out), vec![Sig::Terminate], "the signal first");
         assert!(matches!(out[0], Effect::Signal { .. }));
@@ -2630,13 +2517,13 @@ mod tests {
             to: "gpu-safe".into(),
         })));
         assert!(
-            said(&out).contains("fallback forced by the user"),
+            says(&out).contains("fallback forced by the user"),
             "{out:?}"
         );
         // Pressed again while it stops: nothing more (the grace still runs).
         let again = r.feed(Event::ForceFallback);
         assert!(signals(&again).is_empty());
-        assert!(said(&again).contains("already ending"));
+        assert!(says(&again).contains("already ending"));
         r.exit(1, JobExit::Signal(15));
         r.advance(Duration::from_secs(1));
         // One tier down, not to the first CPU tier: a forced fallback is not a fault class.
@@ -2661,44 +2548,37 @@ mod tests {
     #[test]
     fn a_forced_fallback_is_refused_on_the_last_tier_with_no_budget_or_during_a_stop() {
         // The last tier: nothing below, the job keeps running.
-        let mut r = Run::new(policy(), &[("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("cpu", false)]).start();
         let out = r.feed(Event::ForceFallback);
         assert!(signals(&out).is_empty());
-        assert!(said(&out).contains("last tier"), "{out:?}");
+        assert!(says(&out).contains("last tier"), "{out:?}");
         assert!(!r.sup.stopping());
 
         // The budget spent: a fallback would end the run instead.
         let mut p = policy();
         p.max_restarts = 0;
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
         let out = r.feed(Event::ForceFallback);
         assert!(signals(&out).is_empty());
-        assert!(said(&out).contains("budget"), "{out:?}");
+        assert!(says(&out).contains("budget"), "{out:?}");
 
         // A fault's stop already decided: it stands (a `stop` fault must not become a
         // fallback).
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: fault(FaultClass::DeviceAssert, Action::Stop),
-        });
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.fault(1, fault(FaultClass::DeviceAssert, Action::Stop));
         let out = r.feed(Event::ForceFallback);
-        assert!(signals(&out).is_empty() && said(&out).contains("already ending"));
+        assert!(signals(&out).is_empty() && says(&out).contains("already ending"));
         r.exit(1, JobExit::Signal(15));
         assert!(matches!(r.outcome(), Some(Outcome::StoppedByFault { .. })));
 
         // After the run: nothing to do.
         let out = r.feed(Event::ForceFallback);
-        assert!(said(&out).contains("no job is running"));
+        assert!(says(&out).contains("no job is running"));
     }
 
     #[test]
     fn a_forced_fallback_during_a_backoff_moves_the_waiting_attempt_down() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         r.exit(1, JobExit::Code(1));
         let out = r.feed(Event::ForceFallback);
         assert!(out.contains(&Effect::Journal(Record::FallbackForced {
@@ -2710,7 +2590,7 @@ mod tests {
         assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
         // On the last tier now: refused.
         r.exit(2, JobExit::Code(1));
-        assert!(said(&r.feed(Event::ForceFallback)).contains("last tier"));
+        assert!(says(&r.feed(Event::ForceFallback)).contains("last tier"));
     }
 
     // ---- stall detection (issue 11) ----
@@ -2733,8 +2613,7 @@ mod tests {
 
     #[test]
     fn progress_keeps_a_job_alive_and_silence_is_a_gpu_hang_on_a_gpu_tier() {
-        let mut r = Run::new(stalling(60), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(stalling(60), &[("gpu", true), ("cpu", false)]).start();
         assert_eq!(r.sup.next_deadline(), Some(r.t0 + Duration::from_secs(60)));
         // Output every 50 s: never a stall.
         for _ in 0..4 {
@@ -2811,8 +2690,7 @@ mod tests {
 
     #[test]
     fn silence_on_a_cpu_tier_is_job_stalled() {
-        let mut r = Run::new(stalling(10), &[("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(stalling(10), &[("cpu", false)]).start();
         let out = r.advance(Duration::from_secs(10));
         assert_eq!(journaled_faults(&out), [FaultClass::JobStalled]);
         assert_eq!(signals(&out), [Sig::Terminate]);
@@ -2824,16 +2702,14 @@ mod tests {
 
     #[test]
     fn no_stall_timeout_means_no_stall() {
-        let mut r = Run::new(policy(), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true)]).start();
         assert_eq!(r.sup.next_deadline(), None);
         assert!(r.advance(Duration::from_secs(86_400)).is_empty());
     }
 
     #[test]
     fn a_job_that_exited_is_not_stalled_while_its_output_drains() {
-        let mut r = Run::new(stalling(5), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(stalling(5), &[("gpu", true)]).start();
         r.feed(Event::Exited {
             attempt: 1,
             status: JobExit::Code(0),
@@ -2863,10 +2739,7 @@ mod tests {
             let path = PathBuf::from(format!("written-by-{attempt}"));
             r.feed(Event::Checkpoint { attempt, at, path });
         }
-        r.feed(Event::Fault {
-            attempt,
-            fault: fault(class, class.default_action()),
-        });
+        r.fault(attempt, fault(class, class.default_action()));
         r.exit(attempt, JobExit::Code(1));
         if let Some(deadline) = r.sup.next_deadline() {
             r.now = deadline;
@@ -2876,8 +2749,7 @@ mod tests {
 
     #[test]
     fn the_same_fault_from_the_same_checkpoint_twice_goes_down_the_ladder() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuReset);
         attempt_with(&mut r, 2, Some("c4"), false, FaultClass::GpuReset);
         // gpu_reset never escalated before; from the same checkpoint twice it is deterministic.
@@ -2891,8 +2763,7 @@ mod tests {
     fn a_fault_right_after_the_checkpoint_the_next_attempt_resumes_from_is_deterministic() {
         // Attempt 1 writes a checkpoint and faults; attempt 2 resumes from it and faults
         // before writing another: both got exactly as far (the segfault-at-step-3 loop).
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         attempt_with(&mut r, 1, None, true, FaultClass::ProcessCrash);
         attempt_with(
             &mut r,
@@ -2906,8 +2777,7 @@ mod tests {
 
     #[test]
     fn the_same_fault_at_a_different_step_each_time_stays_on_the_tier() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         // A GPU hang escalates on repeat, but each time after progress: transient, stay.
         attempt_with(&mut r, 1, Some("c2"), true, FaultClass::GpuHang);
         attempt_with(&mut r, 2, Some("c4"), true, FaultClass::GpuHang);
@@ -2919,8 +2789,7 @@ mod tests {
     fn three_restarts_without_a_new_checkpoint_end_the_tier() {
         let mut p = policy();
         p.checkpoints_watched = true;
-        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true), ("cpu", false)]).start();
         // Different classes (so never "the same fault twice"), and no checkpoint written.
         attempt_with(&mut r, 1, Some("c"), false, FaultClass::GpuReset);
         attempt_with(&mut r, 2, Some("c"), false, FaultClass::ProcessCrash);
@@ -2940,8 +2809,7 @@ mod tests {
 
     #[test]
     fn without_watched_checkpoints_no_checkpoint_is_not_no_progress() {
-        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
         attempt_with(&mut r, 1, None, false, FaultClass::GpuReset);
         attempt_with(&mut r, 2, Some("a"), false, FaultClass::ProcessCrash);
         attempt_with(&mut r, 3, Some("b"), false, FaultClass::CollectiveFailure);
@@ -2954,8 +2822,7 @@ mod tests {
         p.max_restarts = 2;
         p.backoff_max = Duration::from_secs(1);
         p.restart_window = Some(Duration::from_secs(3600));
-        let mut r = Run::new(p, &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(p, &[("gpu", true)]).start();
         // Two crashes at the start of the night, then an hour of work, then two more: fine.
         for attempt in 1..=2 {
             r.exit(attempt, JobExit::Code(1));
@@ -3010,7 +2877,7 @@ mod tests {
 
     /// Stops `attempt` for `fault` and lets it die of the SIGTERM; returns what that caused.
     fn stop_for(r: &mut Run, attempt: u32, fault: Fault) -> Vec<Effect> {
-        let mut out = r.feed(Event::Fault { attempt, fault });
+        let mut out = r.fault(attempt, fault);
         out.extend(r.advance(SETTLE));
         out.extend(r.exit(attempt, JobExit::Signal(15)));
         out.extend(r.advance(Duration::from_secs(120)));
@@ -3040,8 +2907,7 @@ mod tests {
 
     #[test]
     fn a_fault_on_one_of_two_gpus_restarts_on_the_same_tier_without_it() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2).start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
         let out = stop_for(&mut r, 1, f);
         assert_eq!(r.spawns(), vec![(1, 0), (2, 0)]);
@@ -3093,8 +2959,8 @@ mod tests {
             policy(),
             &[("gpu", true), ("gpu-safe", true), ("cpu", false)],
             2,
-        );
-        r.feed(Event::Start);
+        )
+        .start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
         stop_for(&mut r, 1, f);
         let f = gpu_fault(&r, 2, 0, FaultClass::GpuEcc);
@@ -3122,8 +2988,7 @@ mod tests {
 
     #[test]
     fn a_fault_that_names_no_gpu_goes_down_the_ladder() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2).start();
         let f = kernel_fault_of(FaultClass::GpuLost, Action::Fallback);
         let out = stop_for(&mut r, 1, f);
         assert!(exclusions(&out).is_empty());
@@ -3133,8 +2998,7 @@ mod tests {
 
     #[test]
     fn a_fault_naming_every_gpu_goes_down_the_ladder() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2).start();
         let mut f = gpu_fault(&r, 1, 0, FaultClass::GpuMemoryFault);
         f.gpus
             .extend(gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault).gpus);
@@ -3147,8 +3011,7 @@ mod tests {
     fn no_exclusion_below_min_gpus_or_when_switched_off_or_for_an_oom() {
         let mut p = policy();
         p.min_gpus = 2;
-        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 2).start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
         let out = stop_for(&mut r, 1, f);
         assert!(
@@ -3160,16 +3023,14 @@ mod tests {
 
         let mut p = policy();
         p.gpu_exclusion = false;
-        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 4);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(p, &[("gpu", true), ("cpu", false)], 4).start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuLost);
         let out = stop_for(&mut r, 1, f);
         assert!(says(&out).contains("switched off"), "{}", says(&out));
         assert_eq!(r.spawns(), vec![(1, 0), (2, 1)]);
 
         // An OOM naming cuda:1 is the job's size, not GPU 1's fault.
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2).start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuOom);
         let out = stop_for(&mut r, 1, f);
         assert!(exclusions(&out).is_empty());
@@ -3179,8 +3040,7 @@ mod tests {
     #[test]
     fn a_restart_fault_on_one_gpu_restarts_with_every_gpu_and_an_exclusion_beats_the_last_tier() {
         // A reset loses the work but says nothing against the GPU: same tier, same GPUs.
-        let mut r = Run::with_gpus(policy(), &[("gpu", true)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true)], 2).start();
         let f = gpu_fault(&r, 1, 1, FaultClass::GpuReset);
         let out = stop_for(&mut r, 1, f);
         assert!(exclusions(&out).is_empty());
@@ -3196,8 +3056,7 @@ mod tests {
 
     #[test]
     fn the_same_fault_at_the_same_point_on_another_gpu_follows_the_job_down_the_ladder() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4).start();
         let f = gpu_fault(&r, 1, 3, FaultClass::GpuMemoryFault);
         let out = stop_for(&mut r, 1, f);
         assert_eq!(exclusions(&out).len(), 1);
@@ -3215,8 +3074,7 @@ mod tests {
 
     #[test]
     fn the_same_fault_after_progress_on_another_gpu_excludes_that_one_too() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 4).start();
         let f = gpu_fault(&r, 1, 3, FaultClass::GpuLost);
         stop_for(&mut r, 1, f);
         let at = r.now;
@@ -3235,14 +3093,10 @@ mod tests {
 
     #[test]
     fn the_jobs_own_report_first_and_the_xid_naming_the_gpu_after_still_exclude_it() {
-        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(policy(), &[("gpu", true), ("cpu", false)], 2).start();
         // `CUDA error: an illegal memory access` on stderr: no GPU named; it decides at once.
         let own = fault(FaultClass::GpuMemoryFault, Action::Fallback);
-        r.feed(Event::Fault {
-            attempt: 1,
-            fault: own,
-        });
+        r.fault(1, own);
         // The kernel's Xid 31 naming GPU 1 comes a moment later, with the same action.
         let mut xid = gpu_fault(&r, 1, 1, FaultClass::GpuMemoryFault);
         xid.rule = "xid-31".into();
