@@ -278,6 +278,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn compute_apps_of_a_real_h100() {
+        // Captured by scripts/nvidia-captures.sh on an H100 (driver 580.159.04) while two
+        // PyTorch processes held 3 GiB and 5 GiB tensors: the exact query gpuwarden makes.
+        let text =
+            crate::sources::health::fixture("nvidia-smi-query-compute-apps-gpuwarden-h100-580.txt");
+        let apps = parse_compute_apps(&text).unwrap();
+        assert_eq!(
+            apps,
+            [
+                (437, 5730 << 20, "00000000:00:06.0".to_string()),
+                (436, 3682 << 20, "00000000:00:06.0".to_string()),
+            ]
+        );
+        assert!(same_slot(Some(&apps[0].2), Some("0000:00:06.0")));
+    }
+
+    #[test]
     fn compute_apps_csv_as_nvidia_smi_prints_it() {
         // The processes of `nvidia-smi-default-470-with-processes.txt` (corpus), in the CSV
         // form of --query-compute-apps (pid, MiB, bus id), and a `[N/A]` memory field.
