@@ -12,9 +12,13 @@
 //!   gpuwarden runs on the machine see these records too (as foreign faults, not acted on).
 //! - `passthrough`: 2 GB of training-log lines through gpuwarden to /dev/null: throughput and
 //!   gpuwarden's peak RSS.
+//! - `stall`: a job that prints step lines, then hangs: the time from its last step line to
+//!   SIGTERM, with a fixed `--stall-timeout 2s` and with the timeout learned from the step lines
+//!   (`--progress`, 20 steps 100 ms apart, floor 1 s: learned 1 s), 10 runs each (p50, max, and
+//!   how far past the timeout).
 //!
 //! Run with `cargo bench --bench supervisor` (all), or `-- latency` / `-- kmsg-latency` /
-//! `-- passthrough`.
+//! `-- passthrough` / `-- stall`.
 //! The job is this benchmark's own executable, re-run with `GPUWARDEN_BENCH_JOB` set, so the
 //! timestamps on both sides of the pipe are taken in compiled code with the same monotonic clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -34,6 +38,7 @@ fn main() {
         Ok("fault") => return fault_job(),
         Ok("flood") => return flood_job(),
         Ok("kmsg") => return kmsg_job(),
+        Ok("stall") => return stall_job(),
         _ => {}
     }
     let which: Vec<String> = std::env::args()
@@ -49,6 +54,84 @@ fn main() {
     }
     if wants("passthrough") {
         passthrough(2 * 1000 * 1000 * 1000);
+    }
+    if wants("stall") {
+        stall(10);
+    }
+}
+
+/// The job of one stall trial: 20 step lines 100 ms apart, then nothing; reports the
+/// nanoseconds from the last line to SIGTERM.
+fn stall_job() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).unwrap();
+    let mut out = std::io::stdout();
+    let mut last = Instant::now();
+    for step in 1..=20 {
+        std::thread::sleep(Duration::from_millis(100));
+        writeln!(out, "step {step} loss 0.5").unwrap();
+        out.flush().unwrap();
+        last = Instant::now();
+    }
+    set.wait().unwrap();
+    let nanos = last.elapsed().as_nanos();
+    let path = std::env::var("GPUWARDEN_BENCH_OUT").unwrap();
+    std::fs::write(path, nanos.to_string()).unwrap();
+}
+
+/// Last step line -> SIGTERM for a hung job, fixed and learned stall timeouts.
+fn stall(trials: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let cases: [(&str, f64, &[&str]); 2] = [
+        ("fixed --stall-timeout 2s", 2.0, &["--stall-timeout", "2s"]),
+        (
+            "learned (--progress, 100 ms steps, floor 1s)",
+            1.0,
+            &[
+                "--progress",
+                r"^step \d+",
+                "--stall-timeout",
+                "auto",
+                "--stall-timeout-floor",
+                "1s",
+            ],
+        ),
+    ];
+    for (case, (name, timeout, flags)) in cases.into_iter().enumerate() {
+        let mut samples = Vec::with_capacity(trials);
+        for i in 0..trials {
+            let out = dir.path().join(format!("stall-{case}-{i}"));
+            let status = Command::new(BIN)
+                .args(["run", "--max-restarts", "0", "--ladder", "cpu", "--run-dir"])
+                .arg(dir.path().join(format!("run-{case}-{i}")))
+                .args(flags)
+                .arg("--")
+                .arg(&me)
+                .env("GPUWARDEN_BENCH_JOB", "stall")
+                .env("GPUWARDEN_BENCH_OUT", &out)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .unwrap();
+            assert_eq!(
+                status.code(),
+                Some(3),
+                "gpuwarden gives up after 0 restarts"
+            );
+            let nanos: f64 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+            samples.push(nanos / 1e9);
+        }
+        samples.sort_by(f64::total_cmp);
+        println!(
+            "stall, {name}: last step line -> SIGTERM ({trials} runs): p50 {:.3} s, max {:.3} s, min {:.3} s (timeout {timeout:.1} s; p50 {:.0} ms past it)",
+            percentile(&samples, 50.0),
+            samples[samples.len() - 1],
+            samples[0],
+            (percentile(&samples, 50.0) - timeout) * 1000.0
+        );
     }
 }
 

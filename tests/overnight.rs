@@ -860,3 +860,41 @@ fn with_progress_the_stall_timeout_is_learned_and_catches_a_hang_in_seconds() {
     );
     assert!((1.0..5.0).contains(&gap), "{gap}");
 }
+
+#[test]
+fn a_learned_stall_timeout_never_stops_a_job_that_keeps_beating() {
+    // Heartbeats every 0.15 s for 4.5 s, no hang: the learned timeout is 1 s (the floor given),
+    // and the job must finish untouched. (When the output readers told the supervisor of new
+    // output at most once a second, it heard of this job's lines 1.05 s apart, so a 1 s timeout
+    // stopped it as stalled at about 2 s.)
+    let scene = Scene::new();
+    let config = fast_config(&scene);
+    let out = scene.run(
+        &[
+            "--config",
+            &config,
+            "--no-kernel-log",
+            "--no-health",
+            "--progress",
+            r"^step \d+/",
+            "--stall-timeout-floor",
+            "1s",
+        ],
+        &["--steps", "30", "--every", "10", "--sleep", "0.15"],
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}");
+    assert!(stderr.contains("stall timeout learned: 1.0s"), "{stderr}");
+    let journal = scene.full_journal();
+    assert!(
+        journal.iter().all(|r| r["event"] != "fault"),
+        "a healthy job was stopped: {journal:#?}"
+    );
+    assert_eq!(
+        journal
+            .iter()
+            .filter(|r| r["event"] == "attempt_started")
+            .count(),
+        1
+    );
+}

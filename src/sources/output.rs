@@ -31,8 +31,12 @@ pub const OVERLAP: usize = 1024;
 
 const CHUNK: usize = 256 * 1024;
 
-/// The most often a pump reports [`OutputEvent::Progress`].
-pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The most often a pump reports [`OutputEvent::Progress`]. It is also how late the supervisor
+/// may learn of the last output, so it must stay well below the shortest stall timeout a user
+/// may give (a learned one can be 1 s): at 1 s, a job printing every 100 ms under a 1 s timeout
+/// was stopped as stalled mid-stream (benches/supervisor.rs `stall`). Ten events a second per
+/// stream cost the loop nothing measurable, a flood included.
+pub const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 /// Pipe capacity asked for (the default `/proc/sys/fs/pipe-max-size` allows 1 MiB).
 const PIPE_SIZE: i32 = 1024 * 1024;
@@ -52,8 +56,9 @@ pub enum OutputEvent {
         at: Instant,
     },
     /// New output arrived at `at`: the job is alive. Sent at most once per
-    /// [`PROGRESS_EVERY`]; output held back by that limit is reported when the pipe goes quiet,
-    /// so the supervisor always learns the time of the last output within about a second.
+    /// [`PROGRESS_EVERY`]; output held back by that limit is reported as soon as the limit
+    /// allows, so the supervisor always learns the time of the last output within
+    /// [`PROGRESS_EVERY`].
     Progress {
         at: Instant,
     },
@@ -219,12 +224,26 @@ where
             let mut steps = Steps::default();
             loop {
                 if drained {
+                    // Held progress is due when the limit allows: wake for it then, not only
+                    // when the pipe has been quiet for IDLE_AFTER.
+                    let flush_in = progress_held.and(progress_sent).map(|sent| {
+                        PROGRESS_EVERY
+                            .saturating_sub(Instant::now().saturating_duration_since(sent))
+                    });
+                    let wait_ms = match flush_in {
+                        Some(d) => u16::try_from(d.as_millis()).unwrap_or(idle_ms).min(idle_ms),
+                        None => idle_ms,
+                    };
                     let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
-                    match poll(&mut fds, idle_ms) {
-                        Ok(0) => {
+                    match poll(&mut fds, wait_ms) {
+                        Ok(0) if flush_in.is_some() => {
                             if let Some(at) = progress_held.take() {
+                                progress_sent = Some(Instant::now());
                                 report(OutputEvent::Progress { at });
                             }
+                            continue;
+                        }
+                        Ok(0) => {
                             report(OutputEvent::Idle { at: Instant::now() });
                             continue;
                         }
