@@ -12,13 +12,16 @@
 //!   gpuwarden runs on the machine see these records too (as foreign faults, not acted on).
 //! - `passthrough`: 2 GB of training-log lines through gpuwarden to /dev/null: throughput and
 //!   gpuwarden's peak RSS.
+//! - `webhook`: time from the moment the job writes a fault line on its stderr to the moment
+//!   gpuwarden's webhook request (`--webhook`) has arrived whole at a local HTTP server, over 30
+//!   runs (p50, p99, max). Both ends are wall-clock times of this machine.
 //! - `stall`: a job that prints step lines, then hangs: the time from its last step line to
 //!   SIGTERM, with a fixed `--stall-timeout 2s` and with the timeout learned from the step lines
 //!   (`--progress`, 20 steps 100 ms apart, floor 1 s: learned 1 s), 10 runs each (p50, max, and
 //!   how far past the timeout).
 //!
 //! Run with `cargo bench --bench supervisor` (all), or `-- latency` / `-- kmsg-latency` /
-//! `-- passthrough` / `-- stall`.
+//! `-- passthrough` / `-- webhook` / `-- stall`.
 //! The job is this benchmark's own executable, re-run with `GPUWARDEN_BENCH_JOB` set, so the
 //! timestamps on both sides of the pipe are taken in compiled code with the same monotonic clock.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -39,6 +42,7 @@ fn main() {
         Ok("flood") => return flood_job(),
         Ok("kmsg") => return kmsg_job(),
         Ok("stall") => return stall_job(),
+        Ok("webhook") => return webhook_job(),
         _ => {}
     }
     let which: Vec<String> = std::env::args()
@@ -55,9 +59,122 @@ fn main() {
     if wants("passthrough") {
         passthrough(2 * 1000 * 1000 * 1000);
     }
+    if wants("webhook") {
+        webhook(30);
+    }
     if wants("stall") {
         stall(10);
     }
+}
+
+fn unix_nanos(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_nanos()
+}
+
+/// The job of one webhook trial: the fault line, then wait for SIGTERM; reports the wall-clock
+/// time of the write.
+fn webhook_job() {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let wall = SystemTime::now();
+    std::io::stderr().write_all(FAULT_LINE).unwrap();
+    let path = std::env::var("GPUWARDEN_BENCH_OUT").unwrap();
+    std::fs::write(path, unix_nanos(wall).to_string()).unwrap();
+    set.wait().unwrap();
+}
+
+/// Reads one HTTP request whole (headers, then `Content-Length` bytes) and answers 200.
+fn answer_request(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse::<usize>().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                break;
+            }
+        }
+    }
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+fn webhook(trials: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let me = std::env::current_exe().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<(SystemTime, String)>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let body = answer_request(&mut stream);
+            let _ = tx.send((SystemTime::now(), body));
+        }
+    });
+    let mut samples = Vec::with_capacity(trials);
+    for i in 0..trials {
+        let out = dir.path().join(format!("webhook-{i}"));
+        let status = Command::new(BIN)
+            .args([
+                "run",
+                "--max-restarts",
+                "0",
+                "--notify-on",
+                "fault",
+                "--webhook",
+                &url,
+            ])
+            .arg("--run-dir")
+            .arg(dir.path().join(format!("run-{i}")))
+            .arg("--")
+            .arg(&me)
+            .env("GPUWARDEN_BENCH_JOB", "webhook")
+            .env("GPUWARDEN_BENCH_OUT", &out)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(
+            status.code(),
+            Some(3),
+            "gpuwarden gives up after 0 restarts"
+        );
+        let written: u128 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
+        let (arrived, body) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(
+            body.contains("\"fault\""),
+            "not the fault's notification: {body}"
+        );
+        // Nothing else was asked for: the next trial's request is its own.
+        while rx.try_recv().is_ok() {}
+        samples.push((unix_nanos(arrived) - written) as f64 / 1e6);
+    }
+    samples.sort_by(f64::total_cmp);
+    println!(
+        "fault line on stderr -> webhook request arrived ({trials} runs): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, min {:.3} ms",
+        percentile(&samples, 50.0),
+        percentile(&samples, 99.0),
+        samples[samples.len() - 1],
+        samples[0]
+    );
 }
 
 /// The job of one stall trial: 20 step lines 100 ms apart, then nothing; reports the
