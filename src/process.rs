@@ -78,16 +78,23 @@ pub fn inherited_notices() -> Vec<String> {
                 .to_string(),
         );
     }
-    if is_ignored(Signal::SIGTTIN) && io::stdin().is_terminal() {
+    if terminal_reads_fail() {
         out.push(
             "stdin is a terminal and SIGTTIN is ignored (inherited): the job runs in a process \
              group of its own, so if it reads from the terminal the read fails with EIO \
-             (`Input/output error`), and a restart cannot cure that; give the job its input \
-             another way (`< file`, `< /dev/null`)"
+             (`Input/output error`); a restart cannot cure that, so an attempt that fails that \
+             way stops the run; give the job its input another way (`< file`, `< /dev/null`)"
                 .to_string(),
         );
     }
     out
+}
+
+/// Whether a job that reads its standard input gets EIO instead of input: stdin is a terminal
+/// and SIGTTIN is ignored (inherited: tmux `new-session 'cmd'`), so a read from the job's own
+/// process group, which is not the terminal's foreground group, fails at once.
+pub fn terminal_reads_fail() -> bool {
+    is_ignored(Signal::SIGTTIN) && io::stdin().is_terminal()
 }
 
 /// Whether `sig`'s disposition is "ignore" (inherited across exec from whoever started us).

@@ -924,6 +924,67 @@ fn a_terminal_stdin_with_sigttin_ignored_is_said_at_the_start() {
     assert!(!stderr.contains("SIGTTIN"), "{stderr}");
 }
 
+/// Issue 9.9, the rest: where the job's terminal reads fail (gpuwarden's controlling terminal
+/// is its stdin and SIGTTIN is ignored), a job that reads it fails with EIO, and the run stops
+/// after that first attempt with the reason, instead of spending its restarts on it.
+#[test]
+fn a_job_that_fails_reading_a_terminal_it_cannot_read_stops_the_run_at_once() {
+    use nix::libc;
+    use std::os::unix::process::CommandExt;
+    let scene = Scene::new();
+    let script = scene.path("ask.py");
+    std::fs::write(
+        &script,
+        "import sys\nprint('your answer?', flush=True)\nprint(sys.stdin.readline())\n",
+    )
+    .unwrap();
+    let (_master, slave) = pty_end();
+    let mut cmd = Command::new(common::BIN);
+    cmd.current_dir(scene.path(""))
+        .args([
+            "run",
+            "--no-kernel-log",
+            "--no-health",
+            "--max-restarts",
+            "5",
+        ])
+        .arg("--run-dir")
+        .arg(scene.run_dir())
+        .arg("--")
+        .arg("python3")
+        .arg(&script);
+    // SAFETY: setsid, ioctl and signal are async-signal-safe; they make the pty gpuwarden's
+    // controlling terminal, with gpuwarden's group in its foreground, as a terminal's shell
+    // would, and ignore SIGTTIN as tmux `new-session 'cmd'` leaves it.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signal(libc::SIGTTIN, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.stdin(slave).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("SIGTTIN is ignored"),
+        "said at the start: {stderr}"
+    );
+    let journal = scene.journal();
+    let started = records(&journal, "attempt_started");
+    assert_eq!(started.len(), 1, "restarted for nothing: {journal:#?}");
+    let faults = records(&journal, "fault");
+    assert_eq!(faults.len(), 1, "{journal:#?}");
+    assert_eq!(faults[0]["rule"], "terminal-read-eio");
+    assert_eq!(faults[0]["action"], "stop");
+    assert!(stderr.contains("< /dev/null"), "{stderr}");
+    let last = journal.last().unwrap();
+    assert_eq!(last["event"], "run_finished");
+    assert_eq!(last["outcome"], "stopped_by_fault", "{last}");
+}
+
 /// gpuwarden in the background, without this file's GPU variables.
 fn start(cmd: Command, scene: &Scene) -> Running {
     Running::start(cmd, scene, &GPU_VARS, PATIENCE)

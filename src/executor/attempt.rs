@@ -384,3 +384,42 @@ impl Executor<'_> {
         }
     }
 }
+
+/// How much of the end of an attempt's logs is searched for the EIO of a terminal read.
+const TERMINAL_EIO_TAIL: u64 = 64 * 1024;
+
+impl Executor<'_> {
+    /// Where the job cannot read its terminal (`process::terminal_reads_fail`): an attempt whose
+    /// leader failed with an EIO (`Input/output error`, Python's `[Errno 5]`) near the end of
+    /// its output failed for that, and the supervisor is told so. Elsewhere nothing is read.
+    pub(super) fn terminal_read_failed(&self, input: &Input) -> Option<Event> {
+        let Input::Group {
+            attempt,
+            event: GroupEvent::LeaderExited { status, .. },
+        } = input
+        else {
+            return None;
+        };
+        if !self.terminal_reads_fail || status.success() {
+            return None;
+        }
+        let said = ["stderr", "stdout"].iter().any(|stream| {
+            let path = self.run_dir.join(format!("attempt-{attempt}.{stream}.log"));
+            tail(&path, TERMINAL_EIO_TAIL).is_some_and(|text| {
+                text.contains("Input/output error") || text.contains("[Errno 5]")
+            })
+        });
+        said.then_some(Event::TerminalReadFailed { attempt: *attempt })
+    }
+}
+
+/// The last `bytes` of a file, as text (lossy).
+fn tail(path: &Path, bytes: u64) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).ok()?;
+    let len = file.metadata().ok()?.len();
+    file.seek(SeekFrom::Start(len.saturating_sub(bytes))).ok()?;
+    let mut buf = Vec::new();
+    file.take(bytes).read_to_end(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}

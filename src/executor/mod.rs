@@ -189,6 +189,7 @@ pub fn run(
         gpus: watch.gpus,
         sights: HashMap::new(),
         gpus_unknown_warned: false,
+        terminal_reads_fail: process::terminal_reads_fail(),
         kernel: None,
         health: None,
         refreshed: Instant::now(),
@@ -316,6 +317,8 @@ struct Executor<'a> {
     sights: HashMap<u32, crate::devices::Sight>,
     /// Said once: a GPU tier sees no GPU gpuwarden knows while the command uses `{nproc}`.
     gpus_unknown_warned: bool,
+    /// The job's reads of its stdin, a terminal, fail with EIO (said at the start).
+    terminal_reads_fail: bool,
     kernel: Option<Follower>,
     health: Option<HealthSource>,
     /// When the job's processes were last re-read.
@@ -409,9 +412,12 @@ impl Executor<'_> {
                 Ok(Input::CheckpointHint) => self.checkpoint_hint(sup, &mut pending)?,
                 Ok(input) => {
                     let ended = progress::ended_attempt(&input, sup.live_attempt());
+                    let eio = self.terminal_read_failed(&input);
                     if let Some(event) = self.event_of(input, sup.live_attempt())? {
                         pending.push(event);
                     }
+                    // Heard before the exit it explains (`pending` is a stack).
+                    pending.extend(eio);
                     if let Some(attempt) = ended {
                         self.rescan_checkpoints(attempt, Instant::now(), true, &mut pending)?;
                     }

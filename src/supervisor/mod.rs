@@ -140,6 +140,9 @@ pub enum Event {
     },
     /// The last process of `attempt`'s process group is gone.
     GroupEmpty { attempt: u32 },
+    /// `attempt` ended having read its terminal and got EIO, where every read of it must fail
+    /// (`process::terminal_reads_fail`): a restart cannot cure that.
+    TerminalReadFailed { attempt: u32 },
     /// gpuwarden itself received a signal.
     Signal(Sig),
     /// Evidence that `attempt` is alive and working, seen at `at`: new output on one of its
@@ -363,6 +366,8 @@ struct Live {
     /// The GPUs its faults blamed (faults that go down the ladder and say something against a
     /// GPU), in the order named.
     named: Vec<JobGpu>,
+    /// It failed reading a terminal it can never read (`Event::TerminalReadFailed`).
+    terminal_read_failed: bool,
 }
 
 impl Live {
@@ -611,6 +616,13 @@ impl Supervisor {
                 heartbeats,
                 median,
             } => self.on_step_interval(attempt, heartbeats, median, &mut out),
+            Event::TerminalReadFailed { attempt } => {
+                if let Phase::Live(live) = &mut self.phase
+                    && live.attempt == attempt
+                {
+                    live.terminal_read_failed = true;
+                }
+            }
             Event::Checkpoint { attempt, at, path } => {
                 if let Phase::Live(live) = &mut self.phase
                     && live.attempt == attempt
@@ -668,6 +680,7 @@ impl Supervisor {
             incidents: Linker::new(RUN_WINDOW_SECONDS),
             gpus: Vec::new(),
             named: Vec::new(),
+            terminal_read_failed: false,
         }));
         self.attempts.push(AttemptSummary {
             attempt,
@@ -1088,9 +1101,12 @@ impl Supervisor {
         // may be read before or after the exit, and the output is all read by now. Classified
         // from the exit itself, the outcome does not depend on which thread was faster; a
         // kernel line that comes later is journaled with this attempt.
-        if live.stop.is_none()
-            && let Some(mut fault) = status.and_then(crash_fault)
-        {
+        let cause = match status {
+            _ if live.stop.is_some() => None,
+            Some(s) if live.terminal_read_failed && !s.success() => Some(terminal_read_fault()),
+            _ => status.and_then(crash_fault),
+        };
+        if let Some(mut fault) = cause {
             out.extend(self.policy.apply(&mut fault).map(Effect::Say));
             let since = now.saturating_duration_since(live.started).as_secs_f64();
             let role = live.incidents.link(&fault, since, None);
@@ -1674,6 +1690,25 @@ pub fn stall_fault(uses_gpu: bool, silent: Duration, timeout: Duration) -> Fault
     }
 }
 
+/// The fault of a job that failed after reading a terminal it cannot read (stdin a terminal,
+/// SIGTTIN ignored, the job in a process group of its own): every attempt would fail the same
+/// way, so the run stops instead of spending its restarts.
+pub fn terminal_read_fault() -> Fault {
+    Fault {
+        rule: "terminal-read-eio".to_string(),
+        class: FaultClass::ProcessCrash,
+        severity: crate::rules::Severity::Error,
+        action: Action::Stop,
+        stream: Stream::Exit,
+        line: "the job read its standard input, a terminal it cannot read here, got EIO (Input/output error) and failed".to_string(),
+        captures: std::collections::BTreeMap::new(),
+        advice: "gpuwarden was started with SIGTTIN ignored and a terminal as stdin (tmux `new-session 'cmd'` does this), and the job runs in a process group of its own, so its reads of the terminal fail at once; a restart fails the same way. Give the job its input another way (`< file`, `< /dev/null`), or start gpuwarden from an interactive shell.".to_string(),
+        facility: None,
+        attribution: None,
+        gpus: Vec::new(),
+    }
+}
+
 /// The fault a job's exit status is evidence of: death by SIGSEGV, SIGBUS, SIGILL, SIGFPE or
 /// SIGABRT is a crash (`process_crash`), whatever the logs said or when they were read.
 pub fn crash_fault(status: JobExit) -> Option<Fault> {
@@ -1931,6 +1966,30 @@ mod tests {
         // Restarted once on the GPU, then (the same crash again) fallen back to the CPU.
         assert_eq!(a.0, vec![(1, 0), (2, 0), (3, 1)]);
         assert_eq!(a.1[..2], ["process_crash", "process_crash"]);
+    }
+
+    #[test]
+    fn a_failed_terminal_read_stops_the_run_and_a_success_after_one_is_a_success() {
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.feed(Event::TerminalReadFailed { attempt: 1 });
+        r.exit(1, JobExit::Code(1));
+        assert_eq!(
+            r.outcome(),
+            Some(Outcome::StoppedByFault {
+                rule: "terminal-read-eio".into(),
+                class: FaultClass::ProcessCrash
+            })
+        );
+        // A job that read, failed a read and went on to finish well is not stopped for it;
+        // nor is another attempt's report taken for the live one's.
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.feed(Event::TerminalReadFailed { attempt: 1 });
+        r.exit(1, JobExit::Code(0));
+        assert_eq!(r.outcome(), Some(Outcome::Succeeded));
+        let mut r = Run::new(policy(), &[("gpu", true), ("cpu", false)]).start();
+        r.feed(Event::TerminalReadFailed { attempt: 7 });
+        r.exit(1, JobExit::Code(1));
+        assert_eq!(r.outcome(), None, "restarted as for any failure");
     }
 
     #[test]
