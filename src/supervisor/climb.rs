@@ -388,8 +388,7 @@ mod tests {
 
     #[test]
     fn after_a_transient_fall_the_first_newer_checkpoint_climbs_back_without_a_restart_spent() {
-        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO);
-        r.feed(Event::Start);
+        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO).start();
         // A memory fault at step 4 on the GPU: down to the CPU (one restart).
         attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuMemoryFault);
         assert_eq!(r.spawns(), [(1, 0), (2, 1)]);
@@ -430,8 +429,7 @@ mod tests {
 
     #[test]
     fn a_deterministic_fall_is_never_climbed_back() {
-        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO);
-        r.feed(Event::Start);
+        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO).start();
         // A GPU reset restarts once; the same from the same checkpoint again is deterministic.
         attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuReset);
         attempt_with(&mut r, 2, Some("c4"), false, FaultClass::GpuReset);
@@ -443,8 +441,7 @@ mod tests {
 
     #[test]
     fn a_class_that_rules_out_the_gpu_is_never_climbed_back() {
-        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO);
-        r.feed(Event::Start);
+        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO).start();
         attempt_with(
             &mut r,
             1,
@@ -469,8 +466,7 @@ mod tests {
 
     #[test]
     fn no_ping_pong_a_tier_that_faults_after_a_climb_is_left_for_good() {
-        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO);
-        r.feed(Event::Start);
+        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO).start();
         attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuMemoryFault);
         saves(&mut r, 2, Some("c4"), "c6");
         r.exit(2, JobExit::Signal(15));
@@ -492,8 +488,7 @@ mod tests {
         // when the top faults again the run falls, and the fall from gpu-safe that is still
         // open is not climbed: the bound is spent. With two, it is.
         let night = |limit: u32| {
-            let mut r = Run::new(climbing(limit), THREE);
-            r.feed(Event::Start);
+            let mut r = Run::new(climbing(limit), THREE).start();
             attempt_with(&mut r, 1, Some("c2"), false, FaultClass::GpuMemoryFault);
             attempt_with(&mut r, 2, Some("c2"), false, FaultClass::GpuException);
             saves(&mut r, 3, Some("c2"), "c8");
@@ -524,16 +519,14 @@ mod tests {
             ]
         );
 
-        let mut off = Run::new(climbing(0), TWO);
-        off.feed(Event::Start);
+        let mut off = Run::new(climbing(0), TWO).start();
         attempt_with(&mut off, 1, Some("c4"), false, FaultClass::GpuMemoryFault);
         assert!(signals(&saves(&mut off, 2, Some("c4"), "c6")).is_empty());
     }
 
     #[test]
     fn an_attempt_already_being_stopped_does_not_climb() {
-        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO);
-        r.feed(Event::Start);
+        let mut r = Run::new(climbing(DEFAULT_CLIMBS), TWO).start();
         attempt_with(&mut r, 1, Some("c4"), false, FaultClass::GpuMemoryFault);
         r.feed(Event::Fault {
             attempt: 2,

@@ -332,8 +332,7 @@ mod tests {
 
     /// One GPU machine, `tiers`; attempt 1 ends with a fault of `class`, the backoff is over.
     fn after_fault(tiers: &[(&str, bool)], class: FaultClass, action: Action) -> Run {
-        let mut r = Run::with_gpus(waiting(), tiers, 1);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(waiting(), tiers, 1).start();
         r.feed(Event::Fault {
             attempt: 1,
             fault: fault(class, action),
@@ -415,8 +414,7 @@ mod tests {
         assert!(r.sup.memory_wait().is_none());
 
         // Exit 1 with no fault: nothing suggests the driver holds anything.
-        let mut r = Run::with_gpus(waiting(), &[("gpu", true)], 1);
-        r.feed(Event::Start);
+        let mut r = Run::with_gpus(waiting(), &[("gpu", true)], 1).start();
         r.exit(1, JobExit::Code(1));
         r.advance(Duration::from_secs(1));
         assert_eq!(r.spawns(), [(1, 0), (2, 0)]);

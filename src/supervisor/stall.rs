@@ -128,8 +128,7 @@ mod tests {
 
     #[test]
     fn a_learned_timeout_stops_a_hang_long_before_the_ceiling_once_per_attempt() {
-        let mut r = Run::new(learning(Some(S(2))), &[("gpu", true), ("cpu", false)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(learning(Some(S(2))), &[("gpu", true), ("cpu", false)]).start();
         let out = heartbeats(&mut r, 1, Duration::from_millis(800));
         // 5 x 0.8 s = 4 s, above the 2 s floor: journaled once and said.
         assert!(
@@ -162,8 +161,7 @@ mod tests {
 
     #[test]
     fn an_explicit_stall_timeout_is_never_replaced() {
-        let mut r = Run::new(learning(None), &[("gpu", true)]);
-        r.feed(Event::Start);
+        let mut r = Run::new(learning(None), &[("gpu", true)]).start();
         assert!(heartbeats(&mut r, 1, Duration::from_millis(100)).is_empty());
         assert!(signals(&r.advance(S(1199))).is_empty());
         assert_eq!(signals(&r.advance(S(1))), [Sig::Terminate]);
