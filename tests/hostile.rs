@@ -10,7 +10,6 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{Running, Scene, skip};
@@ -27,12 +26,9 @@ const GPU_VARS: [&str; 3] = [
     "ROCR_VISIBLE_DEVICES",
 ];
 
-/// Tests that write into the real kernel log take turns: each one's records are foreign to the
-/// other's job.
-static KMSG: Mutex<()> = Mutex::new(());
-
-fn kmsg_lock() -> MutexGuard<'static, ()> {
-    KMSG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
+fn kmsg_lock() -> common::KmsgTurn {
+    common::kmsg_turn()
 }
 
 /// Whether the real `/dev/kmsg` can be written and read here.

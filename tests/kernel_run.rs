@@ -21,7 +21,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
-use std::sync::{Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -829,11 +828,9 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// One real `/dev/kmsg` test at a time: each one's records are foreign to the other's job.
-static KMSG: Mutex<()> = Mutex::new(());
-
-fn kmsg_lock() -> MutexGuard<'static, ()> {
-    KMSG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
+fn kmsg_lock() -> common::KmsgTurn {
+    common::kmsg_turn()
 }
 
 /// Writes one record into the kernel log through a fresh descriptor: the kernel's rate limit

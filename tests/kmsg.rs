@@ -14,7 +14,7 @@ use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::Path;
 use std::sync::mpsc::{Receiver, sync_channel};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,9 @@ use gpuwarden::sources::kernel::{
 };
 use gpuwarden::sources::kmsg::{FACILITY_USER, Record};
 
-/// One `/dev/kmsg` test at a time.
-static KMSG: Mutex<()> = Mutex::new(());
-
-fn kmsg_lock() -> MutexGuard<'static, ()> {
-    KMSG.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
+fn kmsg_lock() -> common::KmsgTurn {
+    common::kmsg_turn()
 }
 
 /// Writes one record through a fresh descriptor: the kernel's rate limit (10 records in 5 s)

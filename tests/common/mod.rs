@@ -271,3 +271,37 @@ pub fn wait_for<T>(
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A turn at the real `/dev/kmsg`. Every record a test writes there is read by every other
+/// gpuwarden on the machine, as a foreign fault: two tests flooding it at once (threads of one
+/// suite, or two suites on one machine: a second checkout, CI beside a developer) count each
+/// other's records. The turn is an exclusive `flock` on a file in the temp directory, which
+/// serialises threads (each takes its own open file description) and processes alike, and ends
+/// when the holder drops it, or dies.
+pub struct KmsgTurn {
+    _file: std::fs::File,
+}
+
+pub fn kmsg_turn() -> KmsgTurn {
+    let path = std::env::temp_dir().join("gpuwarden-tests-kmsg.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .or_else(|_| std::fs::File::open(&path))
+        .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this function owns; it blocks until the turn is ours. (Not
+    // `File::lock`: the crate's minimum Rust version predates it.)
+    let locked = unsafe { nix::libc::flock(file.as_raw_fd(), nix::libc::LOCK_EX) };
+    assert_eq!(
+        locked,
+        0,
+        "cannot lock {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
+    KmsgTurn { _file: file }
+}
