@@ -117,7 +117,6 @@ fn answer_request(stream: &mut std::net::TcpStream) -> String {
 
 fn webhook(trials: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let me = std::env::current_exe().unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let (tx, rx) = std::sync::mpsc::channel::<(SystemTime, String)>();
@@ -131,31 +130,11 @@ fn webhook(trials: usize) {
     let mut samples = Vec::with_capacity(trials);
     for i in 0..trials {
         let out = dir.path().join(format!("webhook-{i}"));
-        let status = Command::new(BIN)
-            .args([
-                "run",
-                "--max-restarts",
-                "0",
-                "--notify-on",
-                "fault",
-                "--webhook",
-                &url,
-            ])
-            .arg("--run-dir")
-            .arg(dir.path().join(format!("run-{i}")))
-            .arg("--")
-            .arg(&me)
-            .env("GPUWARDEN_BENCH_JOB", "webhook")
-            .env("GPUWARDEN_BENCH_OUT", &out)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.code(),
-            Some(3),
-            "gpuwarden gives up after 0 restarts"
+        trial(
+            "webhook",
+            &out,
+            &dir.path().join(format!("run-{i}")),
+            &["--notify-on", "fault", "--webhook", &url],
         );
         let written: u128 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
         let (arrived, body) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
@@ -200,7 +179,6 @@ fn stall_job() {
 /// Last step line -> SIGTERM for a hung job, fixed and learned stall timeouts.
 fn stall(trials: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let me = std::env::current_exe().unwrap();
     let cases: [(&str, f64, &[&str]); 2] = [
         ("fixed --stall-timeout 2s", 2.0, &["--stall-timeout", "2s"]),
         (
@@ -220,23 +198,11 @@ fn stall(trials: usize) {
         let mut samples = Vec::with_capacity(trials);
         for i in 0..trials {
             let out = dir.path().join(format!("stall-{case}-{i}"));
-            let status = Command::new(BIN)
-                .args(["run", "--max-restarts", "0", "--ladder", "cpu", "--run-dir"])
-                .arg(dir.path().join(format!("run-{case}-{i}")))
-                .args(flags)
-                .arg("--")
-                .arg(&me)
-                .env("GPUWARDEN_BENCH_JOB", "stall")
-                .env("GPUWARDEN_BENCH_OUT", &out)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert_eq!(
-                status.code(),
-                Some(3),
-                "gpuwarden gives up after 0 restarts"
+            trial(
+                "stall",
+                &out,
+                &dir.path().join(format!("run-{case}-{i}")),
+                &[&["--ladder", "cpu"], flags].concat(),
             );
             let nanos: f64 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
             samples.push(nanos / 1e9);
@@ -345,6 +311,31 @@ fn flood_job() {
     }
 }
 
+/// One trial: gpuwarden runs this benchmark's executable as the job `job` (which writes its
+/// result to `out`) with `--max-restarts 0` and `flags`, silently, in `run_dir`; the job's fault
+/// (or stall) ends the run, so gpuwarden gives up (exit 3).
+fn trial(job: &str, out: &std::path::Path, run_dir: &std::path::Path, flags: &[&str]) {
+    let status = Command::new(BIN)
+        .args(["run", "--max-restarts", "0"])
+        .args(flags)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--")
+        .arg(std::env::current_exe().unwrap())
+        .env("GPUWARDEN_BENCH_JOB", job)
+        .env("GPUWARDEN_BENCH_OUT", out)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "gpuwarden gives up after 0 restarts"
+    );
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
     sorted[rank]
@@ -352,27 +343,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn latency(trials: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let me = std::env::current_exe().unwrap();
     let mut samples = Vec::with_capacity(trials);
     for i in 0..trials {
         let out = dir.path().join(format!("latency-{i}"));
-        let status = Command::new(BIN)
-            .args(["run", "--max-restarts", "0", "--run-dir"])
-            .arg(dir.path().join(format!("run-{i}")))
-            .arg("--")
-            .arg(&me)
-            .env("GPUWARDEN_BENCH_JOB", "fault")
-            .env("GPUWARDEN_BENCH_OUT", &out)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.code(),
-            Some(3),
-            "gpuwarden gives up after 0 restarts"
-        );
+        trial("fault", &out, &dir.path().join(format!("run-{i}")), &[]);
         let nanos: f64 = std::fs::read_to_string(&out).unwrap().parse().unwrap();
         samples.push(nanos / 1e6);
     }
@@ -396,30 +370,12 @@ fn kmsg_latency(trials: usize) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let me = std::env::current_exe().unwrap();
     let mut to_sigterm = Vec::with_capacity(trials);
     let mut to_journal = Vec::with_capacity(trials);
     for i in 0..trials {
         let out = dir.path().join(format!("kmsg-latency-{i}"));
         let run_dir = dir.path().join(format!("kmsg-run-{i}"));
-        let status = Command::new(BIN)
-            .args(["run", "--max-restarts", "0", "--kernel-log", "/dev/kmsg"])
-            .arg("--run-dir")
-            .arg(&run_dir)
-            .arg("--")
-            .arg(&me)
-            .env("GPUWARDEN_BENCH_JOB", "kmsg")
-            .env("GPUWARDEN_BENCH_OUT", &out)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .unwrap();
-        assert_eq!(
-            status.code(),
-            Some(3),
-            "gpuwarden gives up after 0 restarts"
-        );
+        trial("kmsg", &out, &run_dir, &["--kernel-log", "/dev/kmsg"]);
         // The job was stopped by the kernel record, not by anything else.
         let journal = std::fs::read_to_string(run_dir.join("journal.jsonl")).unwrap();
         let fault: serde_json::Value = journal
