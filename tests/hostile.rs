@@ -26,9 +26,9 @@ const GPU_VARS: [&str; 3] = [
     "ROCR_VISIBLE_DEVICES",
 ];
 
-/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
-fn kmsg_lock() -> common::KmsgTurn {
-    common::kmsg_turn()
+/// One real `/dev/kmsg` test at a time, across test processes too.
+fn kmsg_lock() -> common::Turn {
+    common::machine_turn("kmsg")
 }
 
 /// Whether the real `/dev/kmsg` can be written and read here.

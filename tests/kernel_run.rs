@@ -828,9 +828,9 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
-/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
-fn kmsg_lock() -> common::KmsgTurn {
-    common::kmsg_turn()
+/// One real `/dev/kmsg` test at a time, across test processes too.
+fn kmsg_lock() -> common::Turn {
+    common::machine_turn("kmsg")
 }
 
 /// Writes one record into the kernel log through a fresh descriptor: the kernel's rate limit

@@ -24,9 +24,9 @@ use gpuwarden::sources::kernel::{
 };
 use gpuwarden::sources::kmsg::{FACILITY_USER, Record};
 
-/// One real `/dev/kmsg` test at a time, across test processes too (`common::kmsg_turn`).
-fn kmsg_lock() -> common::KmsgTurn {
-    common::kmsg_turn()
+/// One real `/dev/kmsg` test at a time, across test processes too.
+fn kmsg_lock() -> common::Turn {
+    common::machine_turn("kmsg")
 }
 
 /// Writes one record through a fresh descriptor: the kernel's rate limit (10 records in 5 s)

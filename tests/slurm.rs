@@ -170,6 +170,8 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 
 #[test]
 fn the_example_requeues_on_sigusr1_and_resumes_from_the_checkpoint() {
+    // One private cluster on the machine at a time (see `machine_turn`).
+    let _turn = machine_turn("slurm");
     let missing: Vec<&str> = ["slurmctld", "slurmd", "munged", "sbatch", "scontrol"]
         .into_iter()
         .filter(|p| {

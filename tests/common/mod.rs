@@ -272,18 +272,21 @@ pub fn wait_for<T>(
     }
 }
 
-/// A turn at the real `/dev/kmsg`. Every record a test writes there is read by every other
-/// gpuwarden on the machine, as a foreign fault: two tests flooding it at once (threads of one
-/// suite, or two suites on one machine: a second checkout, CI beside a developer) count each
-/// other's records. The turn is an exclusive `flock` on a file in the temp directory, which
-/// serialises threads (each takes its own open file description) and processes alike, and ends
-/// when the holder drops it, or dies.
-pub struct KmsgTurn {
+/// A turn at something the whole machine shares, named `what`: tests in other test processes
+/// (a second checkout's suite, CI beside a developer) wait for it too. It is an exclusive
+/// `flock` on a file in the temp directory, which serialises threads (each takes its own open
+/// file description) and processes alike, and ends when the holder drops it, or dies.
+///
+/// - `kmsg`: every record a test writes to the real `/dev/kmsg` is read by every other
+///   gpuwarden on the machine as a foreign fault; two floods at once count each other's.
+/// - `slurm`: two private single-node clusters on one machine number their jobs alike (job 1)
+///   and share the node's cgroup paths, so one's step clean-up can end the other's job.
+pub struct Turn {
     _file: std::fs::File,
 }
 
-pub fn kmsg_turn() -> KmsgTurn {
-    let path = std::env::temp_dir().join("gpuwarden-tests-kmsg.lock");
+pub fn machine_turn(what: &str) -> Turn {
+    let path = std::env::temp_dir().join(format!("gpuwarden-tests-{what}.lock"));
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -303,5 +306,5 @@ pub fn kmsg_turn() -> KmsgTurn {
         path.display(),
         std::io::Error::last_os_error()
     );
-    KmsgTurn { _file: file }
+    Turn { _file: file }
 }
