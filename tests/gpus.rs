@@ -16,7 +16,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -158,20 +158,9 @@ fn start(
     Running::start(cmd, scene, &[], PATIENCE)
 }
 
-fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = ready() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The trainer's `n`th start record (1-based), once it has started.
 fn start_record(scene: &Scene, n: usize) -> Value {
-    wait_for(&format!("start {n} of the trainer"), || {
+    wait_for_it(&format!("start {n} of the trainer"), || {
         scene.starts().get(n - 1).cloned()
     })
 }
@@ -181,7 +170,7 @@ fn wait_for_a_checkpoint(scene: &Scene, attempt: u32) {
     let log = scene
         .run_dir()
         .join(format!("attempt-{attempt}.stdout.log"));
-    wait_for(&format!("a checkpoint of attempt {attempt}"), || {
+    wait_for_it(&format!("a checkpoint of attempt {attempt}"), || {
         let text = std::fs::read_to_string(&log).ok()?;
         let start = text
             .lines()
@@ -287,7 +276,7 @@ fn a_kernel_fault_on_gpu_1_hides_it_and_the_job_goes_on_with_gpu_0_then_a_fault_
     );
     // The excluded GPU faults again: not the job's business any more.
     kmsg.append(&amd_page_fault(AMD_GPU1));
-    wait_for("the repeat on GPU 1 judged foreign", || {
+    wait_for_it("the repeat on GPU 1 judged foreign", || {
         records(&scene.journal(), "foreign_fault").first().cloned()
     });
     wait_for_a_checkpoint(&scene, 2);
@@ -511,7 +500,7 @@ fn the_users_cuda_visible_devices_are_honoured_excluding_from_the_users_list() {
     assert_eq!(env_of(&first, "GPUWARDEN_NPROC"), Some("1"));
     wait_for_a_checkpoint(&scene, 1);
     kmsg.append("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus.");
-    wait_for("the fault of GPU 0 judged foreign", || {
+    wait_for_it("the fault of GPU 0 judged foreign", || {
         records(&scene.journal(), "foreign_fault").first().cloned()
     });
     kmsg.append("NVRM: Xid (PCI:0000:86:00): 79, GPU has fallen off the bus.");
@@ -583,7 +572,7 @@ fn a_gpu_excluded_before_gpuwarden_was_killed_stays_excluded_when_the_run_is_res
     send(child.id(), nix::sys::signal::Signal::SIGKILL);
     child.wait().unwrap();
     let pid = second["pid"].as_i64().unwrap() as i32;
-    wait_for("the job to die with gpuwarden", || dead(pid).then_some(()));
+    wait_for_it("the job to die with gpuwarden", || dead(pid).then_some(()));
 
     let mut resume = Command::new(BIN);
     resume.arg("resume").arg(scene.run_dir());
@@ -705,4 +694,9 @@ fn a_gpu_tier_that_sees_no_known_gpu_warns_when_the_command_uses_nproc() {
             .contains("found no GPU it can see"),
         "{warnings:#?}"
     );
+}
+
+/// [`common::wait_for`] with this file's patience.
+fn wait_for_it<T>(what: &str, ready: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, PATIENCE, ready)
 }

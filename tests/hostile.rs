@@ -10,7 +10,7 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use common::{Running, Scene, skip};
 use gpuwarden::time::rfc3339;
@@ -57,17 +57,6 @@ fn xid31(pid: i64) -> String {
     )
 }
 
-fn fast_config(scene: &Scene) -> String {
-    let path = scene.path("fast.toml");
-    // One fall and its rescue; climbing back up after it is tests/overnight.rs's.
-    std::fs::write(
-        &path,
-        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 /// `--sysfs-root` and `--root` at empty directories: a machine without GPUs.
 fn bare_machine(scene: &Scene) -> Vec<String> {
     for dir in ["sys", "root"] {
@@ -89,19 +78,8 @@ fn flags<'a>(config: &'a str, machine: &'a [String], extra: &[&'a str]) -> Vec<&
     all
 }
 
-fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = ready() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 fn trainer_pid(scene: &Scene, n: usize) -> i64 {
-    wait_for(&format!("start {n} of the trainer"), || {
+    wait_for_it(&format!("start {n} of the trainer"), || {
         scene
             .starts()
             .get(n - 1)
@@ -143,7 +121,7 @@ fn a_neighbours_fault_flood_does_not_hide_the_jobs_own_fault() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let run = start(
         scene.command(
@@ -244,7 +222,7 @@ fn a_segfault_is_classified_the_same_way_twenty_times_in_a_row() {
     let kernel = kmsg_usable().is_ok();
     for round in 0..20 {
         let scene = Scene::new();
-        let config = fast_config(&scene);
+        let config = scene.fast_config("");
         let machine = bare_machine(&scene);
         let mut extra = vec!["--max-restarts", "3"];
         if !kernel {
@@ -285,7 +263,7 @@ fn a_segfault_is_classified_the_same_way_twenty_times_in_a_row() {
 #[test]
 fn a_fault_after_9000_bytes_of_one_line_is_caught() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let out = scene.run(
         &flags(&config, &machine, &["--no-kernel-log"]),
@@ -318,7 +296,7 @@ fn a_fault_after_9000_bytes_of_one_line_is_caught() {
 #[test]
 fn gpuwardens_messages_never_land_mid_line_in_the_jobs_output() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let log = scene.path("console.log");
     let console = std::fs::File::create(&log).unwrap();
@@ -400,7 +378,7 @@ fn a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job() {
         while f.write_all(&block).is_ok() {}
     }
     let run_dir = small.clone();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let cmd = scene.command(
         &flags(&config, &machine, &["--no-kernel-log"]),
@@ -408,7 +386,7 @@ fn a_full_disk_under_the_run_directory_does_not_kill_a_healthy_job() {
     );
     let run = start(cmd, &scene);
     trainer_pid(&scene, 1);
-    wait_for("the warning about the journal", || {
+    wait_for_it("the warning about the journal", || {
         std::fs::read_to_string(scene.path("gpuwarden.stderr"))
             .ok()
             .filter(|s| s.contains("cannot write the journal"))
@@ -448,7 +426,7 @@ fn file_names_that_are_not_utf8_are_recorded_and_never_end_the_run() {
         .join(OsStr::from_bytes(b"ckpt-step99999-\xff.safetensors"));
     std::fs::write(&stray, b"torn").unwrap();
     let run_dir = scene.path("runs").join(OsStr::from_bytes(b"night-\xfe"));
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let mut cmd = Command::new(common::BIN);
     cmd.current_dir(scene.dir.path())
@@ -522,7 +500,7 @@ fn ten_thousand_torn_checkpoints_are_a_summary_not_twenty_thousand_lines() {
         )
         .unwrap();
     }
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let out = scene.run(
         &flags(&config, &machine, &["--no-kernel-log"]),
@@ -722,7 +700,7 @@ fn workers_that_leave_the_process_group_end_with_their_attempt() {
     }
     for how in ["setsid", "setpgid"] {
         let scene = Scene::new();
-        let config = fast_config(&scene);
+        let config = scene.fast_config("");
         let machine = bare_machine(&scene);
         let out = scene.run(
             &flags(&config, &machine, &["--no-kernel-log"]),
@@ -766,7 +744,7 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
         return skip(test, &why);
     }
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let machine = bare_machine(&scene);
     let mut run = start(
         scene.command(
@@ -778,12 +756,12 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
         &scene,
     );
     let job = trainer_pid(&scene, 1);
-    let escaped = wait_for("the escaped worker", || {
+    let escaped = wait_for_it("the escaped worker", || {
         escaped_pids(&scene).first().copied()
     });
     let gpuwarden = run.child.as_ref().unwrap().id();
     // The guard: gpuwarden's child running `__guard`.
-    let guard = wait_for("the guard", || {
+    let guard = wait_for_it("the guard", || {
         std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -802,7 +780,7 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
         .args(["-9", &guard.to_string()])
         .status()
         .unwrap();
-    wait_for("the warning that the guard died", || {
+    wait_for_it("the warning that the guard died", || {
         records(&scene.journal(), "warning")
             .iter()
             .any(|w| {
@@ -815,7 +793,7 @@ fn sigkill_of_gpuwarden_even_after_its_guard_was_killed_leaves_nothing_behind() 
     let mut child = run.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    wait_for("the job and its escaped worker to die", || {
+    wait_for_it("the job and its escaped worker to die", || {
         (dead(job) && dead(escaped)).then_some(())
     });
 }
@@ -984,4 +962,9 @@ fn a_job_that_fails_reading_a_terminal_it_cannot_read_stops_the_run_at_once() {
 /// gpuwarden in the background, without this file's GPU variables.
 fn start(cmd: Command, scene: &Scene) -> Running {
     Running::start(cmd, scene, &GPU_VARS, PATIENCE)
+}
+
+/// [`common::wait_for`] with this file's patience.
+fn wait_for_it<T>(what: &str, ready: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, PATIENCE, ready)
 }

@@ -93,19 +93,6 @@ impl KernelLog {
     }
 }
 
-/// A config that keeps backoff short, so restarts take milliseconds.
-fn fast_config(scene: &Scene) -> String {
-    let path = scene.path("fast.toml");
-    // Each run here is about one fall and its rescue; climbing back up after it is
-    // tests/overnight.rs's (and would add an attempt to these).
-    std::fs::write(
-        &path,
-        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 /// `--sysfs-root` and `--root` at empty directories: a machine without GPUs, so the probe has
 /// nothing to say whatever this machine holds.
 fn bare_machine(scene: &Scene) -> Vec<String> {
@@ -120,21 +107,9 @@ fn bare_machine(scene: &Scene) -> Vec<String> {
     ]
 }
 
-/// Polls until `ready` gives a value; fails the test after [`PATIENCE`].
-fn wait_for<T>(what: &str, mut ready: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = ready() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what} did not happen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Waits until the journal holds `n` records of kind `event`.
 fn wait_for_records(scene: &Scene, event: &str, n: usize) -> Vec<Value> {
-    wait_for(&format!("{n} `{event}` record(s) in the journal"), || {
+    wait_for_it(&format!("{n} `{event}` record(s) in the journal"), || {
         let found: Vec<Value> = scene
             .journal()
             .into_iter()
@@ -146,7 +121,7 @@ fn wait_for_records(scene: &Scene, event: &str, n: usize) -> Vec<Value> {
 
 /// The pid of the trainer's `n`th start (1-based), once it has started.
 fn trainer_pid(scene: &Scene, n: usize) -> i64 {
-    wait_for(&format!("start {n} of the trainer"), || {
+    wait_for_it(&format!("start {n} of the trainer"), || {
         scene
             .starts()
             .get(n - 1)
@@ -256,7 +231,7 @@ fn assert_stopped_and_resumed_on_cpu(
 fn an_xid_naming_the_jobs_pid_stops_it_and_it_resumes_on_the_cpu_from_its_checkpoint() {
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
@@ -278,7 +253,7 @@ fn an_xid_naming_the_jobs_pid_stops_it_and_it_resumes_on_the_cpu_from_its_checkp
         &scene,
     );
     let pid = trainer_pid(&scene, 1);
-    wait_for("the first checkpoint", || {
+    wait_for_it("the first checkpoint", || {
         scene
             .ckpt()
             .join("ckpt-step00002.safetensors")
@@ -316,7 +291,7 @@ fn an_xid_naming_a_worker_of_the_job_stops_the_whole_job() {
     // killed after the grace.
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec![
         "--config",
         &config,
@@ -346,10 +321,10 @@ fn an_xid_naming_a_worker_of_the_job_stops_the_whole_job() {
         &scene,
     );
     let leader = trainer_pid(&scene, 1);
-    let worker = wait_for("the worker of attempt 1", || {
+    let worker = wait_for_it("the worker of attempt 1", || {
         scene.records().iter().find_map(|r| r["worker"].as_i64())
     });
-    wait_for("the first checkpoint", || {
+    wait_for_it("the first checkpoint", || {
         scene
             .ckpt()
             .join("ckpt-step00002.safetensors")
@@ -463,7 +438,7 @@ fn start_on_the_rx6800(scene: &Scene, kmsg: &KernelLog, extra: &[&str], job: &[&
 fn a_gpu_reset_of_the_jobs_gpu_restarts_it_and_faults_of_other_devices_do_not() {
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let run = start_on_the_rx6800(
         &scene,
         &kmsg,
@@ -593,7 +568,7 @@ fn a_fault_seen_on_stderr_and_in_the_kernel_log_is_one_incident() {
     // the ladder, not two (a second one would leave no tier and end the run with exit 3).
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec![
         "--config",
         &config,
@@ -625,7 +600,7 @@ fn a_fault_seen_on_stderr_and_in_the_kernel_log_is_one_incident() {
         ),
         &scene,
     );
-    let worker = wait_for("the worker of attempt 1", || {
+    let worker = wait_for_it("the worker of attempt 1", || {
         scene.records().iter().find_map(|r| r["worker"].as_i64())
     });
     wait_for_records(&scene, "fault", 1);
@@ -653,7 +628,7 @@ fn a_late_kernel_line_about_an_ended_attempt_does_not_stop_the_next_one() {
     // history: attempt 2 has nothing to do with it and must finish.
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
@@ -700,7 +675,7 @@ fn a_late_kernel_line_about_an_ended_attempt_does_not_stop_the_next_one() {
 #[test]
 fn an_unreadable_kernel_log_is_one_warning_and_the_job_is_still_supervised() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let missing = scene.path("no-such-kmsg");
     let mut extra = vec![
         "--config",
@@ -784,7 +759,7 @@ fn without_permission_for_dev_kmsg_the_run_warns_once_and_goes_on() {
     for dir in [scene.dir.path().to_path_buf(), scene.ckpt()] {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec!["--config", &config];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
@@ -864,7 +839,7 @@ fn kmsg_usable(test: &str) -> bool {
 /// otherwise), writes an Xid 31 naming it into `/dev/kmsg` once it runs, and returns the run
 /// with the trainer's pid.
 fn xid_into_dev_kmsg(scene: &Scene, extra: &[&str], steps: u32) -> (Running, i64) {
-    let config = fast_config(scene);
+    let config = scene.fast_config("");
     let mut args = vec!["--config", &config];
     args.extend_from_slice(extra);
     let machine = bare_machine(scene);
@@ -886,7 +861,7 @@ fn xid_into_dev_kmsg(scene: &Scene, extra: &[&str], steps: u32) -> (Running, i64
         scene,
     );
     let pid = trainer_pid(scene, 1);
-    wait_for("the first checkpoint", || {
+    wait_for_it("the first checkpoint", || {
         scene
             .ckpt()
             .join("ckpt-step00002.safetensors")
@@ -1031,7 +1006,7 @@ fn run_through_a_flood(
     before: u64,
     after: u64,
 ) -> (ExitStatus, String, Flood, i64) {
-    let config = fast_config(scene);
+    let config = scene.fast_config("");
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(scene);
     extra.extend(machine.iter().map(String::as_str));
@@ -1052,7 +1027,7 @@ fn run_through_a_flood(
         scene,
     );
     let pid = trainer_pid(scene, 1);
-    wait_for("the first checkpoint", || {
+    wait_for_it("the first checkpoint", || {
         scene
             .ckpt()
             .join("ckpt-step00002.safetensors")
@@ -1199,7 +1174,7 @@ fn a_device_fault_read_after_the_job_died_still_belongs_to_its_attempt() {
     // calling a job whose GPU faulted a success.
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec![
         "--config",
         &config,
@@ -1295,7 +1270,7 @@ fn a_device_fault_read_after_the_job_died_still_belongs_to_its_attempt() {
 fn an_amdgpu_block_whose_process_comes_a_line_later_is_the_jobs() {
     let scene = Scene::new();
     let mut kmsg = KernelLog::new(&scene);
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let mut extra = vec!["--config", &config, "--kernel-log", kmsg.arg()];
     let machine = bare_machine(&scene);
     extra.extend(machine.iter().map(String::as_str));
@@ -1356,4 +1331,9 @@ fn an_amdgpu_block_whose_process_comes_a_line_later_is_the_jobs() {
 /// gpuwarden in the background, without this file's GPU variables.
 fn start(cmd: Command, scene: &Scene) -> Running {
     Running::start(cmd, scene, &GPU_VARS, PATIENCE)
+}
+
+/// [`common::wait_for`] with this file's patience.
+fn wait_for_it<T>(what: &str, ready: impl FnMut() -> Option<T>) -> T {
+    common::wait_for(what, PATIENCE, ready)
 }

@@ -68,17 +68,6 @@ fn hook_script(scene: &Scene) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn fast_config(scene: &Scene, extra: &str) -> String {
-    let path = scene.path("fast.toml");
-    std::fs::write(
-        &path,
-        // One fall and its rescue; climbing back after it is tests/overnight.rs's.
-        format!("backoff = {{ initial = 0.05, max = 0.2 }}\nclimb_back = \"off\"\n{extra}"),
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 const FAULTING_JOB: &[&str] = &[
     "--device",
     "{device}",
@@ -94,7 +83,7 @@ const FAULTING_JOB: &[&str] = &[
 fn a_fault_reaches_the_webhook_and_the_command_then_the_fallback_and_the_end() {
     let scene = Scene::new();
     let (addr, hits) = server("200 OK");
-    let config = fast_config(&scene, "");
+    let config = scene.fast_config("");
     let script = hook_script(&scene);
     let notes = scene.path("notes dir; x").join("got it.jsonl");
     std::fs::create_dir(notes.parent().unwrap()).unwrap();
@@ -196,7 +185,7 @@ fn a_dead_webhook_is_a_journaled_warning_and_never_stops_the_run() {
         .unwrap()
         .port();
     let (addr, hits) = server("500 Internal Server Error");
-    let config = fast_config(&scene, "");
+    let config = scene.fast_config("");
     let started = Instant::now();
     let out = scene.run(
         &[
@@ -241,8 +230,7 @@ fn the_notify_table_of_the_config_file_works_and_bad_values_are_usage_errors() {
     let (addr, hits) = server("204 No Content");
     let script = hook_script(&scene);
     let notes = scene.path("notes.jsonl");
-    let config = fast_config(
-        &scene,
+    let config = scene.fast_config(
         &format!(
             "[notify]\ncommand = [{script:?}, {:?}]\nwebhook = [\"http://{addr}/a\"]\nevents = [\"fault\", \"gave_up\"]\n",
             notes.to_str().unwrap()
@@ -281,7 +269,7 @@ fn the_notify_table_of_the_config_file_works_and_bad_values_are_usage_errors() {
         ("[notify]\ncommand = []\n", "notify command is empty"),
         ("[notify]\nhook = 1\n", "unknown field"),
     ] {
-        let config = fast_config(&scene, bad);
+        let config = scene.fast_config(bad);
         let out = scene.run(&["--config", &config], &["--steps", "1"]);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
@@ -302,7 +290,7 @@ fn the_notify_table_of_the_config_file_works_and_bad_values_are_usage_errors() {
 #[test]
 fn a_stall_notifies_as_stall_by_default() {
     let scene = Scene::new();
-    let config = fast_config(&scene, "");
+    let config = scene.fast_config("");
     let script = hook_script(&scene);
     let notes = scene.path("notes.jsonl");
     let out = scene.run(

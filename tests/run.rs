@@ -12,22 +12,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use nix::sys::signal::Signal;
 
-/// A config that keeps backoff short so restart tests take milliseconds, not seconds.
-fn fast_config(scene: &Scene) -> String {
-    let path = scene.path("fast.toml");
-    // Each run here is about one fall and its rescue; climbing back up after it is
-    // tests/overnight.rs's (and would add an attempt to these).
-    std::fs::write(
-        &path,
-        "backoff = { initial = 0.05, max = 0.2 }\nclimb_back = \"off\"\n",
-    )
-    .unwrap();
-    path.to_string_lossy().into_owned()
-}
-
 fn assert_falls_back_and_resumes(fault: &str) {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let out = scene.run(
         &["--config", &config],
         &[
@@ -111,7 +98,7 @@ fn hip_invalid_device_function_falls_back_to_cpu_and_resumes() {
 #[test]
 fn fault_classes_reach_the_journal() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let out = scene.run(
         &["--config", &config],
         &["--device", "{device}", "--fault-at", "1", "--fault", "hsa"],
@@ -167,7 +154,7 @@ fn clean_exit_is_exit_zero_without_restart() {
 #[test]
 fn torn_newest_checkpoint_is_skipped() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let shared = shared_checkpoints().join("torch_save");
     for name in [
         "ckpt-step00015.pt",
@@ -215,7 +202,7 @@ fn torn_newest_checkpoint_is_skipped() {
 #[test]
 fn crash_loop_stops_at_the_budget_with_exit_3() {
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let out = scene.run(
         &["--config", &config, "--max-restarts", "2"],
         &["--device", "{device}", "--steps", "1", "--exit-code", "1"],
@@ -565,7 +552,7 @@ fn second_ctrl_c_kills_the_job_at_once() {
 fn resumes_from_a_hugging_face_checkpoint_directory() {
     // Real HF Trainer output: checkpoint-9 lacks trainer_state.json (an interrupted save).
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     for n in [3, 6, 9] {
         let from = shared_checkpoints().join(format!("hf/checkpoint-{n}"));
         let to = scene.ckpt().join(format!("checkpoint-{n}"));
@@ -609,7 +596,7 @@ fn workers_that_ignore_sigterm_are_killed_before_the_next_attempt() {
     // attempt 1 may still hold the GPU when attempt 2 starts, and the worker that attempt 2
     // leaves behind after a clean exit is stopped too.
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let out = scene.run(
         &["--config", &config, "--grace", "1"],
         &[
@@ -715,7 +702,7 @@ fn a_fault_behind_output_a_slow_reader_has_not_taken_yet_is_still_seen() {
     // 300 KB of output, then the fault on stdout, then exit 1; gpuwarden's own stdout is read
     // slowly. The attempt must not end before the fault line is read and classified.
     let scene = Scene::new();
-    let config = fast_config(&scene);
+    let config = scene.fast_config("");
     let script = r#"
 import sys
 sys.stdout.write(("x" * 99 + "\n") * 3000)

@@ -21,6 +21,19 @@ pub struct Scene {
 }
 
 impl Scene {
+    /// A config file for quick rescues: restarts 50 ms apart (at most 0.2 s), and no climbing
+    /// back up the ladder, since a test of one fall and its rescue would see a climb as an
+    /// extra attempt (tests/overnight.rs tests the climb); `extra` is appended. Returns its path.
+    pub fn fast_config(&self, extra: &str) -> String {
+        let path = self.path("fast.toml");
+        std::fs::write(
+            &path,
+            format!("backoff = {{ initial = 0.05, max = 0.2 }}\nclimb_back = \"off\"\n{extra}"),
+        )
+        .unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
     pub fn new() -> Scene {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("ckpt")).unwrap();
